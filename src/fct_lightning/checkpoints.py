@@ -1,0 +1,108 @@
+"""Reading stage checkpoints with checks: right stage, same dataset, matching dimensions, intact file.
+
+Every checkpoint written by a stage carries ``checkpoint["fct"] = {"stage", "dataset", ...}``. Later stages
+load their frozen inputs through :func:`load_stage`, which turns each possible mistake into one message
+that names the file, what was expected, what was found, and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for the role it was given."""
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    """Content hash (sha256 prefix) of a file; identifies a checkpoint independently of its path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def read_checkpoint(path: str | Path, role: str) -> dict[str, Any]:
+    """Load a checkpoint file on CPU, with clear errors for a missing or unreadable file.
+
+    Args:
+        path: The ``.ckpt`` file.
+        role: What it is for (``old``, ``side_info``, ...), used in messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"the {role} checkpoint {path} does not exist. Train it first (fct-fit --stage {role}) or pass the "
+            f"right file with --model.{role}_checkpoint PATH."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling/zip failure means the same thing to the user
+        raise CheckpointError(
+            f"the {role} checkpoint {path} cannot be read ({type(err).__name__}: {err}); the file is corrupt or "
+            f"not a PyTorch checkpoint. Re-train the stage or restore the file (last.ckpt sits next to best.ckpt)."
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"the {role} checkpoint {path} has no state_dict; it is not a Lightning checkpoint.")
+    return ckpt
+
+
+def checkpoint_meta(ckpt: dict[str, Any], path: str | Path, role: str) -> dict[str, Any]:
+    """The ``fct`` metadata of a checkpoint; an error if it was not written by an fct-lightning stage."""
+    meta = ckpt.get("fct")
+    if not isinstance(meta, dict) or "stage" not in meta:
+        raise CheckpointError(
+            f"the {role} checkpoint {path} carries no fct-lightning metadata (no 'fct' entry); it was not written "
+            "by fct-fit. Use a checkpoint from fct-fit."
+        )
+    return meta
+
+
+def check_meta(
+    meta: dict[str, Any], path: str | Path, role: str, stages: tuple[str, ...], dataset: str | None = None
+) -> None:
+    """Check a checkpoint's stage and dataset against what the role needs."""
+    if meta["stage"] not in stages:
+        raise CheckpointError(
+            f"{path} is a '{meta['stage']}' checkpoint but the {role} role needs a {' or '.join(stages)} checkpoint; "
+            f"pass the {role} model's best.ckpt (artifacts/<dataset>/{stages[0]}/best.ckpt)."
+        )
+    if dataset and meta.get("dataset") and meta["dataset"] != dataset:
+        raise CheckpointError(
+            f"{path} was trained on dataset '{meta['dataset']}' but this run uses '{dataset}'; all stages of one "
+            "chain must use the same dataset."
+        )
+
+
+def load_stage(path: str | Path, role: str, stages: tuple[str, ...], dataset: str | None = None):
+    """Load a stage's LightningModule from ``path`` after checking its metadata; returns ``(module, meta)``."""
+    from fct_lightning.stages import STAGES
+
+    ckpt = read_checkpoint(path, role)
+    meta = checkpoint_meta(ckpt, path, role)
+    check_meta(meta, path, role, stages, dataset)
+    cls = STAGES[meta["stage"]]
+    try:
+        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        module = cls(**hparams)
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except (TypeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"the {role} checkpoint {path} does not fit the current {cls.__name__} ({err}); it was written by an "
+            "incompatible version. Re-train the stage."
+        ) from err
+    module.eval()
+    meta = dict(meta, path=str(path), digest=file_digest(path))
+    return module, meta
+
+
+def check_dims(expected: int, got: int, what: str, path: str | Path, fix: str) -> None:
+    """Raise a clear error when two embedding dimensions that must agree do not."""
+    if expected != got:
+        raise CheckpointError(f"dimension mismatch: {what} is {got}-d in {path} but {expected}-d is needed; {fix}")

@@ -1,0 +1,206 @@
+"""Command-line entry points: ``fct-fit``, ``fct-eval`` and ``fct-report``.
+
+``fct-fit --stage S [--dataset D] [--artifacts DIR] [--ckpt_path last|PATH] [LightningCLI options]``
+picks the stage's LightningModule and the dataset's LightningDataModule, loads the packaged default config
+``configs/<D>/<S>.yaml`` and hands everything else to LightningCLI (``--trainer.devices 8``,
+``--trainer.max_epochs 3``, ``--data.root ...``, ``--config my.yaml``; unknown keys are errors). It writes
+``<DIR>/<D>/<S>/best.ckpt``, ``last.ckpt`` and the resolved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
+
+from fct_lightning.data import DATAMODULES
+from fct_lightning.loggers import default_logger
+from fct_lightning.retrieval.callback import RetrievalEvaluation
+from fct_lightning.stages import STAGES
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def stage_config(dataset: str, stage: str) -> Path:
+    """The packaged default config of ``stage`` on ``dataset``."""
+    path = CONFIG_DIR / dataset / f"{stage}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in (CONFIG_DIR / dataset).glob("*.yaml"))
+        raise SystemExit(f"fct-fit: no packaged config {path} for --dataset {dataset} --stage {stage} (it has: {have}).")
+    return path
+
+
+def stage_dir(artifacts: str | Path, dataset: str, stage: str) -> Path:
+    """Where a stage's checkpoints and resolved config live: ``<artifacts>/<dataset>/<stage>``."""
+    return Path(artifacts) / dataset / stage
+
+
+# Each stage gets its own seed (``1000 * --seed + offset``) so that, e.g., the old and new models do not
+# start from the same initial weights: independently trained models must really be independent.
+STAGE_SEED_OFFSETS = {"old": 0, "side_info": 1, "new": 2, "transformation": 3, "bct": 4}
+
+
+def _init_params(cls: type) -> set[str]:
+    """Constructor argument names of ``cls``, following ``**kwargs`` up the class hierarchy."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+class FCTCLI(LightningCLI):
+    """LightningCLI with the stage's links to its datamodule, checkpointing into the artifacts folder,
+    retrieval evaluation and the default W&B logger."""
+
+    def __init__(self, *args: Any, stage: str, dataset: str, artifacts: Path, **kwargs: Any) -> None:
+        self.stage, self.dataset, self.artifacts = stage, dataset, Path(artifacts)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        params = _init_params(self.model_class)
+        for source, target in (("name", "dataset"), ("train_class_ids", "classes"), ("in_channels", "in_channels")):
+            if target in params:
+                parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+        parser.add_class_arguments(RetrievalEvaluation, "retrieval", fail_untyped=True)
+
+    @property
+    def out_dir(self) -> Path:
+        """``<artifacts>/<dataset>/<name>``; the name is the stage's, or e.g. ``transformation_noside``."""
+        return stage_dir(self.artifacts, self.dataset, getattr(self.model, "artifact_name", self.stage))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
+        out = self.out_dir
+        user = config.get("callbacks") or []
+        user = user if isinstance(user, list) else [user]
+        if not any(isinstance(c, ModelCheckpoint) for c in user):
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=out, filename="best", monitor=self.model.monitor, mode="max",
+                    save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
+                )
+            )
+        if not any(isinstance(c, RetrievalEvaluation) for c in user):
+            callbacks.append(RetrievalEvaluation(**self._get(self.config, "retrieval")))
+        if config.get("logger") is None or config.get("logger") is True:
+            seed = self._get(self.config, "seed_everything")
+            config["logger"] = default_logger(self.dataset, self.stage, self.artifacts, seed)
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _pre_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, add_help=False)
+    p.add_argument("--stage", choices=sorted(STAGES))
+    p.add_argument("--dataset", default="digits", choices=sorted(DATAMODULES))
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--ckpt_path", default=None)
+    p.add_argument("--seed", type=int, default=0, help="run seed; each stage derives its own from it")
+    return p
+
+
+def _default_args(stage_cls: type, artifacts: Path, dataset: str) -> list[str]:
+    """Point a stage's upstream-checkpoint arguments at ``<artifacts>/<dataset>/<role>/best.ckpt``."""
+    args = []
+    for name in _init_params(stage_cls):
+        if name.endswith("_checkpoint"):
+            role = name[: -len("_checkpoint")]
+            args += [f"--model.{name}", str(stage_dir(artifacts, dataset, role) / "best.ckpt")]
+        if name == "cache_dir":
+            args += ["--model.cache_dir", str(Path(artifacts) / dataset / "cache")]
+    return args
+
+
+def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    path = out / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise SystemExit(
+            f"fct-fit: cannot resume: checkpoint {path} does not exist. Train the stage first, or pass "
+            "--ckpt_path with an existing .ckpt file."
+        )
+    return str(path)
+
+
+def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI, str | None]:
+    """Parse ``fct-fit`` arguments and instantiate data, model and trainer (without fitting)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, rest = _pre_parser("fct-fit").parse_known_args(argv)
+    if pre.stage is None:
+        usage = (
+            "usage: fct-fit --stage {%s} [--dataset {%s}] [--artifacts DIR] [--ckpt_path last|PATH] "
+            "[LightningCLI options, see fct-fit --stage S --help]" % (",".join(sorted(STAGES)), ",".join(sorted(DATAMODULES)))
+        )
+        raise SystemExit(usage if {"-h", "--help"} & set(rest) else f"fct-fit: --stage is required.\n{usage}")
+    stage_cls = STAGES[pre.stage]
+    artifacts = Path(pre.artifacts)
+    seed = ["--seed_everything", str(1000 * pre.seed + STAGE_SEED_OFFSETS.get(pre.stage, 0))]
+    args = ["--config", str(stage_config(pre.dataset, pre.stage)), *seed, *_default_args(stage_cls, artifacts, pre.dataset), *rest]
+    cli = FCTCLI(
+        stage_cls, DATAMODULES[pre.dataset], stage=pre.stage, dataset=pre.dataset, artifacts=artifacts,
+        args=args, run=False, seed_everything_default=0, save_config_callback=None,
+        parser_kwargs={"prog": f"fct-fit --stage {pre.stage}"}, **cli_kwargs,
+    )
+    return cli, _resolve_ckpt(pre.ckpt_path, cli.out_dir)
+
+
+def _save_config(cli: FCTCLI) -> None:
+    out = cli.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    text = cli.parser.dump(cli.config, skip_none=False)
+    (out / "config.yaml").write_text(f"# resolved config of fct-fit --stage {cli.stage} --dataset {cli.dataset}\n{text}")
+    if cli.trainer.logger is not None:
+        cli.trainer.logger.log_hyperparams({"config": cli.config.as_dict(), "stage": cli.stage, "dataset": cli.dataset})
+
+
+def fit(argv: list[str] | None = None) -> FCTCLI:
+    """Run ``fct-fit`` with ``argv`` and return the CLI (model, datamodule, trainer) for inspection."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli, ckpt = build_cli(argv)
+    if cli.trainer.is_global_zero:
+        _save_config(cli)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    rank_zero_info(f"fct-fit: stage {cli.stage} on {cli.dataset} done; checkpoints in {cli.out_dir}")
+    return cli
+
+
+def fit_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``fct-fit`` (console scripts must return None)."""
+    from fct_lightning.checkpoints import CheckpointError
+
+    try:
+        fit(argv)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise SystemExit(f"fct-fit: {err}") from err
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``fct-eval``."""
+    from fct_lightning.evaluation import main
+
+    main(argv)
+    return None
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``fct-report``."""
+    from fct_lightning.report import main
+
+    main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    fit_main()

@@ -1,0 +1,169 @@
+"""Cached frozen-model features for training the transformation h without touching images every step.
+
+One pass embeds ``K`` seeded augmented views of every training image with the frozen old, side-info and new
+models; h then trains on these tensors for as many epochs as it likes. The cache lives in
+``<cache_dir>/<key>/features.pt`` where ``key`` hashes the three checkpoints' *contents*, the dataset, the
+classes, ``K``, the augmentation seed and the storage dtype: a retrained model gives a new key, so a stale
+cache is never reused. Under DDP each rank embeds its own share of the items, rank 0 merges the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+log = logging.getLogger(__name__)
+
+SPACES = ("old", "side", "new")
+
+
+def cache_key(**fields: Any) -> str:
+    """Stable short hash of the fields that decide a cache's contents."""
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def embed_views(
+    datamodule: Any,
+    models: dict[str, nn.Module],
+    *,
+    split: str,
+    classes: list[int] | None,
+    views: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float16,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Tensor]:
+    """Embed ``views`` seeded augmentations of this rank's share of ``split``.
+
+    Returns:
+        ``{"index": [n], "labels": [n], space: [views, n, d]}`` for each model name in ``models``, on CPU.
+    """
+    out: dict[str, list[list[Tensor]]] = {name: [] for name in models}
+    index: list[Tensor] = []
+    labels: list[Tensor] = []
+    for k in range(views):
+        loader = datamodule.eval_dataloader(split, classes=classes, augment=True, views=1, seed=seed)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(k)
+        else:
+            loader.dataset.set_epoch(k)
+        if world_size > 1 and isinstance(loader, DataLoader):
+            share = Subset(loader.dataset, range(rank, len(loader.dataset), world_size))
+            loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
+        per_model: dict[str, list[Tensor]] = {name: [] for name in models}
+        for images, y, idx in loader:
+            images = images.to(device, non_blocking=True)
+            for name, model in models.items():
+                per_model[name].append(model(images).to("cpu", dtype))
+            if k == 0:
+                index.append(idx.cpu())
+                labels.append(y.cpu())
+        for name in models:
+            out[name].append(torch.cat(per_model[name]))
+    result = {"index": torch.cat(index), "labels": torch.cat(labels)}
+    result.update({name: torch.stack(parts) for name, parts in out.items()})
+    return result
+
+
+def merge_parts(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate per-rank parts and order the items by index (dropping nothing: shares are disjoint)."""
+    index = torch.cat([p["index"] for p in parts])
+    order = torch.argsort(index)
+    merged = {"index": index[order], "labels": torch.cat([p["labels"] for p in parts])[order]}
+    for name in parts[0]:
+        if name not in merged:
+            merged[name] = torch.cat([p[name] for p in parts], dim=1)[:, order]
+    if not torch.equal(merged["index"], torch.arange(len(index))):
+        raise RuntimeError("feature cache parts do not cover every item exactly once; delete the cache and rerun")
+    return merged
+
+
+def build_or_load(
+    cache_dir: str | Path,
+    key: str,
+    compute: Callable[[], dict[str, Tensor]],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> dict[str, Tensor]:
+    """Load ``<cache_dir>/<key>/features.pt`` or compute it (each rank its part, rank 0 merges)."""
+    folder = Path(cache_dir) / key
+    path = folder / "features.pt"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        part = compute()
+        torch.save(part, folder / f"part-{rank}-of-{world_size}.pt")
+        barrier()
+        if rank == 0:
+            parts = [torch.load(folder / f"part-{r}-of-{world_size}.pt") for r in range(world_size)]
+            tmp = folder / "features.pt.tmp"
+            torch.save(merge_parts(parts), tmp)
+            tmp.replace(path)
+            for r in range(world_size):
+                (folder / f"part-{r}-of-{world_size}.pt").unlink(missing_ok=True)
+            log.info("feature cache written to %s", path)
+        barrier()
+    else:
+        log.info("reusing feature cache %s", path)
+    try:
+        return torch.load(path)
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(f"the feature cache {path} is corrupt ({err}); delete {folder} and rerun") from err
+
+
+class FeatureBatches:
+    """Mini-batches of cached features for one rank: each epoch a seeded permutation of the items, each item
+    with one of its ``K`` views drawn at random, shards disjoint across ranks (padded to equal length).
+
+    Yields dicts ``{"old", "side", "new": [B, d] float32, "labels": [B], "index": [B]}`` on ``device``.
+    """
+
+    def __init__(
+        self,
+        features: dict[str, Tensor],
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.spaces = [s for s in SPACES if s in features]
+        self.data = {s: features[s].to(self.device) for s in self.spaces}
+        self.labels = features["labels"].to(self.device)
+        self.views, self.n = self.data[self.spaces[0]].shape[:2]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch = 0
+        self.per_rank = -(-self.n // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=gen)
+        perm = torch.cat([perm, perm[: self.per_rank * self.world_size - self.n]])[self.rank :: self.world_size]
+        view = torch.randint(self.views, (self.n,), generator=gen)
+        perm, view = perm.to(self.device), view.to(self.device)
+        for start in range(0, len(perm), self.batch_size):
+            idx = perm[start : start + self.batch_size]
+            v = view[idx]
+            batch = {s: self.data[s][v, idx].float() for s in self.spaces}
+            batch.update(labels=self.labels[idx], index=idx)
+            yield batch

@@ -1,0 +1,192 @@
+"""``fct-eval``: evaluate every compatibility case whose checkpoints exist, on one evaluation split.
+
+Each *space* is one way to embed an image (``old``, ``new``, ``side``, ``bct``, ``fct`` = h(old),
+``fct+side`` = h(old, side)); each *case* is ``<query space>/<gallery space>`` searched leave-one-out on the
+evaluation split. Images are decoded and embedded once for all spaces (GPU when there is one).
+Results JSON: ``{"cases": {case: {top1, top5, map, "map@r"}}, "missing": {case: why}, "meta": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from fct_lightning.checkpoints import CheckpointError, load_stage
+from fct_lightning.data import DATAMODULES
+from fct_lightning.retrieval import CASES, evaluate
+
+log = logging.getLogger(__name__)
+
+CASE_SPACES: dict[str, tuple[str, str]] = {
+    "old/old": ("old", "old"),
+    "new/new": ("new", "new"),
+    "new/old": ("new", "old"),
+    "bct/old": ("bct", "old"),
+    "bct/bct": ("bct", "bct"),
+    "fct/old": ("new", "fct"),
+    "fct+side/old": ("new", "fct+side"),
+    "side/side": ("side", "side"),
+}
+SPACE_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # space: (artifact folder, accepted checkpoint stages)
+    "old": ("old", ("old",)),
+    "new": ("new", ("new",)),
+    "side": ("side_info", ("side_info",)),
+    "bct": ("bct", ("bct",)),
+    "fct": ("transformation_noside", ("transformation",)),
+    "fct+side": ("transformation", ("transformation",)),
+}
+DEFAULT_CASES = tuple(c for c in CASES if c != "side/side")
+METRICS = ("top1", "top5", "map", "map@r")
+
+
+def load_spaces(artifacts: Path, dataset: str, spaces: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Load the embedding function of each space whose checkpoint exists; return ``(embedders, missing)``."""
+    embedders, missing = {}, {}
+    for space in sorted(spaces):
+        folder, stages = SPACE_SOURCES[space]
+        path = artifacts / dataset / folder / "best.ckpt"
+        if not path.is_file():
+            missing[space] = f"no checkpoint {path}"
+            continue
+        module, meta = load_stage(path, folder, stages, dataset)
+        if space in ("fct", "fct+side"):
+            want = space == "fct+side"
+            if module.use_side_info != want:
+                raise CheckpointError(f"{path} has use_side_info={module.use_side_info}, expected {want} for {space}")
+            embedders[space] = (module, module.gallery_embed, meta)
+        else:
+            embedders[space] = (module, module.query_embed, meta)
+    return embedders, missing
+
+
+@torch.no_grad()
+def embed_split(loader: Any, embedders: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    """Embed every item of ``loader`` in every space; returns ``({space: [N, d]}, labels [N])`` in item order."""
+    out: dict[str, list[Tensor]] = {s: [] for s in embedders}
+    labels, index = [], []
+    for images, y, idx in loader:
+        images = images.to(device, non_blocking=True)
+        for space, (_, fn, _) in embedders.items():
+            out[space].append(fn(images).float())
+        labels.append(y.to(device))
+        index.append(idx.to(device))
+    order = torch.argsort(torch.cat(index))
+    return {s: torch.cat(v)[order] for s, v in out.items()}, torch.cat(labels)[order]
+
+
+def stage_data_config(artifacts: Path, dataset: str) -> dict[str, Any]:
+    """The ``data`` section of the first stage config found (so eval uses the same root and image size)."""
+    for folder in ("new", "old", "transformation", "bct", "side_info", "transformation_noside"):
+        cfg = artifacts / dataset / folder / "config.yaml"
+        if cfg.is_file():
+            data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
+            return {k: data[k] for k in ("root", "image_size", "eval_split", "eval_batch_size") if data.get(k) is not None}
+    return {}
+
+
+def run_eval(
+    dataset: str,
+    artifacts: str | Path = "artifacts",
+    cases: tuple[str, ...] = DEFAULT_CASES,
+    split: str | None = None,
+    distance: str = "l2",
+    data_root: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``cases`` on ``dataset``; see the module docstring for the result layout."""
+    unknown = [c for c in cases if c not in CASE_SPACES]
+    if unknown:
+        raise ValueError(f"cases {unknown} are not known; choose from {list(CASE_SPACES)}")
+    artifacts = Path(artifacts)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    spaces = {s for c in cases for s in CASE_SPACES[c]}
+    embedders, missing_spaces = load_spaces(artifacts, dataset, spaces)
+    for module, _, _ in embedders.values():
+        module.to(dev).eval()
+    kwargs = stage_data_config(artifacts, dataset)
+    kwargs.update({k: v for k, v in (("root", data_root), ("eval_split", split), ("eval_batch_size", batch_size)) if v})
+    dm = DATAMODULES[dataset](**kwargs)
+    embs, labels = embed_split(dm.eval_dataloader(dm.eval_split), embedders, dev) if embedders else ({}, None)
+    results: dict[str, Any] = {"cases": {}, "missing": {}, "meta": {
+        "dataset": dataset, "split": dm.eval_split, "distance": distance, "n_items": 0 if labels is None else len(labels),
+        "checkpoints": {s: {"path": e[2]["path"], "digest": e[2]["digest"]} for s, e in embedders.items()},
+    }}
+    for case in cases:
+        q, g = CASE_SPACES[case]
+        lacking = [missing_spaces[s] for s in (q, g) if s in missing_spaces]
+        if lacking:
+            results["missing"][case] = "; ".join(dict.fromkeys(lacking))
+            continue
+        results["cases"][case] = evaluate(embs[q], labels, embs[g], labels, exclude_self=True, distance=distance)
+    results["_embeddings"] = (embs, labels)
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Rows = cases, columns = metrics (percent); missing cases listed with the reason."""
+    lines = ["| case | top-1 | top-5 | mAP | mAP@R |", "|---|---|---|---|---|"]
+    for case, m in results["cases"].items():
+        lines.append(f"| {case} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRICS) + " |")
+    for case, why in results["missing"].items():
+        lines.append(f"| {case} | missing: {why} | | | |")
+    return "\n".join(lines)
+
+
+def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval") -> None:
+    """Results as a W&B Table plus summary metrics, in the dataset's group (offline without credentials)."""
+    import wandb
+
+    from fct_lightning.loggers import DEFAULT_PROJECT, ensure_wandb_mode
+
+    mode = ensure_wandb_mode()
+    dataset = results["meta"]["dataset"]
+    run = wandb.init(project=DEFAULT_PROJECT, group=dataset, job_type=job_type, name=f"{dataset}-{job_type}",
+                     dir=str(artifacts), mode=mode if mode in ("online", "offline", "disabled") else None,
+                     config=results["meta"], reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"))
+    table = wandb.Table(columns=["case", *METRICS])
+    for case, m in results["cases"].items():
+        table.add_data(case, *(m[k] for k in METRICS))
+        for k in METRICS:
+            run.summary[f"{case}/{k}"] = m[k]
+    run.log({"results": table})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="fct-eval", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="digits", choices=sorted(DATAMODULES))
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated, from: " + ",".join(CASE_SPACES))
+    p.add_argument("--out", default=None, help="results JSON (default <artifacts>/<dataset>/results/eval.json)")
+    p.add_argument("--split", default=None, help="evaluation split (default: the datamodule's eval_split)")
+    p.add_argument("--data_root", "--data.root", dest="data_root", default=None)
+    p.add_argument("--distance", default="l2", choices=("l2", "cosine"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--no_wandb", action="store_true", help="do not log the results to W&B")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    try:
+        results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
+                           args.device, args.batch_size)
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"fct-eval: {err}") from err
+    results.pop("_embeddings", None)
+    out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(markdown_table(results))
+    print(f"\nresults written to {out}")
+    if not args.no_wandb:
+        log_to_wandb(results, Path(args.artifacts))
+    return results

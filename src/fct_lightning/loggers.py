@@ -1,0 +1,73 @@
+"""Default experiment logger: Weights & Biases, offline by itself when there are no credentials."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+
+from pytorch_lightning.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+WANDB_PROJECT_ENV = "FCT_WANDB_PROJECT"
+DEFAULT_PROJECT = "fct-lightning"
+
+
+def wandb_has_credentials() -> bool:
+    """True when an API key is in the environment or in ``~/.netrc`` (where ``wandb login`` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL_HOST", "api.wandb.ai"))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def ensure_wandb_mode() -> str:
+    """Set ``WANDB_MODE=offline`` when no mode is chosen and there are no credentials; return the mode.
+
+    The run is written under the save directory and can be uploaded later with ``wandb sync``; nothing prompts.
+    """
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if wandb_has_credentials():
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    log.warning(
+        "No W&B credentials found: logging offline. Upload later with `wandb sync <dir>/wandb/offline-run-*`, "
+        "or choose another logger with --trainer.logger CSVLogger."
+    )
+    return "offline"
+
+
+def default_logger(dataset: str, stage: str, save_dir: str | Path, seed: int | None = None) -> Logger:
+    """The W&B logger every ``fct-fit``/``fct-eval`` run uses unless ``--trainer.logger`` says otherwise.
+
+    Runs are grouped by dataset, with ``job_type`` = stage and a stable name, so BCT and FCT runs on the same
+    data sit side by side in one W&B group.
+    """
+    from pytorch_lightning.loggers import WandbLogger
+
+    mode = ensure_wandb_mode()
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{dataset}-{stage}" + (f"-seed{seed}" if seed is not None else "")
+    return WandbLogger(
+        project=os.environ.get(WANDB_PROJECT_ENV, DEFAULT_PROJECT),
+        group=dataset,
+        job_type=stage,
+        name=name,
+        save_dir=str(save_dir),
+        offline=mode == "offline",
+        settings=_quiet_settings(),
+    )
+
+
+def _quiet_settings():
+    import wandb
+
+    return wandb.Settings(silent=True, console="off")

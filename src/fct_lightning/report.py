@@ -1,0 +1,191 @@
+"""``fct-report``: results JSON(s) from ``fct-eval`` -> markdown and CSV tables and a PNG bar chart.
+
+Several JSON files (one per seed) give mean and standard deviation. Cross-model cases are checked against
+the compatibility criterion of Shen et al. (2020): M(new query, old gallery) > M(old, old).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS = ("top1", "top5", "map", "map@r")
+HEADERS = {"top1": "top-1", "top5": "top-5", "map": "mAP", "map@r": "mAP@R"}
+CROSS_MODEL = ("new/old", "bct/old", "fct/old", "fct+side/old")
+ORDER = ("old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old", "side/side")
+
+
+def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Read results files; a clear error for a missing or malformed one."""
+    runs = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"results file {path} does not exist; run fct-eval first")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"results file {path} is not valid JSON ({err}); re-run fct-eval") from err
+        if "cases" not in data:
+            raise ValueError(f"results file {path} has no 'cases' entry; it was not written by fct-eval")
+        runs.append(data)
+    if not runs:
+        raise ValueError("no results files given")
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{case: {metric: (mean, std, n_runs)}}`` over the runs that have the case (also backfill AUC rows)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for case, metrics in run["cases"].items():
+            for k, v in metrics.items():
+                rows.setdefault(case, {}).setdefault(k, []).append(float(v))
+        for policy, curve in run.get("backfill", {}).items():
+            for kind in ("auc_mean", "auc_trapz"):
+                for k, v in curve.get(kind, {}).items():
+                    rows.setdefault(f"backfill {policy} ({kind[4:]} AUC)", {}).setdefault(k, []).append(float(v))
+    order = {c: i for i, c in enumerate(ORDER)}
+    return {
+        case: {k: (*mean_std(v), len(v)) for k, v in metrics.items()}
+        for case, metrics in sorted(rows.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    }
+
+
+def compatibility(table: dict[str, dict[str, tuple[float, float, int]]], case: str, metric: str) -> str:
+    """``yes``/``no`` for cross-model cases (M(case) > M(old/old)), empty otherwise."""
+    if case not in CROSS_MODEL or "old/old" not in table or metric not in table[case]:
+        return ""
+    return "yes" if table[case][metric][0] > table["old/old"][metric][0] else "no"
+
+
+def _fmt(cell: tuple[float, float, int]) -> str:
+    mean, std, n = cell
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def to_markdown(table: dict[str, dict[str, tuple[float, float, int]]], title: str) -> str:
+    head = ["case", *(HEADERS[m] for m in METRICS), "compatible (top-1)", "compatible (mAP)"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, cells in table.items():
+        vals = [_fmt(cells[m]) if m in cells else "" for m in METRICS]
+        lines.append("| " + " | ".join([case, *vals, compatibility(table, case, "top1"),
+                                       compatibility(table, case, "map")]) + " |")
+    n = max((c[2] for cells in table.values() for c in cells.values()), default=0)
+    lines += ["", f"Values in percent; {n} run(s){' (mean ± std)' if n > 1 else ''}. A cross-model case is "
+              "compatible when its metric exceeds old/old's."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "n_runs",
+                    "compatible_top1", "compatible_map"])
+        for case, cells in table.items():
+            vals = [f"{cells[m][i]:.6f}" if m in cells else "" for m in METRICS for i in (0, 1)]
+            n = max(c[2] for c in cells.values())
+            w.writerow([case, *vals, n, compatibility(table, case, "top1"), compatibility(table, case, "map")])
+
+
+def plot_bars(table: dict[str, dict[str, tuple[float, float, int]]], path: Path, title: str) -> None:
+    """Grouped bars (top-1 and mAP) per case, with std error bars when there are several runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in table if "top1" in table[c] and not c.startswith("backfill")]
+    fig, ax = plt.subplots(figsize=(1.2 * len(cases) + 2, 4))
+    width = 0.38
+    for j, metric in enumerate(("top1", "map")):
+        xs = [i + (j - 0.5) * width for i in range(len(cases))]
+        ax.bar(xs, [100 * table[c][metric][0] for c in cases], width, yerr=[100 * table[c][metric][1] for c in cases],
+               label=HEADERS[metric], capsize=3)
+    ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right")
+    ax.set_ylabel("percent")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Backfilling curves (top-1 and mAP vs fraction backfilled) of every policy; False if there are none."""
+    curves = [(p, c) for run in runs[:1] for p, c in run.get("backfill", {}).items()]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("top1", "map")):
+        for policy, curve in curves:
+            ax.plot([100 * f for f in curve["fractions"]], [100 * v for v in curve["curves"][metric]], label=policy)
+        ax.set_xlabel("gallery backfilled (%)")
+        ax.set_ylabel(HEADERS[metric] + " (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def make_report(paths: list[str | Path], out_dir: str | Path, title: str = "Compatibility report") -> dict[str, Path]:
+    """Write ``report.md``, ``report.csv``, ``report.png`` (and ``backfill.png``) into ``out_dir``."""
+    runs = load_results(paths)
+    table = aggregate(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
+    files["md"].write_text(to_markdown(table, title))
+    write_csv(table, files["csv"])
+    plot_bars(table, files["png"], title)
+    if plot_curves(runs, out / "backfill.png", title + ": backfilling"):
+        files["backfill"] = out / "backfill.png"
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="fct-report", description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="*", help="results JSON files (default: <artifacts>/<dataset>/results/*.json)")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--out_dir", default=None, help="default <artifacts>/<dataset>")
+    p.add_argument("--no_wandb", action="store_true")
+    args = p.parse_args(argv)
+    paths = args.results or sorted((Path(args.artifacts) / args.dataset / "results").glob("*.json"))
+    try:
+        files = make_report(paths, args.out_dir or Path(args.artifacts) / args.dataset, f"{args.dataset}: compatibility")
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"fct-report: {err}") from err
+    print(files["md"].read_text())
+    print("written: " + ", ".join(str(f) for f in files.values()))
+    if not args.no_wandb:
+        from fct_lightning.evaluation import log_to_wandb
+
+        runs = load_results(paths)
+        for run in runs[:1]:
+            log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in aggregate(runs).items()
+                                    if not c.startswith("backfill")}, "meta": run["meta"]},
+                         Path(args.artifacts), job_type="report")

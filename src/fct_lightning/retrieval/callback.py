@@ -1,0 +1,113 @@
+"""Retrieval evaluation at the end of every validation epoch, exact under any number of DDP ranks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from fct_lightning.retrieval.evaluate import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def deduplicate(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Sort gathered items by their index and drop repeats (the padding that DistributedSampler adds).
+
+    Args:
+        index: ``[N]`` item positions in the split, possibly with repeats.
+        tensors: Tensors with ``N`` rows, reordered the same way.
+
+    Returns:
+        ``(unique_index, *tensors)`` with rows in increasing item index, each item once.
+    """
+    order = torch.argsort(index, stable=True)
+    index = index[order]
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[1:] = index[1:] != index[:-1]
+    return (index[keep], *(t[order][keep] for t in tensors))
+
+
+def flatten_gathered(t: Tensor, world_size: int) -> Tensor:
+    """``[W, n, ...]`` from ``LightningModule.all_gather`` -> ``[W*n, ...]``; unchanged with one rank."""
+    return t.reshape(-1, *t.shape[2:]) if world_size > 1 else t
+
+
+class RetrievalEvaluation(pl.Callback):
+    """Evaluates every case the stage declares (``pl_module.eval_cases``) on the validation split.
+
+    Validation steps return ``{"embeddings": {space: [B, D]}, "labels": [B], "index": [B]}``. At the end of
+    the epoch the callback gathers them from all ranks, removes DistributedSampler's padding duplicates by
+    item index, computes the metrics once (on rank 0, on its device: FAISS on GPU when available), broadcasts
+    them and logs ``val/<case>/<metric>`` on every rank so ModelCheckpoint and EarlyStopping can monitor them.
+    The query set equals the gallery set (leave-one-out). The sanity check is skipped.
+
+    Args:
+        distance: ``l2`` or ``cosine``.
+        ks: CMC cut-offs.
+        backend: Search backend for :func:`~fct_lightning.retrieval.evaluate` (``auto``, ``torch``, ``faiss``).
+    """
+
+    def __init__(self, distance: str = "l2", ks: tuple[int, ...] = (1, 5), backend: str = "auto") -> None:
+        super().__init__()
+        self.distance = distance
+        self.ks = tuple(ks)
+        self.backend = backend
+        self.results: dict[str, dict[str, float]] = {}
+        self._buffers: dict[str, list[Tensor]] = {}
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._buffers = {}
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not isinstance(outputs, dict) or "embeddings" not in outputs:
+            return
+        items = {f"emb:{k}": v for k, v in outputs["embeddings"].items()}
+        items.update(labels=outputs["labels"], index=outputs["index"])
+        for key, value in items.items():
+            self._buffers.setdefault(key, []).append(value.detach().float() if value.is_floating_point() else value)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._buffers:
+            return
+        gathered = {}
+        for key in sorted(self._buffers):
+            local = torch.cat(self._buffers[key])
+            gathered[key] = flatten_gathered(pl_module.all_gather(local), trainer.world_size)
+        self._buffers = {}
+        results: dict[str, dict[str, float]] | None = None
+        if trainer.is_global_zero:
+            results = self.compute(gathered, pl_module.eval_cases)
+        results = trainer.strategy.broadcast(results, src=0)
+        self.results = results
+        for case, metrics in results.items():
+            for name, value in metrics.items():
+                pl_module.log(f"val/{case}/{name}", value, sync_dist=False, rank_zero_only=False, batch_size=1)
+
+    def compute(self, gathered: dict[str, Tensor], cases: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
+        """Deduplicate the gathered items and evaluate every case."""
+        keys = [k for k in gathered if k.startswith("emb:")]
+        index, labels, *embs = deduplicate(gathered["index"], gathered["labels"], *(gathered[k] for k in keys))
+        spaces = {k[4:]: e for k, e in zip(keys, embs)}
+        results = {}
+        for case, (q, g) in cases.items():
+            missing = {q, g} - spaces.keys()
+            if missing:
+                raise KeyError(f"case {case!r} needs embedding spaces {sorted(missing)} that eval_embeddings did not return")
+            results[case] = evaluate(
+                spaces[q], labels, spaces[g], labels,
+                exclude_self=True, distance=self.distance, ks=self.ks, backend=self.backend,
+            )
+        log.debug("retrieval on %d items: %s", len(index), results)
+        return results

@@ -1,0 +1,147 @@
+"""The small base every stage shares: evaluation hooks, checkpoint metadata, optimiser and schedule.
+
+A stage declares the embedding spaces it can produce for an image batch (``eval_embeddings``) and the
+evaluation cases it logs (``eval_cases``: case name -> (query space, gallery space)). Validation steps
+return those embeddings with labels and item indices; the :class:`~fct_lightning.retrieval.callback.
+RetrievalEvaluation` callback gathers them across ranks and computes retrieval metrics once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RetrievalStage(pl.LightningModule):
+    """Base of every stage.
+
+    Subclasses set ``stage`` and implement :meth:`eval_embeddings`, :attr:`eval_cases`,
+    :meth:`query_embed`, :meth:`gallery_embed` and ``training_step``.
+
+    Args:
+        dataset: Name of the dataset the stage is trained on (stored in checkpoints, checked by later stages).
+        optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
+        lr: Peak learning rate (reached after warm-up).
+        weight_decay: Weight decay.
+        momentum: SGD momentum (ignored by AdamW).
+        warmup_epochs: Linear warm-up length in epochs (fractions allowed); the schedule is stepped per iteration.
+        min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
+    """
+
+    stage: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        dataset: str = "",
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not known; choose one of {OPTIMIZERS}.")
+        if lr <= 0:
+            raise ValueError(f"lr={lr} must be positive.")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0.")
+        self.dataset = dataset
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.warmup_epochs = warmup_epochs
+        self.min_lr_ratio = min_lr_ratio
+
+    # ----------------------------------------------------------------- evaluation interface
+    @property
+    def eval_cases(self) -> dict[str, tuple[str, str]]:
+        """Evaluation cases: ``{case: (query space, gallery space)}``, e.g. ``{"new/old": ("new", "old")}``."""
+        raise NotImplementedError
+
+    def eval_embeddings(self, images: Tensor) -> dict[str, Tensor]:
+        """Embeddings of ``images`` in every space the cases need: ``{space: Tensor[B, D]}``."""
+        raise NotImplementedError
+
+    def query_embed(self, images: Tensor) -> Tensor:
+        """Embeddings of query images for this stage's main case."""
+        raise NotImplementedError
+
+    def gallery_embed(self, images: Tensor) -> Tensor:
+        """Embeddings of gallery images for this stage's main case."""
+        raise NotImplementedError
+
+    @property
+    def main_case(self) -> str:
+        """The case whose mAP selects the best checkpoint."""
+        return next(iter(self.eval_cases))
+
+    @property
+    def monitor(self) -> str:
+        """Logged key that ModelCheckpoint monitors (higher is better)."""
+        return f"val/{self.main_case}/map"
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        images, labels, index = batch
+        embeddings = self.eval_embeddings(images)
+        self.validation_extra(embeddings, labels)
+        return {"embeddings": embeddings, "labels": labels, "index": index}
+
+    def validation_extra(self, embeddings: dict[str, Tensor], labels: Tensor) -> None:
+        """Hook for stage-specific validation metrics (e.g. classification accuracy)."""
+
+    # ----------------------------------------------------------------- checkpoints
+    def fct_metadata(self) -> dict[str, Any]:
+        """What later stages check when they load this checkpoint."""
+        return {"stage": self.stage, "dataset": self.dataset}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fct"] = self.fct_metadata()
+
+    # ----------------------------------------------------------------- optimisation
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = self.trainable_parameters()
+        if self.optimizer_name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.momentum > 0
+            )
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(round(self.warmup_epochs * total / epochs))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def log_loss(self, name: str, value: Tensor, batch_size: int) -> None:
+        self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=batch_size)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Put ``module`` in eval mode and stop its gradients (frozen inputs of later stages)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

@@ -1,0 +1,113 @@
+"""The BCT baseline (Shen et al., CVPR 2020): a new model made compatible with the old one by training.
+
+Loss = label-smoothed CE of the new classifier + ``bct_weight`` x the influence loss: cross-entropy of the
+*frozen old classifier* applied to the new embedding. Classes the old model never saw get old-classifier
+rows synthesised as the mean old embedding of that class's training images (computed once at fit start,
+stored in the checkpoint). ``query_embed`` = BCT model, ``gallery_embed`` = old model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fct_lightning.checkpoints import check_dims, load_stage
+from fct_lightning.losses import bct_influence_loss, check_finite, label_smoothed_cross_entropy, synthesize_classifier_rows
+from fct_lightning.stages.base import freeze
+from fct_lightning.stages.embedding import EmbeddingModel
+
+
+class BCTModel(EmbeddingModel):
+    """Backward-compatible new model (stage ``bct``).
+
+    Args:
+        old_checkpoint: The old model's checkpoint (default ``artifacts/<dataset>/old/best.ckpt``).
+        bct_weight: Weight lambda of the influence loss.
+        **kwargs: Everything :class:`~fct_lightning.stages.embedding.EmbeddingModel` takes.
+    """
+
+    stage = "bct"
+    role = "bct"
+
+    def __init__(self, classes: list[int], old_checkpoint: str = "", bct_weight: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(classes, **kwargs)
+        self.save_hyperparameters()
+        if bct_weight < 0:
+            raise ValueError(f"bct_weight={bct_weight} must be >= 0.")
+        self.old_checkpoint, self.bct_weight = old_checkpoint, bct_weight
+        n_rows = max(self.classes) + 1
+        self.register_buffer("old_weight", torch.zeros(n_rows, self.embedding_dim))
+        self.register_buffer("old_weight_ready", torch.tensor(False))
+        self.old_net: torch.nn.Module | None = None
+        self.old_meta: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.old_net is not None:
+            return
+        old, self.old_meta = load_stage(self.old_checkpoint, "old", ("old",), self.dataset or None)
+        check_dims(self.embedding_dim, old.embedding_dim, "the old embedding", self.old_checkpoint,
+                   "BCT needs equal old and new embedding dimensions: set --model.embedding_dim to the old model's.")
+        self.old_net = freeze(old.net).to(self.device)
+        self._old_classifier = freeze(old.classifier)
+        self._old_classes = old.classes
+
+    def train(self, mode: bool = True) -> BCTModel:
+        super().train(mode)
+        if self.old_net is not None:
+            self.old_net.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        for key in [k for k in checkpoint["state_dict"] if k.startswith("old_net.")]:
+            del checkpoint["state_dict"][key]
+        checkpoint["fct"]["old_digest"] = self.old_meta.get("digest")
+
+    @torch.no_grad()
+    def on_fit_start(self) -> None:
+        if bool(self.old_weight_ready):
+            return
+        dm = self.trainer.datamodule
+        embs, labels = [], []
+        for images, y, _ in dm.eval_dataloader("train", classes=self.classes):
+            embs.append(self.old_net(images.to(self.device)))
+            labels.append(y.to(self.device))
+        emb, lab = torch.cat(embs), torch.cat(labels)
+        # under DDP every rank computes the same full table; it is small (classes x dim)
+        full = synthesize_classifier_rows(
+            self._old_classifier.weight.to(self.device), self._old_classes, emb, lab, len(self.old_weight)
+        )
+        self.old_weight.copy_(full)
+        self.old_weight_ready.fill_(True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels, _ = batch
+        rows = self.rows_of(labels)
+        emb = self.net(images)
+        logits = self.classifier(emb)
+        ce = label_smoothed_cross_entropy(logits, rows, self.label_smoothing)
+        influence = bct_influence_loss(emb, self.old_weight, labels)
+        loss = ce + self.bct_weight * influence
+        check_finite(loss, "bct", self.global_step)
+        self.train_acc(logits.detach(), rows)
+        self.log_loss("loss", loss, len(labels))
+        self.log_loss("influence", influence, len(labels))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    @property
+    def eval_cases(self) -> dict[str, tuple[str, str]]:
+        return {"bct/old": ("bct", "old"), "bct/bct": ("bct", "bct"), "old/old": ("old", "old")}
+
+    def eval_embeddings(self, images: Tensor) -> dict[str, Tensor]:
+        out = {"bct": self.net(images)}
+        if self.old_net is not None:
+            out["old"] = self.old_net(images)
+        return out
+
+    def gallery_embed(self, images: Tensor) -> Tensor:
+        if self.old_net is None:
+            raise RuntimeError("the BCT gallery is the old model's: call setup() first to load the old checkpoint")
+        return self.old_net(images)

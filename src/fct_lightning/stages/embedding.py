@@ -1,0 +1,149 @@
+"""Supervised embedding models: the deployed ``old`` model and the independently trained ``new`` model.
+
+Both are backbone -> embedding -> bias-free classifier, trained with label-smoothed cross-entropy on the
+classes the datamodule's ``train_classes`` selects. They are separate classes because they play separate
+roles: later stages check that a checkpoint given as the old model really is one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torchmetrics
+from torch import Tensor
+
+from fct_lightning.losses import check_finite, label_smoothed_cross_entropy
+from fct_lightning.models.backbones import EmbeddingNet, make_classifier
+from fct_lightning.stages.base import RetrievalStage
+
+
+class EmbeddingModel(RetrievalStage):
+    """Backbone + embedding + classifier, trained with label-smoothed cross-entropy.
+
+    Args:
+        classes: Class indices this model is trained on (the datamodule's ``train_class_ids``; the CLI links
+            it). Classifier row ``j`` belongs to class ``classes[j]``.
+        in_channels: Image channels (linked from the datamodule by the CLI).
+        backbone: ``resnet18``, ``resnet34``, ``resnet50`` or ``convnet``.
+        embedding_dim: Embedding size (the FCT paper uses 128).
+        cifar_stem: 3x3 stride-1 stem without max-pool, for 32 px images.
+        embed_relu: ReLU on the embedding, as the FCT reference does.
+        normalize: L2-normalise the embedding.
+        width: Width of the small ConvNet backbone.
+        label_smoothing: Label smoothing of the cross-entropy.
+        dataset: Dataset name (linked from the datamodule by the CLI).
+        optimizer: ``sgd`` or ``adamw``.
+        lr: Peak learning rate.
+        weight_decay: Weight decay.
+        momentum: SGD momentum.
+        warmup_epochs: Linear warm-up in epochs.
+        min_lr_ratio: Final cosine learning rate as a fraction of ``lr``.
+    """
+
+    role: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        classes: list[int],
+        in_channels: int = 3,
+        backbone: str = "resnet18",
+        embedding_dim: int = 128,
+        cifar_stem: bool = False,
+        embed_relu: bool = False,
+        normalize: bool = False,
+        width: int = 32,
+        label_smoothing: float = 0.1,
+        dataset: str = "",
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__(dataset, optimizer, lr, weight_decay, momentum, warmup_epochs, min_lr_ratio)
+        classes = [int(c) for c in classes]
+        if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
+            raise ValueError(f"classes={classes} must be a non-empty list of distinct non-negative class indices.")
+        self.save_hyperparameters()
+        self.classes = classes
+        self.label_smoothing = label_smoothing
+        self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, embed_relu, normalize, width)
+        self.classifier = make_classifier(embedding_dim, len(classes))
+        row = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+        row[torch.tensor(classes)] = torch.arange(len(classes))
+        self.register_buffer("class_to_row", row, persistent=False)
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro")
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro")
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.net.embedding_dim
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def rows_of(self, labels: Tensor) -> Tensor:
+        """Classifier rows of ``labels``; -1 for classes this model was not trained on."""
+        inside = labels < self.class_to_row.numel()
+        rows = torch.full_like(labels, -1)
+        rows[inside] = self.class_to_row[labels[inside]]
+        return rows
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels, _ = batch
+        rows = self.rows_of(labels)
+        if (rows < 0).any():
+            bad = sorted(set(labels[rows < 0].tolist()))
+            raise ValueError(
+                f"training batch has labels {bad} outside the model's classes {self.classes}; the datamodule's "
+                "train_classes must match the model's classes."
+            )
+        logits = self.classifier(self.net(images))
+        loss = label_smoothed_cross_entropy(logits, rows, self.label_smoothing)
+        check_finite(loss, f"{self.stage} cross-entropy", self.global_step)
+        self.train_acc(logits.detach(), rows)
+        self.log_loss("loss", loss, len(labels))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    # ----------------------------------------------------------------- evaluation
+    @property
+    def eval_cases(self) -> dict[str, tuple[str, str]]:
+        return {f"{self.role}/{self.role}": (self.role, self.role)}
+
+    def eval_embeddings(self, images: Tensor) -> dict[str, Tensor]:
+        return {self.role: self.net(images)}
+
+    def query_embed(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def gallery_embed(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def validation_extra(self, embeddings: dict[str, Tensor], labels: Tensor) -> None:
+        rows = self.rows_of(labels)
+        seen = rows >= 0
+        if seen.any():
+            self.val_acc(self.classifier(embeddings[self.role][seen]), rows[seen])
+            self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, batch_size=int(seen.sum()))
+
+    def fct_metadata(self) -> dict[str, Any]:
+        meta = super().fct_metadata()
+        meta.update(classes=self.classes, embedding_dim=self.embedding_dim)
+        return meta
+
+
+class OldModel(EmbeddingModel):
+    """The deployed model: its embeddings fill the stored gallery. Usually trained on a subset of classes."""
+
+    stage = "old"
+    role = "old"
+
+
+class NewModel(EmbeddingModel):
+    """The new, better model, trained as usual (no compatibility constraint) on all classes."""
+
+    stage = "new"
+    role = "new"

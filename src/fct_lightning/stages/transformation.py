@@ -1,0 +1,273 @@
+"""The transformation stage: learn h(old embedding, side-info) -> new embedding, with every model frozen.
+
+After training, the stored gallery (old embeddings + side-info) is mapped into the new model's space without
+touching an image: ``gallery_embed`` = h(old(x), side(x)) and ``query_embed`` = new(x).
+
+Two ways to train h: ``cached=True`` (default) embeds ``cache_views`` seeded augmentations of every training
+image once with the three frozen models (see :mod:`fct_lightning.data.features`) and trains on those
+tensors; ``cached=False`` runs the three frozen backbones on freshly augmented images every step, as the FCT
+reference does. FastFill's uncertainty head is an option (``uncertainty=True``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fct_lightning.checkpoints import CheckpointError, load_stage
+from fct_lightning.data.features import FeatureBatches, build_or_load, cache_key, embed_views
+from fct_lightning.losses import check_finite, fastfill_loss, transformation_loss
+from fct_lightning.models.transformation import Transformation
+from fct_lightning.stages.base import RetrievalStage, freeze
+
+FROZEN = ("old_net", "side_net", "new_net", "new_classifier")
+
+
+class TransformationModel(RetrievalStage):
+    """Trains h on frozen old, side-info and new models (stage ``transformation``).
+
+    Args:
+        old_checkpoint: The old model's checkpoint (default ``artifacts/<dataset>/old/best.ckpt``).
+        side_info_checkpoint: The side-info model's checkpoint (``.../side_info/best.ckpt``).
+        new_checkpoint: The new model's checkpoint (``.../new/best.ckpt``).
+        use_side_info: h(old, side) when True; the no-side-info variant h(old) when False (case ``fct/old``).
+        loss: ``mse`` or ``cosine`` distance to the new model's embedding.
+        mixer_width: Width of h's mixer layers.
+        mixer_depth: Number of hidden mixer layers.
+        branch_width_factor: Hidden width of h's input branches as a multiple of their input size.
+        bn_eval_after: Fraction of the epochs after which h's BatchNorm layers switch to eval mode
+            (the reference does this for the second half); 1.0 never switches.
+        cached: Train on cached features (default) instead of recomputing the frozen models every step.
+        cache_views: Augmented views per training image in the cache.
+        cache_dir: Where caches live (default ``artifacts/<dataset>/cache``).
+        cache_dtype: Storage dtype of cached features (``float16`` or ``float32``).
+        cache_seed: Seed of the cached augmentations.
+        uncertainty: Add FastFill's uncertainty head and train with its loss.
+        fastfill_similarity: FastFill's similarity term (per-item MSE).
+        fastfill_discriminative: FastFill's discriminative term (the frozen new classifier on h's output).
+        label_smoothing: Label smoothing of the discriminative term.
+        dataset: Dataset name (linked by the CLI; checked against the checkpoints).
+        optimizer: ``sgd`` or ``adamw``.
+        lr: Peak learning rate.
+        weight_decay: Weight decay.
+        momentum: SGD momentum.
+        warmup_epochs: Linear warm-up in epochs.
+        min_lr_ratio: Final cosine learning rate as a fraction of ``lr``.
+    """
+
+    stage = "transformation"
+
+    def __init__(
+        self,
+        old_checkpoint: str,
+        new_checkpoint: str,
+        side_info_checkpoint: str | None = None,
+        use_side_info: bool = True,
+        loss: str = "mse",
+        mixer_width: int = 2048,
+        mixer_depth: int = 2,
+        branch_width_factor: int = 2,
+        bn_eval_after: float = 0.5,
+        cached: bool = True,
+        cache_views: int = 10,
+        cache_dir: str | None = None,
+        cache_dtype: str = "float16",
+        cache_seed: int = 0,
+        uncertainty: bool = False,
+        fastfill_similarity: bool = True,
+        fastfill_discriminative: bool = True,
+        label_smoothing: float = 0.1,
+        dataset: str = "",
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__(dataset, optimizer, lr, weight_decay, momentum, warmup_epochs, min_lr_ratio)
+        if loss not in ("mse", "cosine"):
+            raise ValueError(f"loss={loss!r} is not known; choose 'mse' or 'cosine'.")
+        if cache_dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"cache_dtype={cache_dtype!r}; choose float16, bfloat16 or float32.")
+        if cache_views < 1:
+            raise ValueError(f"cache_views={cache_views} must be at least 1.")
+        self.save_hyperparameters()
+        self.loss_kind, self.use_side_info, self.bn_eval_after = loss, use_side_info, bn_eval_after
+        self.cached, self.cache_views, self.cache_seed = cached, cache_views, cache_seed
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(old_checkpoint).resolve().parent.parent / "cache"
+        self.cache_dtype = getattr(torch, cache_dtype)
+        self.uncertainty = uncertainty
+        self.fastfill_terms = (fastfill_similarity, fastfill_discriminative)
+        self.label_smoothing = label_smoothing
+        old, self.old_meta = load_stage(old_checkpoint, "old", ("old",), dataset)
+        new, self.new_meta = load_stage(new_checkpoint, "new", ("new",), dataset)
+        self.old_net, self.new_net = freeze(old.net), freeze(new.net)
+        self.new_classifier = freeze(new.classifier)
+        self.register_buffer("new_class_to_row", new.class_to_row.clone(), persistent=False)
+        side_dim = None
+        self.side_meta: dict[str, Any] = {}
+        if use_side_info:
+            if not side_info_checkpoint:
+                raise ValueError("use_side_info=True needs side_info_checkpoint (or set use_side_info=False)")
+            side, self.side_meta = load_stage(side_info_checkpoint, "side_info", ("side_info",), dataset)
+            self.side_net = freeze(side.net)
+            side_dim = side.embedding_dim
+        self.h = Transformation(
+            old.embedding_dim, new.embedding_dim, side_dim, branch_width_factor, mixer_width, mixer_depth, uncertainty
+        )
+
+    # ----------------------------------------------------------------- frozen parts
+    @property
+    def artifact_name(self) -> str:
+        return "transformation" if self.use_side_info else "transformation_noside"
+
+    @property
+    def gallery_space(self) -> str:
+        return "fct+side" if self.use_side_info else "fct"
+
+    def train(self, mode: bool = True) -> TransformationModel:
+        super().train(mode)
+        for name in FROZEN:
+            if hasattr(self, name):
+                getattr(self, name).eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.split(".")[0] in FROZEN]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("fct", {})
+        for role, mine in (("old", self.old_meta), ("new", self.new_meta), ("side_info", self.side_meta)):
+            saved = meta.get(f"{role}_digest")
+            if saved and mine and saved != mine["digest"]:
+                raise CheckpointError(
+                    f"the {role} checkpoint {mine['path']} changed since this transformation was trained "
+                    f"(content {mine['digest']} != {saved}); start a new run instead of resuming."
+                )
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.split(".")[0] in FROZEN})
+
+    def fct_metadata(self) -> dict[str, Any]:
+        meta = super().fct_metadata()
+        meta.update(use_side_info=self.use_side_info, uncertainty=self.uncertainty)
+        meta.update(old_digest=self.old_meta["digest"], new_digest=self.new_meta["digest"],
+                    side_info_digest=self.side_meta.get("digest"))
+        meta.update(embedding_dim=self.new_meta.get("embedding_dim"))
+        return meta
+
+    # ----------------------------------------------------------------- embeddings
+    def frozen_embeddings(self, images: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            out = {"old": self.old_net(images), "new": self.new_net(images)}
+            if self.use_side_info:
+                out["side"] = self.side_net(images)
+        return out
+
+    def transform(self, old: Tensor, side: Tensor | None = None) -> Tensor:
+        """h(old, side) -> new-space embedding (side is None for the no-side-info variant)."""
+        return self.h(old, side if self.use_side_info else None)
+
+    def eval_embeddings(self, images: Tensor) -> dict[str, Tensor]:
+        f = self.frozen_embeddings(images)
+        return {"old": f["old"], "new": f["new"], self.gallery_space: self.transform(f["old"], f.get("side"))}
+
+    @property
+    def eval_cases(self) -> dict[str, tuple[str, str]]:
+        return {f"{self.gallery_space}/old": ("new", self.gallery_space), "old/old": ("old", "old"),
+                "new/new": ("new", "new")}
+
+    def query_embed(self, images: Tensor) -> Tensor:
+        return self.new_net(images)
+
+    def gallery_embed(self, images: Tensor) -> Tensor:
+        f = self.frozen_embeddings(images)
+        return self.transform(f["old"], f.get("side"))
+
+    # ----------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        if not self.cached:
+            return
+        dm = self.trainer.datamodule
+        models = {"old": self.old_net, "new": self.new_net}
+        if self.use_side_info:
+            models["side"] = self.side_net
+        key = cache_key(
+            old=self.old_meta["digest"], new=self.new_meta["digest"], side=self.side_meta.get("digest"),
+            dataset=dm.name, classes=dm.train_class_ids, views=self.cache_views, seed=self.cache_seed,
+            dtype=str(self.cache_dtype), image_size=getattr(dm, "image_size", None),
+        )
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        features = build_or_load(
+            self.cache_dir, key,
+            lambda: embed_views(dm, models, split="train", classes=dm.train_class_ids, views=self.cache_views,
+                                seed=self.cache_seed, device=self.device, dtype=self.cache_dtype,
+                                rank=rank, world_size=world),
+            rank=rank, world_size=world, barrier=self.trainer.strategy.barrier,
+        )
+        self._feature_loader = FeatureBatches(features, dm.batch_size, self.device, self.cache_seed, rank, world)
+        dm.train_dataloader = lambda: self._feature_loader  # the datamodule now serves cached features
+
+    def on_train_epoch_start(self) -> None:
+        if self.cached and hasattr(self, "_feature_loader"):
+            self._feature_loader.set_epoch(self.current_epoch)
+        max_epochs = self.trainer.max_epochs or 1
+        self.h.set_bn_eval(self.current_epoch >= self.bn_eval_after * max_epochs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if isinstance(batch, dict):
+            feats, labels = batch, batch["labels"]
+        else:
+            images, labels, _ = batch
+            feats = self.frozen_embeddings(images)
+        side = feats.get("side") if self.use_side_info else None
+        if self.uncertainty:
+            pred, log_var = self.h.forward_with_uncertainty(feats["old"], side)
+            use_sim, use_disc = self.fastfill_terms
+            logits = self.new_classifier(pred) if use_disc else None
+            rows = self.new_class_to_row[labels] if use_disc else None
+            loss = fastfill_loss(pred, feats["new"], log_var, discriminative_logits=logits, labels=rows,
+                                 smoothing=self.label_smoothing, use_similarity=use_sim, use_discriminative=use_disc)
+            self.log("train/log_var", log_var.mean(), on_step=False, on_epoch=True, batch_size=len(labels))
+        else:
+            loss = transformation_loss(self.h(feats["old"], side), feats["new"], self.loss_kind)
+        check_finite(loss, "transformation", self.global_step)
+        self.log_loss("loss", loss, len(labels))
+        return loss
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.h.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------- gallery export
+    @torch.no_grad()
+    def transform_stored(self, old: Tensor | np.ndarray, side: Tensor | np.ndarray | None = None,
+                         batch_size: int = 65536) -> Tensor:
+        """Map stored gallery features (no images) into the new space: ``[N, d_old], [N, d_side] -> [N, d_new]``."""
+        old = torch.as_tensor(old, dtype=torch.float32)
+        side = None if side is None else torch.as_tensor(side, dtype=torch.float32)
+        if self.use_side_info and side is None:
+            raise ValueError("this transformation uses side-info: pass the stored side-info features too")
+        if side is not None and len(side) != len(old):
+            raise ValueError(f"stored old features have {len(old)} rows but side-info has {len(side)}; they must align")
+        was_training = self.h.training
+        self.h.eval()
+        out = [self.transform(old[i : i + batch_size].to(self.device),
+                              None if side is None else side[i : i + batch_size].to(self.device)).cpu()
+               for i in range(0, len(old), batch_size)]
+        self.h.train(was_training)
+        return torch.cat(out)
+
+    def export_gallery(self, old: Any, side: Any, out: str | Path) -> Path:
+        """Write ``transform_stored(old, side)`` to ``out`` (``.npy``); inputs may be arrays or ``.npy`` paths."""
+        load = lambda a: np.load(a) if isinstance(a, (str, Path)) else a  # noqa: E731
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, self.transform_stored(load(old), None if side is None else load(side)).numpy())
+        return out
