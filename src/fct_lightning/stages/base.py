@@ -44,6 +44,8 @@ class RetrievalStage(pl.LightningModule):
     """
 
     stage: ClassVar[str] = ""
+    #: Submodules holding frozen upstream models: left out of checkpoints (their own checkpoints hold them).
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -114,6 +116,23 @@ class RetrievalStage(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fct"] = self.fct_metadata()
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.split(".")[0] in self.frozen_prefixes]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the frozen upstream weights this module already holds back into the state to load."""
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.split(".")[0] in self.frozen_prefixes})
+
+    def train(self, mode: bool = True) -> RetrievalStage:
+        """Lightning calls ``train()`` every epoch; frozen upstream models stay in eval mode."""
+        super().train(mode)
+        for name in self.frozen_prefixes:
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+        return self
 
     # ----------------------------------------------------------------- optimisation
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

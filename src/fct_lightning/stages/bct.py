@@ -30,6 +30,7 @@ class BCTModel(EmbeddingModel):
 
     stage = "bct"
     role = "bct"
+    frozen_prefixes = ("old_net", "old_classifier")
 
     def __init__(self, classes: list[int], old_checkpoint: str = "", bct_weight: float = 1.0, **kwargs: Any) -> None:
         super().__init__(classes, **kwargs)
@@ -41,6 +42,7 @@ class BCTModel(EmbeddingModel):
         self.register_buffer("old_weight", torch.zeros(n_rows, self.embedding_dim))
         self.register_buffer("old_weight_ready", torch.tensor(False))
         self.old_net: torch.nn.Module | None = None
+        self.old_classifier: torch.nn.Module | None = None
         self.old_meta: dict[str, Any] = {}
 
     def setup(self, stage: str) -> None:
@@ -50,20 +52,11 @@ class BCTModel(EmbeddingModel):
         check_dims(self.embedding_dim, old.embedding_dim, "the old embedding", self.old_checkpoint,
                    "BCT needs equal old and new embedding dimensions: set --model.embedding_dim to the old model's.")
         self.old_net = freeze(old.net).to(self.device)
-        self._old_classifier = freeze(old.classifier)
+        self.old_classifier = freeze(old.classifier)
         self._old_classes = old.classes
 
-    def train(self, mode: bool = True) -> BCTModel:
-        super().train(mode)
-        if self.old_net is not None:
-            self.old_net.eval()
-        return self
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("old_net.")]:
-            del checkpoint["state_dict"][key]
-        checkpoint["fct"]["old_digest"] = self.old_meta.get("digest")
+    def fct_metadata(self) -> dict[str, Any]:
+        return {**super().fct_metadata(), "old_digest": self.old_meta.get("digest")}
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
@@ -77,7 +70,7 @@ class BCTModel(EmbeddingModel):
         emb, lab = torch.cat(embs), torch.cat(labels)
         # under DDP every rank computes the same full table; it is small (classes x dim)
         full = synthesize_classifier_rows(
-            self._old_classifier.weight.to(self.device), self._old_classes, emb, lab, len(self.old_weight)
+            self.old_classifier.weight.to(self.device), self._old_classes, emb, lab, len(self.old_weight)
         )
         self.old_weight.copy_(full)
         self.old_weight_ready.fill_(True)

@@ -60,6 +60,7 @@ class TransformationModel(RetrievalStage):
     """
 
     stage = "transformation"
+    frozen_prefixes = FROZEN
 
     def __init__(
         self,
@@ -130,19 +131,6 @@ class TransformationModel(RetrievalStage):
     def gallery_space(self) -> str:
         return "fct+side" if self.use_side_info else "fct"
 
-    def train(self, mode: bool = True) -> TransformationModel:
-        super().train(mode)
-        for name in FROZEN:
-            if hasattr(self, name):
-                getattr(self, name).eval()
-        return self
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.split(".")[0] in FROZEN]:
-            del state[key]
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("fct", {})
         for role, mine in (("old", self.old_meta), ("new", self.new_meta), ("side_info", self.side_meta)):
@@ -152,8 +140,7 @@ class TransformationModel(RetrievalStage):
                     f"the {role} checkpoint {mine['path']} changed since this transformation was trained "
                     f"(content {mine['digest']} != {saved}); start a new run instead of resuming."
                 )
-        own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.split(".")[0] in FROZEN})
+        super().on_load_checkpoint(checkpoint)
 
     def fct_metadata(self) -> dict[str, Any]:
         meta = super().fct_metadata()

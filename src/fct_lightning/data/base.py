@@ -1,0 +1,400 @@
+"""Base datamodule shared by every dataset: `(image, label, index)` items, class subsets, seeded views.
+
+Every dataset is a :class:`RetrievalDataModule` subclass that knows its class names and how to load a split as
+a *source* dataset (``source[i] -> (image tensor, label)`` with a ``targets`` attribute). The base wraps sources in
+:class:`RetrievalDataset`, which
+
+* restricts a split to a list of classes (labels keep their original class index; the item's ``index`` is its
+  position within the restricted dataset, in the split's order);
+* applies the transform (``views > 1`` gives ``[V, C, H, W]`` per item);
+* optionally makes augmentation a deterministic function of ``(seed, epoch, item, view)``, independent of worker
+  count and iteration order (``seed`` argument + :meth:`RetrievalDataset.set_epoch`), so that features cached
+  from augmented images equal the ones computed on the fly.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fct_lightning.data.transforms import MultiView, build_transforms
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into one 63-bit seed (splitmix64 chain; stable across processes and platforms)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """``root``, else the ``FCT_DATA_ROOT`` environment variable, else ``data`` (relative to the working dir)."""
+    if root is None:
+        root = os.environ.get("FCT_DATA_ROOT") or "data"
+    return Path(root).expanduser()
+
+
+class TensorImages(Dataset):
+    """A split held in memory: ``images[i] -> (image, label)``.
+
+    Args:
+        images: ``[N, C, H, W]`` uint8, or float in ``[0, 1]``.
+        targets: ``[N]`` integer labels.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+class RetrievalDataset(Dataset):
+    """``(image, label, index)`` items of a split, optionally restricted to some classes.
+
+    Args:
+        source: ``source[i] -> (image, label)``, with ``source.targets`` (all labels, in order).
+        classes: keep only these class indices (None = all). ``index`` is the position in the kept subset.
+        transform: image transform; a :class:`~fct_lightning.data.transforms.MultiView` gives ``[V, C, H, W]``.
+        seed: None = ordinary randomness. Otherwise view ``v`` of source item ``i`` at epoch ``e`` is drawn
+            with the torch RNG seeded by ``mix_seed(seed, e, i, v)`` (``i`` = position in the full split, so
+            the augmentation of an item does not depend on the class subset). Set the epoch with
+            :meth:`set_epoch`; it lives in shared memory, so persistent workers see it.
+    """
+
+    def __init__(
+        self,
+        source: Dataset,
+        classes: Sequence[int] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.source = source
+        targets = torch.as_tensor(source.targets, dtype=torch.long)
+        if classes is None:
+            self.positions = None
+            self.targets = targets
+        else:
+            keep = torch.isin(targets, torch.as_tensor(list(classes), dtype=torch.long))
+            self.positions = torch.nonzero(keep).flatten()
+            self.targets = targets[self.positions]
+        self.transform = transform
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose (seeded) augmentation is drawn; call before iterating."""
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _augment(self, image: torch.Tensor, src: int) -> torch.Tensor:
+        t = self.transform
+        if t is None:
+            return image
+        if self.seed is None:
+            return t(image)
+        epoch = int(self._epoch)
+        # seed only the CPU generator: torch.manual_seed would also queue a (slow) lazy CUDA seeding per item
+        cpu_rng = torch.random.default_generator
+        with torch.random.fork_rng(devices=[]):
+            if isinstance(t, MultiView):
+                out = []
+                for v in range(t.views):
+                    cpu_rng.manual_seed(mix_seed(self.seed, epoch, src, v))
+                    out.append(t.transform(image))
+                return torch.stack(out)
+            cpu_rng.manual_seed(mix_seed(self.seed, epoch, src, 0))
+            return t(image)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        src = int(self.positions[index]) if self.positions is not None else int(index)
+        image, label = self.source[src]
+        return self._augment(image, src), int(label), int(index)
+
+
+def check_class_list(value: Any, num_classes: int, arg: str) -> list[int]:
+    """Resolve ``None`` / int N / list of ints to a sorted list of class indices, or raise ValueError."""
+    if value is None:
+        return list(range(num_classes))
+    if isinstance(value, bool):  # the API promises ValueError for every bad argument value
+        msg = f"{arg}={value!r}: expected None, an int in 1..{num_classes} or a list of class indices"
+        raise ValueError(msg)  # noqa: TRY004
+    if isinstance(value, numbers.Integral):
+        if not 1 <= value <= num_classes:
+            raise ValueError(f"{arg}={value} is out of range: an int must be in 1..{num_classes} (num_classes)")
+        return list(range(value))
+    try:
+        items = list(value)
+    except TypeError:
+        raise ValueError(f"{arg}={value!r}: expected None, an int or a list of class indices") from None
+    if any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in items):
+        raise ValueError(f"{arg}={value!r}: class indices must be integers")
+    ids = [int(c) for c in items]
+    if not ids:
+        raise ValueError(f"{arg}=[]: give at least one class index in 0..{num_classes - 1}")
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"{arg}={value!r}: class indices {bad} are out of range 0..{num_classes - 1}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{arg}={value!r} contains duplicate class indices")
+    return sorted(ids)
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    """Base datamodule: items are ``(image, label, index)``; see the module docstring.
+
+    Subclasses set the class attributes, load splits in :meth:`_load_split` and may scan their classes in
+    :meth:`_scan` (called in ``__init__``, before ``train_classes`` is checked).
+
+    Args:
+        root: data root; None = ``$FCT_DATA_ROOT``, else ``data``.
+        batch_size: training batch size (per device).
+        eval_batch_size: batch size of the evaluation loaders; None = ``2 * batch_size``.
+        num_workers: DataLoader worker processes.
+        train_classes: classes of the training split: None = all, int N = the first N class indices,
+            list = exactly those class indices. Labels keep their original class index.
+        views: images per training item: 1, or V >= 2 contrastive views (a batch is then ``[B, V, C, H, W]``).
+        eval_split: split used by the val/test/predict loaders (all classes); one of :attr:`splits`.
+        augment: apply training augmentation in ``train_dataloader`` (False = evaluation transform).
+        seed: seeds the training shuffle order (single process; under DDP Lightning's DistributedSampler
+            shuffles) and the in-memory loader. Training augmentation itself uses ordinary randomness; use
+            :meth:`eval_dataloader` with ``seed=`` for reproducible augmentation.
+        pin_memory: DataLoader ``pin_memory``; None = True when CUDA is available.
+        persistent_workers: keep workers alive between epochs (only used when ``num_workers > 0``).
+        image_size: output image side; None = the dataset default.
+        in_memory_gpu: serve batches from one in-memory tensor with batched augmentation on the GPU
+            (:class:`~fct_lightning.data.memory.InMemoryAugmentedLoader`); small-image datasets only.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    in_channels: ClassVar[int] = 3
+    default_image_size: ClassVar[int] = 224
+    mean: ClassVar[tuple[float, ...]] = ()
+    std: ClassVar[tuple[float, ...]] = ()
+    supports_in_memory: ClassVar[bool] = False
+    num_classes: int  # set by every dataset (class attribute, or in _scan for folder datasets)
+    class_names: list[str]  # index order
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "test",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        in_memory_gpu: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = resolve_root(root)
+        _check_int("batch_size", batch_size, 1)
+        if eval_batch_size is not None:
+            _check_int("eval_batch_size", eval_batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("views", views, 1, "1 for single images, 2 (or more) for contrastive views")
+        if image_size is not None:
+            _check_int("image_size", image_size, 1)
+        if in_memory_gpu and not self.supports_in_memory:
+            raise ValueError(f"in_memory_gpu=True is not supported by the {self.name!r} datamodule "
+                             "(small-image datasets only: digits, cifar10, cifar100)")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.num_workers = num_workers
+        self.views = views
+        self.augment = augment
+        self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+        self.image_size = image_size or self.default_image_size
+        self.in_memory_gpu = in_memory_gpu
+        self._sources: dict[str, Dataset] = {}
+        self._scan()
+        if eval_split not in self.splits:
+            raise ValueError(f"eval_split={eval_split!r} is not a split of {self.name}; allowed: {self.splits}")
+        self.eval_split = eval_split
+        self.train_classes = train_classes
+        self._train_class_ids = check_class_list(train_classes, self.num_classes, "train_classes")
+
+    # ----- to override -------------------------------------------------------------------------------
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Split names accepted by ``eval_split`` and :meth:`eval_dataloader`."""
+        return ("train", "test")
+
+    def _scan(self) -> None:
+        """Cheap class discovery (e.g. listing class folders); sets ``num_classes``/``class_names`` if dynamic."""
+
+    def _load_split(self, split: str) -> Dataset:
+        """Load one split as a source dataset: ``source[i] -> (image, label)`` with ``source.targets``."""
+        raise NotImplementedError
+
+    # ----- data --------------------------------------------------------------------------------------
+    @property
+    def train_class_ids(self) -> list[int]:
+        """Sorted class indices of the training split (resolved from ``train_classes``)."""
+        return list(self._train_class_ids)
+
+    def source(self, split: str) -> Dataset:
+        """The (cached) source dataset of ``split``."""
+        self._check_split(split)
+        if split not in self._sources:
+            self._sources[split] = self._load_split(split)
+        return self._sources[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ["train", self.eval_split], "validate": [self.eval_split]}.get(
+            stage or "fit", [self.eval_split])
+        for split in needed:
+            self.source(split)
+
+    def transform(self, train: bool, views: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The dataset's transform (training augmentation or evaluation) for ``views`` views."""
+        return build_transforms(self.family, train, views, self.image_size, self.mean, self.std)
+
+    def dataset(
+        self,
+        split: str,
+        classes: list[int] | None = None,
+        augment: bool = False,
+        views: int = 1,
+        seed: int | None = None,
+    ) -> RetrievalDataset:
+        """A :class:`RetrievalDataset` of ``split`` (see :meth:`eval_dataloader` for the arguments)."""
+        self._check_split(split)
+        _check_int("views", views, 1, "1 for single images, 2 (or more) for contrastive views")
+        ids = None if classes is None else check_class_list(classes, self.num_classes, "classes")
+        transform = self.transform(augment, views) if augment else self.transform(False, 1)
+        if views > 1 and not augment:
+            transform = MultiView(transform, views)
+        return RetrievalDataset(self.source(split), ids, transform, seed)
+
+    # ----- loaders -----------------------------------------------------------------------------------
+    def train_dataloader(self) -> Any:
+        """Training split restricted to :attr:`train_class_ids`, training augmentation, shuffled."""
+        if self.in_memory_gpu:
+            return self._memory_loader("train", self.train_class_ids, self.augment, self.views, True,
+                                       self.batch_size, self.seed)
+        ds = self.dataset("train", self.train_class_ids, self.augment, self.views)
+        gen = torch.Generator().manual_seed(self.seed)
+        return self._dataloader(ds, self.batch_size, shuffle=True, generator=gen)
+
+    def val_dataloader(self) -> Any:
+        """Evaluation split, all classes, evaluation transform, in order."""
+        return self.eval_dataloader(self.eval_split)
+
+    def test_dataloader(self) -> Any:
+        return self.eval_dataloader(self.eval_split)
+
+    def predict_dataloader(self) -> Any:
+        return self.eval_dataloader(self.eval_split)
+
+    def eval_dataloader(
+        self,
+        split: str,
+        classes: list[int] | None = None,
+        augment: bool = False,
+        views: int = 1,
+        seed: int | None = None,
+    ) -> Any:
+        """An in-order loader over any split, e.g. to embed the training split for cached features.
+
+        Args:
+            split: one of :attr:`splits`.
+            classes: class indices to keep (None = all).
+            augment: training augmentation instead of the evaluation transform.
+            views: views per item (``[B, V, C, H, W]`` batches when > 1).
+            seed: None = ordinary randomness; an int makes the augmentation a function of
+                ``(seed, epoch, item, view)``: call ``loader.dataset.set_epoch(e)`` (or ``loader.set_epoch(e)``
+                for the in-memory loader) to pick the epoch.
+
+        Returns:
+            A DataLoader (or an :class:`~fct_lightning.data.memory.InMemoryAugmentedLoader` when
+            ``in_memory_gpu``) yielding ``(images, labels, indices)`` with ``eval_batch_size``.
+        """
+        if self.in_memory_gpu:
+            return self._memory_loader(split, classes, augment, views, False, self.eval_batch_size, seed)
+        ds = self.dataset(split, classes, augment, views, seed)
+        return self._dataloader(ds, self.eval_batch_size, shuffle=False)
+
+    def _dataloader(self, ds: Dataset, batch_size: int, shuffle: bool, generator: Any = None) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=generator,
+        )
+
+    def _memory_loader(self, split: str, classes: list[int] | None, augment: bool, views: int,
+                       shuffle: bool, batch_size: int, seed: int | None) -> Any:
+        from fct_lightning.data.memory import InMemoryAugmentedLoader
+
+        self._check_split(split)
+        ids = None if classes is None else check_class_list(classes, self.num_classes, "classes")
+        src = self.source(split)
+        if not isinstance(src, TensorImages):
+            raise ValueError(  # noqa: TRY004
+                f"in_memory_gpu=True needs the {split!r} split in memory; this one is lazily decoded "
+                f"({type(src).__name__}, more than the in-memory limit of images)")
+        return InMemoryAugmentedLoader(
+            src.images, src.targets, batch_size, classes=ids, family=self.family, train=augment, views=views,
+            image_size=self.image_size, mean=self.mean, std=self.std, shuffle=shuffle, seed=seed,
+        )
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"split={split!r} is not a split of {self.name}; allowed: {self.splits}")
+
+    def __str__(self) -> str:  # LightningDataModule.__str__ builds every dataloader; keep printing cheap
+        return repr(self)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={str(self.root)!r}, num_classes={self.num_classes}, "
+                f"train_classes={len(self._train_class_ids)}, views={self.views}, eval_split={self.eval_split!r})")
+
+
+def _check_int(arg: str, value: Any, minimum: int, allowed: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{arg}={value!r} is invalid; allowed: {allowed or f'an integer >= {minimum}'}")

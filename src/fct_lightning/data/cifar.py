@@ -1,0 +1,281 @@
+"""CIFAR-10 and CIFAR-100, from torchvision's pickles or from an ImageFolder tree of 32x32 images.
+
+Accepted layouts, searched in ``root`` and then in ``root/<name>`` (``name`` = ``cifar10`` / ``cifar100``):
+
+* torchvision's files: ``cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` or
+  ``cifar-100-python/{train, test, meta}`` (``download=True`` fetches them in ``prepare_data``; offline it fails);
+* an ImageFolder tree ``<train_dir>/<class>/*.jpg|png`` and ``<eval_dir>/<class>/...``, class folders named by
+  the canonical class names (or by their integer index). The offline JPEG archive extracts to
+  ``<dir>/cifar10/{train,test}/<class>/NNNN.jpg``: point ``root`` at ``<dir>`` or ``<dir>/cifar10``.
+
+Class index order is the canonical CIFAR order (torchvision's ``classes``, alphabetical for both datasets),
+whatever the layout. Splits are ``"train"`` and ``"test"``.
+
+ImageFolder splits of at most ``MAX_IN_MEMORY`` images are decoded once (batched libjpeg decoding, about 5 s for
+CIFAR-10's 60k JPEGs on 2 CPU cores) into one uint8 tensor, so epochs are not bound by JPEG decoding; the decoded
+array is cached as ``<dataset dir>/.cache/decoded-<N>-<hash of the file list>.npy`` (``cache_decoded=False``
+disables it; a read-only tree just skips it). Larger splits are decoded lazily per item.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fct_lightning.data.base import RetrievalDataModule, TensorImages
+from fct_lightning.data.folder import ImageFiles, decode_all, list_images
+from fct_lightning.data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+)
+
+MAX_IN_MEMORY = 200_000
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl",
+    "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair",
+    "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin",
+    "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp",
+    "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
+    "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman",
+    "worm",
+]
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        d = pickle.load(fh, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+class CIFARDataModule(RetrievalDataModule):
+    """Shared CIFAR logic; use :class:`CIFAR10DataModule` or :class:`CIFAR100DataModule`."""
+
+    family = "cifar"
+    in_channels = 3
+    default_image_size = 32
+    supports_in_memory = True
+    pickle_dir: str = ""
+    pickle_files: ClassVar[dict[str, list[str]]] = {}
+    label_key: str = "labels"
+    torchvision_class: str = ""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "test",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        in_memory_gpu: bool = False,
+        train_dir: str = "train",
+        eval_dir: str = "test",
+        download: bool = False,
+        cache_decoded: bool = True,
+    ) -> None:
+        self.train_dir = train_dir
+        self.eval_dir = eval_dir
+        self.download = download
+        self.cache_decoded = cache_decoded
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+            in_memory_gpu=in_memory_gpu,
+        )
+
+    def layout_help(self) -> str:
+        r, n = self.root, self.name
+        files = ", ".join(f for split_files in self.pickle_files.values() for f in split_files)
+        return (f"expected torchvision's files {r}/{self.pickle_dir}/ ({files}) "
+                f"or an ImageFolder tree {r}/{self.train_dir}/<class>/*.jpg and {r}/{self.eval_dir}/<class>/*.jpg "
+                f"(either also accepted under {r}/{n}/). Fix: set --data.root (or $FCT_DATA_ROOT); offline, extract "
+                f"an ImageFolder archive (e.g. tar xzf cifar10-jpeg.tar.gz -C <dir>, then --data.root <dir>); "
+                f"online, --data.download true")
+
+    def locate(self) -> tuple[str, Path] | None:
+        """``("pickle", dir)`` or ``("folder", dir)`` for the first layout found, else None."""
+        root = self.root
+        if root.name == self.pickle_dir and root.is_dir():
+            return "pickle", root
+        for cand in (root, root / self.name):
+            if (cand / self.pickle_dir).is_dir():
+                return "pickle", cand / self.pickle_dir
+            if (cand / self.train_dir).is_dir() or (cand / self.eval_dir).is_dir():
+                return "folder", cand
+        return None
+
+    def prepare_data(self) -> None:
+        if self.locate() is not None or not self.download:
+            return
+        import torchvision.datasets as tvd
+
+        try:
+            for train in (True, False):
+                getattr(tvd, self.torchvision_class)(str(self.root), train=train, download=True)
+        except Exception as err:  # offline: URLError, OSError, ...
+            raise FileNotFoundError(
+                f"{self.name}: data not found and download=True failed ({type(err).__name__}: {err}); "
+                f"{self.layout_help()}") from err
+
+    def _load_split(self, split: str) -> Dataset:
+        found = self.locate()
+        if found is None:
+            raise FileNotFoundError(f"{self.name}: data not found under {self.root}: {self.layout_help()}")
+        kind, where = found
+        return self._load_pickles(where, split) if kind == "pickle" else self._load_folder(where, split)
+
+    def _load_pickles(self, where: Path, split: str) -> TensorImages:
+        files = [where / f for f in self.pickle_files[split]]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.name}: {where} lacks {missing}; {self.layout_help()}")
+        xs, ys = [], []
+        for f in files:
+            try:
+                d = _unpickle(f)
+                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(d[self.label_key], dtype=np.int64))
+            except (KeyError, ValueError, pickle.UnpicklingError, EOFError) as err:
+                raise ValueError(f"{self.name}: {f} is not a torchvision CIFAR pickle "
+                                 f"(needs 'data' [N, 3072] uint8 and '{self.label_key}'): {err!r}") from err
+        return TensorImages(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+
+    def _load_folder(self, where: Path, split: str) -> Dataset:
+        split_dir = where / (self.train_dir if split == "train" else self.eval_dir)
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"{self.name}: split folder {split_dir} is missing; {self.layout_help()}")
+        mapping = {n: i for i, n in enumerate(self.class_names)} | {str(i): i for i in range(self.num_classes)}
+        paths, targets = list_images(split_dir, mapping)
+        if not paths:
+            raise FileNotFoundError(f"{self.name}: no images in {split_dir}; {self.layout_help()}")
+        if len(paths) > MAX_IN_MEMORY:
+            return ImageFiles(paths, targets)
+        cache = where / ".cache" if self.cache_decoded else None
+        return TensorImages(decode_all(paths, 32, cache), torch.as_tensor(targets))
+
+
+_CIFAR_ARGS = """
+    Args:
+        root: directory with torchvision's files or the ImageFolder tree (or their parent holding ``{name}/``);
+            None = ``$FCT_DATA_ROOT``, else ``data``.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size; None = ``2 * batch_size``.
+        num_workers: DataLoader workers.
+        train_classes: None = all, int N = the first N classes (canonical order), list = those class indices.
+        views: 1, or V >= 2 contrastive (SimCLR-style) views.
+        eval_split: ``"test"`` (or ``"train"``).
+        augment: training augmentation (random crop with 4 px padding + horizontal flip).
+        seed: training shuffle seed (and the in-memory loader's augmentation seed).
+        pin_memory: None = when CUDA is available.
+        persistent_workers: keep workers between epochs when ``num_workers > 0``.
+        image_size: output side (default 32).
+        in_memory_gpu: serve batches from one uint8 tensor with batched augmentation on the GPU.
+        train_dir: ImageFolder training split folder.
+        eval_dir: ImageFolder test split folder.
+        download: download torchvision's files in ``prepare_data`` when nothing is found (needs internet).
+        cache_decoded: cache decoded ImageFolder images as ``.npy`` under ``<dataset dir>/.cache``.
+"""
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    __doc__ = "CIFAR-10: 10 classes, 50k train / 10k test 32x32 images.\n" + _CIFAR_ARGS.format(name="cifar10")
+
+    name = "cifar10"
+    num_classes = 10
+    class_names: ClassVar[list[str]] = CIFAR10_CLASSES
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+    pickle_dir = "cifar-10-batches-py"
+    pickle_files: ClassVar[dict[str, list[str]]] = {
+        "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    label_key = "labels"
+    torchvision_class = "CIFAR10"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "test",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        in_memory_gpu: bool = False,
+        train_dir: str = "train",
+        eval_dir: str = "test",
+        download: bool = False,
+        cache_decoded: bool = True,
+    ) -> None:
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+            in_memory_gpu=in_memory_gpu, train_dir=train_dir, eval_dir=eval_dir, download=download,
+            cache_decoded=cache_decoded,
+        )
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    __doc__ = ("CIFAR-100: 100 fine classes, 50k train / 10k test 32x32 images.\n"
+               + _CIFAR_ARGS.format(name="cifar100"))
+
+    name = "cifar100"
+    num_classes = 100
+    class_names: ClassVar[list[str]] = CIFAR100_CLASSES
+    mean, std = CIFAR100_MEAN, CIFAR100_STD
+    pickle_dir = "cifar-100-python"
+    pickle_files: ClassVar[dict[str, list[str]]] = {"train": ["train"], "test": ["test"]}
+    label_key = "fine_labels"
+    torchvision_class = "CIFAR100"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "test",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        in_memory_gpu: bool = False,
+        train_dir: str = "train",
+        eval_dir: str = "test",
+        download: bool = False,
+        cache_decoded: bool = True,
+    ) -> None:
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+            in_memory_gpu=in_memory_gpu, train_dir=train_dir, eval_dir=eval_dir, download=download,
+            cache_decoded=cache_decoded,
+        )

@@ -1,0 +1,352 @@
+"""ImageFolder datasets: ImageNet-1k, Places-365, VGGFace2 (and the helpers the CIFAR folder layout uses).
+
+Layout: ``<root>/<train_dir>/<class>/<image>`` and ``<root>/<eval_dir>/<class>/<image>`` (``.jpg``, ``.jpeg``,
+``.png``, ``.bmp``, ``.webp``, ``.ppm``, ``.pgm``, ``.tif``, ``.tiff``, any case); ``root`` may also be the
+directory that contains ``<name>/`` (e.g. ``data/`` holding ``data/imagenet/train/...``).
+
+Class order (class index = position), fixed once from the training split's folder names in ``__init__``:
+
+1. ``<dataset dir>/classes.txt`` (one folder name per line, in index order) when present; every class folder
+   must be listed;
+2. otherwise, if every folder name is an integer, numeric order (``"10"`` comes after ``"9"``);
+3. otherwise sorted names (ImageNet wnids ``n01440764 ...`` in sorted order = the standard 1k index order;
+   VGGFace2 ``n000002 ...``; Places-365 category folders).
+
+Class folders of the evaluation split must be known classes; a class may be missing there. Files within a class
+are sorted by name, classes are visited in index order, so item positions are stable. Images are decoded lazily
+(:func:`torchvision.io.decode_image`, forced to RGB) in the DataLoader workers; nothing is cached in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+
+from fct_lightning.data.base import RetrievalDataModule
+from fct_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def list_class_dirs(split_dir: Path) -> list[str]:
+    """Names of the sub-directories of ``split_dir`` (hidden ones skipped), unsorted order not relied on."""
+    with os.scandir(split_dir) as it:
+        return [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
+
+
+def order_classes(names: Sequence[str], classes_txt: Path | None = None) -> list[str]:
+    """Class names in index order (see the module docstring for the rule)."""
+    if classes_txt is not None and classes_txt.is_file():
+        listed = [ln.strip() for ln in classes_txt.read_text().splitlines() if ln.strip()]
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"{classes_txt} lists a class name twice")
+        missing = sorted(set(names) - set(listed))
+        if missing:
+            raise ValueError(f"class folders {missing[:5]} are not listed in {classes_txt} "
+                             f"({len(missing)} missing); add them or remove the file")
+        return listed
+    if names and all(n.isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def list_images(split_dir: Path, class_to_idx: dict[str, int]) -> tuple[list[str], list[int]]:
+    """All image paths of a split, class by class in index order, files sorted; with their labels."""
+    present = list_class_dirs(split_dir)
+    unknown = sorted(set(present) - set(class_to_idx))
+    if unknown:
+        raise ValueError(f"{split_dir} has class folders {unknown[:5]} that are not classes of the dataset "
+                         f"(known: {list(class_to_idx)[:5]}...); check the layout or classes.txt")
+    paths: list[str] = []
+    targets: list[int] = []
+    for name in sorted(present, key=class_to_idx.__getitem__):
+        cdir = split_dir / name
+        with os.scandir(cdir) as it:
+            files = sorted(e.name for e in it if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        paths += [str(cdir / f) for f in files]
+        targets += [class_to_idx[name]] * len(files)
+    return paths, targets
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Decode one image file to a uint8 RGB tensor ``[3, H, W]``."""
+    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
+class ImageFiles(Dataset):
+    """Lazily decoded image files: ``ds[i] -> (uint8 [3, H, W], label)``.
+
+    Args:
+        paths: image file paths.
+        targets: labels, one per path.
+    """
+
+    def __init__(self, paths: list[str], targets: list[int]) -> None:
+        self.paths = paths
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return load_image(self.paths[i]), int(self.targets[i])
+
+
+def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Decode every image into one uint8 tensor ``[N, 3, size, size]``, optionally cached as ``.npy``.
+
+    The cache file name is keyed by the file list (relative paths and byte sizes), so a changed tree is
+    decoded again. A cache that cannot be written (read-only root) is skipped with a warning.
+
+    Raises:
+        ValueError: an image is not ``size x size``.
+    """
+    cache_file = None
+    if cache_dir is not None:
+        h = hashlib.sha1(f"{size}".encode())
+        for p in paths:
+            rel = os.path.relpath(p, cache_dir.parent)
+            h.update(f"{rel}\0{os.path.getsize(p)}\n".encode())
+        cache_file = cache_dir / f"decoded-{len(paths)}-{h.hexdigest()[:20]}.npy"
+        if cache_file.is_file():
+            arr = np.load(cache_file)
+            if arr.shape == (len(paths), 3, size, size):
+                return torch.from_numpy(arr)
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for start in range(0, len(paths), chunk):
+        batch = paths[start:start + chunk]
+        datas = [read_file(p) for p in batch]
+        if all(p.lower().endswith((".jpg", ".jpeg")) for p in batch):
+            imgs = decode_jpeg(datas, mode=ImageReadMode.RGB)
+        else:
+            imgs = [decode_image(d, mode=ImageReadMode.RGB) for d in datas]
+        for j, img in enumerate(imgs):
+            if img.shape[1:] != (size, size):
+                raise ValueError(f"{batch[j]} is {tuple(img.shape[1:])} pixels; this dataset expects "
+                                 f"{size}x{size} images")
+            out[start + j] = img
+    if cache_file is not None:
+        _save_npy(cache_file, out.numpy())
+    return out
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write the decoded-image cache %s (%s); continuing without it", path, err)
+        tmp.unlink(missing_ok=True)
+
+
+def find_dataset_dir(root: Path, name: str, train_dir: str) -> Path | None:
+    """``root`` or ``root/<name>``, whichever holds ``<train_dir>/``."""
+    for cand in (root, root / name):
+        if (cand / train_dir).is_dir():
+            return cand
+    return None
+
+
+class FolderDataModule(RetrievalDataModule):
+    """Base of the ImageFolder datamodules (224 px transforms, ImageNet mean/std, lazy decoding).
+
+    Args:
+        root: data root holding ``<train_dir>/`` and ``<eval_dir>/`` (or ``<name>/<train_dir>/``...);
+            None = ``$FCT_DATA_ROOT``, else ``data``.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size; None = ``2 * batch_size``.
+        num_workers: DataLoader workers (decoding happens there: use several).
+        train_classes: None = all, int N = the first N class indices, list = those class indices.
+        views: 1, or V >= 2 contrastive views.
+        eval_split: the evaluation split name (``"train"`` or the dataset's evaluation split).
+        augment: training augmentation (RandomResizedCrop + flip).
+        seed: training shuffle seed.
+        pin_memory: None = when CUDA is available.
+        persistent_workers: keep workers between epochs when ``num_workers > 0``.
+        image_size: crop size (default 224; evaluation resizes to ``image_size * 256 / 224`` first).
+        train_dir: training split folder under the dataset directory.
+        eval_dir: evaluation split folder under the dataset directory.
+    """
+
+    family = "imagenet"
+    in_channels = 3
+    default_image_size = 224
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+    default_eval_split = "val"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "val",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        train_dir: str = "train",
+        eval_dir: str = "val",
+    ) -> None:
+        self.train_dir = train_dir
+        self.eval_dir = eval_dir
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+        )
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", self.default_eval_split)
+
+    def layout_help(self) -> str:
+        r = self.root
+        return (f"expected an ImageFolder tree {r}/{self.train_dir}/<class>/*.jpg and "
+                f"{r}/{self.eval_dir}/<class>/*.jpg (or the same under {r}/{self.name}/); "
+                f"set --data.root (or $FCT_DATA_ROOT), --data.train_dir and --data.eval_dir")
+
+    def _scan(self) -> None:
+        found = find_dataset_dir(self.root, self.name, self.train_dir)
+        if found is None:
+            raise FileNotFoundError(f"{self.name}: data not found: {self.layout_help()}")
+        names = list_class_dirs(found / self.train_dir)
+        if not names:
+            raise FileNotFoundError(f"{self.name}: {found / self.train_dir} has no class folders; "
+                                    f"{self.layout_help()}")
+        self.dataset_dir = found
+        self.class_names = order_classes(names, found / "classes.txt")
+        self.num_classes = len(self.class_names)
+
+    def _split_dir(self, split: str) -> Path:
+        d = self.dataset_dir / (self.train_dir if split == "train" else self.eval_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{self.name}: split folder {d} is missing; {self.layout_help()}")
+        return d
+
+    def _load_split(self, split: str) -> Dataset:
+        paths, targets = list_images(self._split_dir(split), {n: i for i, n in enumerate(self.class_names)})
+        if not paths:
+            raise FileNotFoundError(f"{self.name}: no images in {self._split_dir(split)}; {self.layout_help()}")
+        return ImageFiles(paths, targets)
+
+
+
+
+class ImageNetDataModule(FolderDataModule):
+    """ImageNet-1k: ``<root>/train/<class>/...`` and ``<root>/val/<class>/...``; evaluation split ``"val"``.
+
+    Args: as :class:`FolderDataModule`, with ``eval_split="val"``, ``train_dir="train"``, ``eval_dir="val"``.
+    """
+
+    name = "imagenet"
+    default_eval_split = "val"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "val",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        train_dir: str = "train",
+        eval_dir: str = "val",
+    ) -> None:
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+            train_dir=train_dir, eval_dir=eval_dir,
+        )
+
+
+class Places365DataModule(FolderDataModule):
+    """Places-365: ``<root>/train/<class>/...`` and ``<root>/val/<class>/...``; evaluation split ``"val"``.
+
+    Args: as :class:`FolderDataModule`, with ``eval_split="val"``, ``train_dir="train"``, ``eval_dir="val"``.
+    """
+
+    name = "places365"
+    default_eval_split = "val"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "val",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        train_dir: str = "train",
+        eval_dir: str = "val",
+    ) -> None:
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+            train_dir=train_dir, eval_dir=eval_dir,
+        )
+
+
+class VGGFace2DataModule(FolderDataModule):
+    """VGGFace2: ``<root>/train/<class>/...`` and ``<root>/test/<class>/...``; evaluation split ``"test"``.
+
+    Args: as :class:`FolderDataModule`, with ``eval_split="test"``, ``train_dir="train"``, ``eval_dir="test"``.
+    """
+
+    name = "vggface2"
+    default_eval_split = "test"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_classes: int | list[int] | None = None,
+        views: int = 1,
+        eval_split: str = "test",
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        train_dir: str = "train",
+        eval_dir: str = "test",
+    ) -> None:
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+            train_dir=train_dir, eval_dir=eval_dir,
+        )

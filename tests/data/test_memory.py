@@ -1,0 +1,109 @@
+"""InMemoryAugmentedLoader: shapes, seeded determinism, DDP-style sharding, Lightning epoch hook."""
+
+import pytest
+import torch
+
+from fct_lightning.data import DigitsDataModule, InMemoryAugmentedLoader
+from fct_lightning.data.memory import crop_flip
+
+
+def _images(n=23, size=8, channels=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % 4
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_shapes_and_items(views):
+    x, y = _images()
+    loader = InMemoryAugmentedLoader(x, y, 5, classes=[1, 3], views=views, device="cpu", image_size=8)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3  # 11 items of classes 1, 3
+    xb, _yb, _ib = batches[0]
+    assert xb.shape == ((5, 3, 8, 8) if views == 1 else (5, 2, 3, 8, 8)) and xb.dtype == torch.float32
+    assert set(torch.cat([b[1] for b in batches]).tolist()) == {1, 3}
+    idx = torch.cat([b[2] for b in batches])
+    assert sorted(idx.tolist()) == list(range(11))
+    assert torch.equal(torch.cat([b[1] for b in batches]), loader.labels[idx])
+
+
+def test_seeded_determinism_and_epochs():
+    x, y = _images()
+    a = InMemoryAugmentedLoader(x, y, 8, seed=3, device="cpu", views=2)
+    b = InMemoryAugmentedLoader(x, y, 8, seed=3, device="cpu", views=2)
+    ea, eb = list(a), list(b)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[2], q[2]) for p, q in zip(ea, eb))
+    second = list(a)  # next epoch: new order and augmentation
+    assert not torch.equal(second[0][2], ea[0][2]) or not torch.equal(second[0][0], ea[0][0])
+    a.set_epoch(0)
+    assert torch.equal(next(iter(a))[0], ea[0][0])
+    assert a.sampler is a  # Lightning's per-epoch set_epoch reaches the loader
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharding_covers_every_index(world):
+    x, y = _images(n=23)
+    shards = [InMemoryAugmentedLoader(x, y, 4, seed=1, device="cpu", rank=r, world_size=world, train=False)
+              for r in range(world)]
+    per_rank = [torch.cat([b[2] for b in s]) for s in shards]
+    assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == -(-23 // world)
+    assert all(len(s) == -(-len(per_rank[0]) // 4) for s in shards)
+    every = torch.cat(per_rank)
+    assert set(every.tolist()) == set(range(23)) and len(every) - 23 < world
+    # same permutation on every rank: the shards are disjoint up to the padding duplicates
+    assert len(every) - len(set(every.tolist())) == len(every) - 23
+
+
+def test_eval_mode_is_normalisation_only():
+    x, y = _images()
+    loader = InMemoryAugmentedLoader(x, y, 50, train=False, shuffle=False, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                     device="cpu")
+    xb, _yb, ib = next(iter(loader))
+    assert ib.tolist() == list(range(23))
+    assert torch.allclose(xb, (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_crop_flip_is_a_shifted_window():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
+    out = crop_flip(x, 2, torch.Generator().manual_seed(0), flip=False)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for b in range(2):
+        windows = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], w) for w in windows)
+
+
+def test_digits_in_memory_datamodule():
+    dm = DigitsDataModule(in_memory_gpu=True, batch_size=64, views=2, train_classes=3)
+    loader = dm.train_dataloader()
+    xb, yb, _ib = next(iter(loader))
+    assert xb.shape == (64, 2, 1, 8, 8) and set(yb.tolist()) <= {0, 1, 2}
+    assert not torch.allclose(xb[:, 0], xb[:, 1])
+    assert len(loader.dataset) == len(dm.dataset("train", dm.train_class_ids))
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y = _images(n=23)
+    loader = InMemoryAugmentedLoader(x, y, 4, seed=7, device="cpu")
+    loader.set_epoch(3)
+    torch.save(torch.cat([b[2] for b in loader]), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_sharding_under_torch_distributed(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert len(got[0]) == len(got[1]) == 12
+    assert set(torch.cat(got).tolist()) == set(range(23))
+    x, y = _images(n=23)
+    ref = InMemoryAugmentedLoader(x, y, 4, seed=7, device="cpu", rank=1, world_size=2)
+    assert torch.equal(ref.indices(3), got[1].cpu())

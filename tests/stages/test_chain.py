@@ -1,0 +1,125 @@
+"""Every stage fits on tiny digits through fct-fit, in chain order, then fct-eval and fct-report read them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fct_lightning.checkpoints import CheckpointError, read_checkpoint
+from fct_lightning.cli import fit
+from fct_lightning.evaluation import main as eval_main
+from fct_lightning.report import main as report_main
+
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false", "--trainer.enable_model_summary", "false"]
+SMALL_NET = ["--model.width", "8"]
+SMALL_H = ["--model.mixer_width", "64", "--model.cache_views", "2"]
+
+
+def run(stage: str, artifacts: Path, *extra: str):
+    return fit(["--stage", stage, "--artifacts", str(artifacts), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> Path:
+    art = tmp_path_factory.mktemp("artifacts")
+    run("old", art, *SMALL_NET)
+    run("side_info", art, *SMALL_NET)
+    run("new", art, *SMALL_NET)
+    return art
+
+
+def test_upstream_stages_write_artifacts(chain):
+    for stage in ("old", "side_info", "new"):
+        folder = chain / "digits" / stage
+        assert {"best.ckpt", "last.ckpt", "config.yaml"} <= {p.name for p in folder.iterdir()}
+        meta = read_checkpoint(folder / "best.ckpt", stage)["fct"]
+        assert meta["stage"] == stage and meta["dataset"] == "digits" and meta["embedding_dim"] == 128
+    assert read_checkpoint(chain / "digits" / "old" / "best.ckpt", "old")["fct"]["classes"] == [0, 1, 2, 3, 4]
+    assert read_checkpoint(chain / "digits" / "new" / "best.ckpt", "new")["fct"]["classes"] == list(range(10))
+    cfg = (chain / "digits" / "old" / "config.yaml").read_text()
+    assert "train_classes: 5" in cfg and "backbone: convnet" in cfg
+
+
+def test_transformation_bct_eval_report(chain, capsys):
+    cli = run("transformation", chain, *SMALL_H)
+    assert "val/fct+side/old/top1" in cli.trainer.callback_metrics
+    assert (chain / "digits" / "cache").is_dir()
+    run("transformation", chain, *SMALL_H, "--model.use_side_info", "false")
+    run("bct", chain, *SMALL_NET)
+    for folder in ("transformation", "transformation_noside", "bct"):
+        assert (chain / "digits" / folder / "best.ckpt").is_file()
+    # the transformation checkpoint does not duplicate the frozen models' weights
+    state = read_checkpoint(chain / "digits" / "transformation" / "best.ckpt", "transformation")["state_dict"]
+    assert state and all(k.startswith("h.") for k in state)
+    eval_main(["--artifacts", str(chain), "--no_wandb"])
+    results = json.loads((chain / "digits" / "results" / "eval.json").read_text())
+    assert set(results["cases"]) == {"old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old"}
+    assert results["missing"] == {}
+    for metrics in results["cases"].values():
+        assert set(metrics) == {"top1", "top5", "map", "map@r"}
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    report_main(["--artifacts", str(chain), "--no_wandb"])
+    out = capsys.readouterr().out
+    assert "fct+side/old" in out and (chain / "digits" / "report.png").is_file()
+
+
+def test_eval_reports_missing_cases(tmp_path, capsys):
+    art = tmp_path / "art"
+    run("old", art, *SMALL_NET)
+    results = eval_main(["--artifacts", str(art), "--no_wandb", "--cases", "old/old,new/old,fct+side/old"])
+    assert set(results["cases"]) == {"old/old"}
+    assert set(results["missing"]) == {"new/old", "fct+side/old"}
+    assert "missing" in capsys.readouterr().out
+
+
+def test_resume_continues_epoch_count(tmp_path):
+    art = tmp_path / "art"
+    run("old", art, *SMALL_NET)
+    assert read_checkpoint(art / "digits" / "old" / "last.ckpt", "old")["epoch"] == 0
+    cli = fit(["--stage", "old", "--artifacts", str(art), *TINY, *SMALL_NET, "--trainer.max_epochs", "2",
+               "--ckpt_path", "last"])
+    assert cli.trainer.current_epoch == 2
+    assert read_checkpoint(art / "digits" / "old" / "last.ckpt", "old")["epoch"] == 1
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="cannot resume"):
+        fit(["--stage", "old", "--artifacts", str(tmp_path), *TINY, "--ckpt_path", "last"])
+
+
+def test_wrong_checkpoint_for_role(chain, tmp_path):
+    new = chain / "digits" / "new" / "best.ckpt"
+    with pytest.raises(CheckpointError, match="'new' checkpoint but the old role needs a old checkpoint"):
+        run("transformation", chain, *SMALL_H, "--model.old_checkpoint", str(new))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run("transformation", chain, *SMALL_H, "--model.side_info_checkpoint", str(tmp_path / "nope.ckpt"))
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        run("bct", chain, *SMALL_NET, "--model.old_checkpoint", str(corrupt))
+
+
+def test_dataset_and_dimension_mismatch(chain, tmp_path):
+    ckpt = torch.load(chain / "digits" / "old" / "best.ckpt", weights_only=False)
+    ckpt["fct"]["dataset"] = "cifar10"
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    with pytest.raises(CheckpointError, match="trained on dataset 'cifar10' but this run uses 'digits'"):
+        run("transformation", chain, *SMALL_H, "--model.old_checkpoint", str(other))
+    with pytest.raises(CheckpointError, match="dimension mismatch"):
+        run("bct", chain, *SMALL_NET, "--model.embedding_dim", "64")
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(FloatingPointError, match="NaN"):
+        run("old", tmp_path, *SMALL_NET, "--model.lr", "1e30", "--trainer.limit_train_batches", "5",
+            "--model.warmup_epochs", "0")
+
+
+def test_unknown_option_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        fit(["--stage", "old", "--artifacts", str(tmp_path), *TINY, "--model.no_such_option", "1"])
