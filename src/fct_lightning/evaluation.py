@@ -127,8 +127,41 @@ def run_eval(
             results["missing"][case] = "; ".join(dict.fromkeys(lacking))
             continue
         results["cases"][case] = evaluate(embs[q], labels, embs[g], labels, exclude_self=True, distance=distance)
-    results["_embeddings"] = (embs, labels)
+    results.update(_embeddings=(embs, labels), _datamodule=dm, _device=dev)
     return results
+
+
+BACKFILL_SOURCES = {"fct+side": ("fastfill", "transformation"), "fct": ("fastfill_noside", "transformation_noside")}
+
+
+def run_backfill(
+    artifacts: Path, dm: Any, dev: torch.device, policies: list[str], points: int, seeds: int, distance: str
+) -> dict[str, Any]:
+    """Backfilling curves for each transformation variant found (FastFill's head preferred: it has uncertainty).
+
+    Keys of the result are ``"<space> <policy>"``, e.g. ``"fct+side uncertainty"``.
+    """
+    from fct_lightning.backfill import BackfillContext, backfill_curves, embed_for_backfill
+
+    dataset = dm.name
+    out: dict[str, Any] = {}
+    for space, folders in BACKFILL_SOURCES.items():
+        path = next((artifacts / dataset / f / "best.ckpt" for f in folders
+                     if (artifacts / dataset / f / "best.ckpt").is_file()), None)
+        if path is None:
+            log.warning("backfill: no %s checkpoint under %s; skipping %s", " or ".join(folders), artifacts, space)
+            continue
+        module, _ = load_stage(path, path.parent.name, ("transformation",), dataset)
+        module.to(dev)
+        usable = [p for p in policies if p != "uncertainty" or module.uncertainty]
+        if len(usable) < len(policies):
+            log.warning("backfill: %s has no uncertainty head (train it with --model.uncertainty true); "
+                        "skipping the uncertainty policy for %s", path, space)
+        emb = embed_for_backfill(module, dm.eval_dataloader(dm.eval_split), dev)
+        curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
+                                 points=points, distance=distance)
+        out.update({f"{space} {policy}": dict(curve, checkpoint=str(path)) for policy, curve in curves.items()})
+    return out
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -138,6 +171,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(f"| {case} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRICS) + " |")
     for case, why in results["missing"].items():
         lines.append(f"| {case} | missing: {why} | | | |")
+    for name, curve in results.get("backfill", {}).items():
+        lines.append(f"| backfill {name} (AUC) | " + " | ".join(f"{100 * curve['auc_mean'][k]:.1f}" for k in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -173,15 +208,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--no_wandb", action="store_true", help="do not log the results to W&B")
+    p.add_argument("--backfill", default=None, help="backfilling policies, e.g. random,uncertainty,distance")
+    p.add_argument("--points", type=int, default=22, help="backfilled fractions evaluated (0%% and 100%% included)")
+    p.add_argument("--backfill_seeds", type=int, default=3, help="seeds averaged for the random policy")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     try:
         results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
                            args.device, args.batch_size)
+        if args.backfill:
+            from fct_lightning.backfill import get_policy
+
+            policies = [p.strip() for p in args.backfill.split(",") if p.strip()]
+            for name in policies:
+                get_policy(name)
+            dm = results.pop("_datamodule")
+            results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
+                                               args.points, args.backfill_seeds, args.distance)
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"fct-eval: {err}") from err
-    results.pop("_embeddings", None)
+    for key in ("_embeddings", "_datamodule", "_device"):
+        results.pop(key, None)
     out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

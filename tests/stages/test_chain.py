@@ -32,6 +32,15 @@ def chain(tmp_path_factory) -> Path:
     return art
 
 
+@pytest.fixture(scope="module")
+def full_chain(chain) -> Path:
+    cli = run("transformation", chain, *SMALL_H)
+    assert "val/fct+side/old/top1" in cli.trainer.callback_metrics
+    run("transformation", chain, *SMALL_H, "--model.use_side_info", "false")
+    run("bct", chain, *SMALL_NET)
+    return chain
+
+
 def test_upstream_stages_write_artifacts(chain):
     for stage in ("old", "side_info", "new"):
         folder = chain / "digits" / stage
@@ -44,12 +53,9 @@ def test_upstream_stages_write_artifacts(chain):
     assert "train_classes: 5" in cfg and "backbone: convnet" in cfg
 
 
-def test_transformation_bct_eval_report(chain, capsys):
-    cli = run("transformation", chain, *SMALL_H)
-    assert "val/fct+side/old/top1" in cli.trainer.callback_metrics
+def test_transformation_bct_eval_report(full_chain, capsys):
+    chain = full_chain
     assert (chain / "digits" / "cache").is_dir()
-    run("transformation", chain, *SMALL_H, "--model.use_side_info", "false")
-    run("bct", chain, *SMALL_NET)
     for folder in ("transformation", "transformation_noside", "bct"):
         assert (chain / "digits" / folder / "best.ckpt").is_file()
     # the transformation checkpoint does not duplicate the frozen models' weights
@@ -123,3 +129,56 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 def test_unknown_option_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         fit(["--stage", "old", "--artifacts", str(tmp_path), *TINY, "--model.no_such_option", "1"])
+
+
+def test_gallery_export_from_stored_features_matches_images(full_chain, tmp_path):
+    chain = full_chain
+    from fct_lightning.checkpoints import load_stage
+    from fct_lightning.data import DATAMODULES
+
+    module, _ = load_stage(chain / "digits" / "transformation" / "best.ckpt", "transformation", ("transformation",))
+    images, _, _ = next(iter(DATAMODULES["digits"]().eval_dataloader("test")))
+    with torch.no_grad():
+        f = module.frozen_embeddings(images)
+        direct = module.gallery_embed(images)
+    np_old, np_side = tmp_path / "old.npy", tmp_path / "side.npy"
+    import numpy as np
+
+    np.save(np_old, f["old"].numpy())
+    np.save(np_side, f["side"].numpy())
+    out = module.export_gallery(np_old, np_side, tmp_path / "gallery.npy")
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), direct, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="side-info"):
+        module.transform_stored(f["old"], None)
+    with pytest.raises(ValueError, match="rows"):
+        module.transform_stored(f["old"], f["side"][:3])
+
+
+@pytest.mark.slow
+def test_new_model_knn_top1_on_digits(tmp_path):
+    """The shipped digits recipe: the new model's leave-one-out kNN top-1 is at least 0.9."""
+    cli = fit(["--stage", "new", "--artifacts", str(tmp_path), "--trainer.logger", "false",
+               "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.callback_metrics["val/new/new/top1"] >= 0.9
+
+
+def test_fastfill_stage_and_backfill_curves(full_chain, capsys):
+    chain = full_chain
+    run("transformation", chain, *SMALL_H, "--model.uncertainty", "true")
+    meta = read_checkpoint(chain / "digits" / "fastfill" / "best.ckpt", "transformation")["fct"]
+    assert meta["uncertainty"] is True and meta["use_side_info"] is True
+    out = chain / "digits" / "results" / "backfill.json"
+    results = eval_main(["--artifacts", str(chain), "--no_wandb", "--cases", "new/new,fct+side/old,fct/old",
+                         "--backfill", "random,uncertainty,distance", "--points", "5", "--backfill_seeds", "2",
+                         "--out", str(out)])
+    curves = results["backfill"]
+    assert {"fct+side random", "fct+side uncertainty", "fct+side distance", "fct random", "fct distance"} <= set(curves)
+    assert "fct uncertainty" not in curves  # the no-side-info h here has no uncertainty head
+    for curve in curves.values():
+        assert curve["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        # 100% backfilled is the new model on both sides
+        assert abs(curve["curves"]["top1"][-1] - results["cases"]["new/new"]["top1"]) < 1e-9
+    assert abs(curves["fct random"]["curves"]["map"][0] - results["cases"]["fct/old"]["map"]) < 1e-9
+    report_main([str(out), "--out_dir", str(chain / "report_bf"), "--no_wandb"])
+    assert (chain / "report_bf" / "backfill.png").is_file()
+    assert "backfill fct+side uncertainty (mean AUC)" in capsys.readouterr().out

@@ -125,7 +125,10 @@ class TransformationModel(RetrievalStage):
     # ----------------------------------------------------------------- frozen parts
     @property
     def artifact_name(self) -> str:
-        return "transformation" if self.use_side_info else "transformation_noside"
+        """Artifact folder: ``transformation`` / ``transformation_noside``, or ``fastfill`` / ``fastfill_noside``
+        with the uncertainty head, so all four variants can sit side by side."""
+        base = "fastfill" if self.uncertainty else "transformation"
+        return base if self.use_side_info else f"{base}_noside"
 
     @property
     def gallery_space(self) -> str:

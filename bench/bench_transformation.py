@@ -1,0 +1,84 @@
+"""Time per epoch of h training: cached features vs on-the-fly frozen forward passes, in one process.
+
+    python bench/bench_transformation.py [--artifacts DIR] [--dataset digits] [--epochs 3]
+
+Uses the old/side_info/new checkpoints under ``DIR/<dataset>`` (trains quick ones in a temporary folder when
+they are missing), then trains h both ways with the same settings and prints seconds per epoch and the
+ratio (target: cached at least 20x faster per epoch). The one-off cache build is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from fct_lightning.callbacks import Throughput
+from fct_lightning.cli import fit
+from fct_lightning.data import DATAMODULES
+from fct_lightning.stages import TransformationModel
+
+
+def ensure_chain(artifacts: Path, dataset: str, extra: list[str]) -> None:
+    for stage in ("old", "side_info", "new"):
+        if not (artifacts / dataset / stage / "best.ckpt").is_file():
+            fit(["--stage", stage, "--dataset", dataset, "--artifacts", str(artifacts), "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "2", *extra])
+
+
+def time_h(artifacts: Path, dataset: str, cached: bool, epochs: int, cache_dir: Path, dm_kwargs: dict) -> dict:
+    ckpt = {r: str(artifacts / dataset / r / "best.ckpt") for r in ("old", "side_info", "new")}
+    model = TransformationModel(ckpt["old"], ckpt["new"], ckpt["side_info"], cached=cached, cache_dir=str(cache_dir),
+                                dataset=dataset, mixer_width=2048)
+    dm = DATAMODULES[dataset](**dm_kwargs)
+    meter = Throughput(skip=0)
+    epoch_times: list[float] = []
+
+    class EpochTimer(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            epoch_times.append(time.perf_counter() - self.t)
+
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[meter, EpochTimer()], accelerator="auto", devices=1)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    total = time.perf_counter() - start
+    steady = epoch_times[1:] or epoch_times
+    return {"epoch_s": sum(steady) / len(steady), "total_s": total, "setup_s": total - sum(epoch_times),
+            "wait_share": sum(h["data_wait_share"] for h in meter.history) / max(1, len(meter.history))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--artifacts", default=None)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data_root", default=None)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=128)
+    args = p.parse_args()
+    torch.set_float32_matmul_precision("high")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-h-"))
+    artifacts = Path(args.artifacts) if args.artifacts else tmp
+    dm_kwargs = {"batch_size": args.batch_size, **({"root": args.data_root} if args.data_root else {})}
+    ensure_chain(artifacts, args.dataset, [f"--data.root={args.data_root}"] if args.data_root else [])
+    cached = time_h(artifacts, args.dataset, True, args.epochs, tmp / "cache", dm_kwargs)
+    onthefly = time_h(artifacts, args.dataset, False, args.epochs, tmp / "cache", dm_kwargs)
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"h training on {args.dataset}, {dev}, batch {args.batch_size}, {args.epochs} epochs")
+    print("| mode | s / epoch | one-off setup s (cache build, loading) | data-wait share |")
+    print("|---|---|---|---|")
+    for name, r in (("cached features", cached), ("on the fly", onthefly)):
+        print(f"| {name} | {r['epoch_s']:.3f} | {r['setup_s']:.1f} | {100 * r['wait_share']:.0f}% |")
+    print(f"speed-up per epoch (on-the-fly / cached): {onthefly['epoch_s'] / cached['epoch_s']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

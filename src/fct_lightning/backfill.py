@@ -1,0 +1,364 @@
+"""Partial backfilling (FastFill, Jaeckle et al., ICLR 2023): accuracy as gallery items are re-embedded.
+
+The stored gallery starts as transformed embeddings h(old, side) in the new space. *Backfilling* item ``i``
+replaces its transformed embedding by the new model's ``new(x_i)``; queries always use the new model. A
+*policy* decides the order: at backfilled fraction ``f`` the first ``floor(f * N + 0.5)`` items of its order are
+backfilled. At ``f = 0`` the curve equals the ``fct/old`` (or ``fct+side/old``) case, at ``f = 1`` it equals
+``new/new``.
+
+Policies (see :data:`POLICIES`; add your own with :func:`register_policy`):
+
+* ``random``: a seeded random permutation; curves are averaged over several seeds.
+* ``uncertainty``: most uncertain first (largest predicted log-variance of h's FastFill head).
+* ``distance``: largest ``||new - h(old)||`` first. An *oracle*: it needs every item's new embedding, i.e. the
+  backfill itself, so it is an upper reference, not a deployable policy.
+
+The result of :func:`backfill_curves` is JSON-serialisable and goes into fct-eval's results under ``"backfill"``::
+
+    {policy: {"fractions": [...], "curves": {metric: [...]}, "auc_mean": {metric: float},
+              "auc_trapz": {metric: float}, "seeds": int, "oracle": bool}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fct_lightning.retrieval import evaluate
+
+log = logging.getLogger(__name__)
+
+METRICS = ("top1", "top5", "map", "map@r")
+_UNCERTAINTY_HINT = "train the transformation with --model.uncertainty true"
+
+
+# ----------------------------------------------------------------------------- context and policies
+@dataclass(frozen=True)
+class BackfillContext:
+    """Everything a policy may look at, for one gallery of ``N`` items in item-index order.
+
+    Attributes:
+        gallery_transformed: Stored, transformed embeddings h(old, side), ``[N, d]``.
+        gallery_new: New-model embeddings, ``[N, d]`` (only oracle policies may use them to order).
+        labels: Integer labels, ``[N]``.
+        uncertainty: Predicted log-variance per item, ``[N]``, or None when h has no uncertainty head.
+    """
+
+    gallery_transformed: Tensor
+    gallery_new: Tensor
+    labels: Tensor
+    uncertainty: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        t, n = self.gallery_transformed, self.gallery_new
+        if t.ndim != 2 or t.shape != n.shape:
+            raise ValueError(f"gallery_transformed {tuple(t.shape)} and gallery_new {tuple(n.shape)} must both be "
+                             "[N, d] with the same shape (one row per gallery item, in item-index order).")
+        if self.labels.shape != (t.shape[0],):
+            raise ValueError(f"labels has shape {tuple(self.labels.shape)}; expected [{t.shape[0]}] (one per item).")
+        u = self.uncertainty
+        if u is not None and (u.shape != (t.shape[0],) or not bool(torch.isfinite(u).all())):
+            raise ValueError(f"uncertainty must be a finite [N={t.shape[0]}] tensor, got shape {tuple(u.shape)}.")
+
+    @property
+    def n(self) -> int:
+        """Number of gallery items."""
+        return int(self.gallery_transformed.shape[0])
+
+    @classmethod
+    def from_embeddings(cls, emb: dict[str, Any]) -> BackfillContext:
+        """Build from :func:`embed_for_backfill`'s ``{"transformed", "new", "labels", "uncertainty"}``."""
+        return cls(emb["transformed"], emb["new"], emb["labels"], emb.get("uncertainty"))
+
+
+class BackfillPolicy:
+    """Base of a backfilling policy: subclass, set ``name`` (and ``oracle``/``stochastic``), implement ``order``.
+
+    Attributes:
+        name: Registry key and results-JSON key.
+        oracle: True if the policy needs information a deployed system lacks (e.g. the new embeddings).
+        stochastic: True if ``order`` depends on ``seed``; its curves are then averaged over seeds.
+    """
+
+    name: ClassVar[str] = ""
+    oracle: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
+
+    def order(self, ctx: BackfillContext, seed: int) -> Tensor:
+        """Return a permutation ``LongTensor[N]`` of item indices; the first item is backfilled first."""
+        raise NotImplementedError
+
+
+def _descending(score: Tensor) -> Tensor:
+    """Indices by decreasing score; ties keep the lower item index first."""
+    return torch.sort(score, descending=True, stable=True).indices
+
+
+class RandomPolicy(BackfillPolicy):
+    """A seeded uniform random order (the FastFill baseline)."""
+
+    name, stochastic = "random", True
+
+    def order(self, ctx: BackfillContext, seed: int) -> Tensor:
+        gen = torch.Generator().manual_seed(int(seed))
+        return torch.randperm(ctx.n, generator=gen).to(ctx.gallery_new.device)
+
+
+class UncertaintyPolicy(BackfillPolicy):
+    """FastFill: most uncertain first (largest predicted log-variance)."""
+
+    name = "uncertainty"
+
+    def order(self, ctx: BackfillContext, seed: int) -> Tensor:
+        if ctx.uncertainty is None:
+            raise ValueError("policy 'uncertainty' needs per-item uncertainty, but the context has none (the "
+                             f"transformation has no uncertainty head); {_UNCERTAINTY_HINT}.")
+        return _descending(ctx.uncertainty)
+
+
+class DistancePolicy(BackfillPolicy):
+    """Oracle: largest transformation error ``||new - h(old)||`` first. Needs the new embeddings: not deployable."""
+
+    name, oracle = "distance", True
+
+    def order(self, ctx: BackfillContext, seed: int) -> Tensor:
+        return _descending(torch.linalg.vector_norm(ctx.gallery_new.float() - ctx.gallery_transformed.float(), dim=1))
+
+
+POLICIES: dict[str, type[BackfillPolicy]] = {}
+
+
+def register_policy(cls: type[BackfillPolicy]) -> type[BackfillPolicy]:
+    """Add a policy class to :data:`POLICIES` under ``cls.name`` (usable as a class decorator)."""
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"policy class {cls!r} needs a non-empty string class attribute 'name'.")
+    if not callable(getattr(cls, "order", None)):
+        raise TypeError(f"policy class {cls!r} needs a method order(ctx, seed) -> LongTensor[N].")
+    if name in POLICIES and POLICIES[name] is not cls:
+        raise ValueError(f"a different policy is already registered as {name!r} ({POLICIES[name]!r}); pick another name.")
+    POLICIES[name] = cls
+    return cls
+
+
+for _cls in (RandomPolicy, UncertaintyPolicy, DistancePolicy):
+    register_policy(_cls)
+
+
+def get_policy(name: str) -> BackfillPolicy:
+    """An instance of the registered policy ``name``."""
+    if name not in POLICIES:
+        raise ValueError(f"backfill policy {name!r} is not known; choose from {sorted(POLICIES)} "
+                         "or add one with fct_lightning.backfill.register_policy.")
+    return POLICIES[name]()
+
+
+def check_order(order: Tensor, n: int, name: str = "order") -> Tensor:
+    """Validate that ``order`` is a permutation of ``0..n-1``; return it as int64."""
+    order = torch.as_tensor(order)
+    if order.shape != (n,) or order.dtype.is_floating_point or order.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer permutation of shape [{n}], got {order.dtype} {tuple(order.shape)}.")
+    order = order.long()
+    if not torch.equal(torch.sort(order).values.cpu(), torch.arange(n)):
+        raise ValueError(f"{name} must hold every item index 0..{n - 1} exactly once (a permutation).")
+    return order
+
+
+# ----------------------------------------------------------------------------- curves and AUC
+def auc_mean(values: Sequence[float]) -> float:
+    """Area under a backfilling curve as the mean over its points (FastFill's reference definition)."""
+    return float(np.mean(np.asarray(values, dtype=np.float64)))
+
+
+def auc_trapz(fractions: Sequence[float], values: Sequence[float]) -> float:
+    """Area under a curve over backfill fractions in [0, 1] by the trapezoid rule."""
+    f, v = np.asarray(fractions, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if f.shape != v.shape or f.ndim != 1 or len(f) < 2 or np.any(np.diff(f) < 0):
+        raise ValueError(f"fractions (shape {f.shape}) must be increasing and match values (shape {v.shape}), >= 2 points.")
+    return float(np.sum(np.diff(f) * (v[1:] + v[:-1]) / 2.0))
+
+
+def backfill_count(fraction: float, n: int) -> int:
+    """Items backfilled at ``fraction``: ``floor(fraction * n + 0.5)`` (round half up)."""
+    return int(np.floor(fraction * n + 0.5))
+
+
+def _fractions(points: int) -> np.ndarray:
+    if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
+        raise ValueError(f"points={points!r} must be an integer >= 2 (fractions 0 and 1 are always included).")
+    return np.linspace(0.0, 1.0, int(points))
+
+
+def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed: Tensor, gallery_new: Tensor,
+                   gallery_labels: Tensor, order: Tensor, *, points: int = 22, exclude_self: bool = True,
+                   distance: str = "l2", backend: str = "auto", chunk_size: int | None = None) -> dict[str, Any]:
+    """Retrieval metrics at ``points`` evenly spaced backfill fractions in [0, 1] for one order.
+
+    Args:
+        query_new: New-model query embeddings ``[Q, d]``.
+        query_labels: Query labels ``[Q]``.
+        gallery_transformed: Transformed gallery ``[N, d]`` (the state before any backfilling).
+        gallery_new: New-model gallery ``[N, d]`` (what backfilling writes).
+        gallery_labels: Gallery labels ``[N]``.
+        order: Permutation ``[N]``; the first ``floor(f * N + 0.5)`` items are backfilled at fraction ``f``.
+        points: Number of fractions, ``np.linspace(0, 1, points)``.
+        exclude_self: Leave-one-out (query ``i`` is gallery item ``i``); see :func:`~fct_lightning.retrieval.evaluate`.
+        distance: ``"l2"`` or ``"cosine"``.
+        backend: Passed to ``evaluate``.
+        chunk_size: Passed to ``evaluate``.
+
+    Returns:
+        ``{"fractions": [...], "curves": {metric: [...]}}`` with python floats, metrics as in :data:`METRICS`.
+    """
+    if gallery_transformed.shape != gallery_new.shape:
+        raise ValueError(f"gallery_transformed {tuple(gallery_transformed.shape)} and gallery_new "
+                         f"{tuple(gallery_new.shape)} must have the same shape [N, d].")
+    n = gallery_new.shape[0]
+    order = check_order(order, n).to(gallery_new.device)
+    fractions = _fractions(points)
+    mixed = gallery_transformed.detach().to(torch.float32).clone()
+    new = gallery_new.detach().to(torch.float32)
+    curves: dict[str, list[float]] = {m: [] for m in METRICS}
+    done = 0
+    for f in fractions:
+        k = backfill_count(float(f), n)
+        idx = order[done:k]
+        mixed[idx] = new[idx]
+        done = k
+        r = evaluate(query_new, query_labels, mixed, gallery_labels, exclude_self=exclude_self, distance=distance,
+                     ks=(1, 5), backend=backend, chunk_size=chunk_size, map_at_r=True)
+        for m in METRICS:
+            curves[m].append(float(r[m]))
+    return {"fractions": [float(f) for f in fractions], "curves": curves}
+
+
+def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "uncertainty", "distance"), *,
+                    query_new: Tensor | None = None, query_labels: Tensor | None = None,
+                    seeds: Sequence[int] = (0, 1, 2), points: int = 22, exclude_self: bool | None = None,
+                    distance: str = "l2", backend: str = "auto", chunk_size: int | None = None) -> dict[str, Any]:
+    """Backfilling curves and AUCs of several policies (the ``"backfill"`` entry of fct-eval's results).
+
+    Args:
+        ctx: The gallery (transformed and new embeddings, labels, optional uncertainty).
+        policies: Registered policy names (see :data:`POLICIES`).
+        query_new: New-model queries ``[Q, d]``; None = the gallery's own new embeddings (leave-one-out).
+        query_labels: Query labels ``[Q]``; None = ``ctx.labels``. Give both query arguments or neither.
+        seeds: Seeds of stochastic policies (curves averaged over them); deterministic ones run once with
+            ``seeds[0]``.
+        points: Number of evenly spaced fractions in [0, 1].
+        exclude_self: Leave-one-out; None = True exactly when the queries are the gallery itself.
+        distance: ``"l2"`` or ``"cosine"``.
+        backend: Passed to ``evaluate``.
+        chunk_size: Passed to ``evaluate``.
+
+    Returns:
+        ``{policy: {"fractions", "curves": {metric: [...]}, "auc_mean": {metric}, "auc_trapz": {metric},
+        "seeds": int, "oracle": bool}}`` of python floats/lists/ints/bools (JSON-serialisable).
+    """
+    if (query_new is None) != (query_labels is None):
+        raise ValueError("pass query_new and query_labels together, or neither (leave-one-out on the gallery).")
+    seeds = tuple(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in seeds):
+        raise ValueError(f"seeds={seeds!r} must be a non-empty sequence of integers.")
+    if isinstance(policies, str) or not policies:
+        raise ValueError(f"policies={policies!r} must be a non-empty list of names from {sorted(POLICIES)}.")
+    instances = [get_policy(p) for p in policies]  # fail on unknown names before any work
+    own = query_new is None
+    q, ql = (ctx.gallery_new, ctx.labels) if own else (query_new, query_labels)
+    exclude_self = own if exclude_self is None else exclude_self
+    out: dict[str, Any] = {}
+    for name, policy in zip(policies, instances):
+        runs = []
+        for seed in (seeds if policy.stochastic else seeds[:1]):
+            order = check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order")
+            runs.append(backfill_curve(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, order,
+                                       points=points, exclude_self=exclude_self, distance=distance,
+                                       backend=backend, chunk_size=chunk_size))
+        fractions = runs[0]["fractions"]
+        curves = {m: [float(v) for v in np.mean([r["curves"][m] for r in runs], axis=0)] for m in METRICS}
+        out[name] = {"fractions": fractions, "curves": curves,
+                     "auc_mean": {m: auc_mean(curves[m]) for m in METRICS},
+                     "auc_trapz": {m: auc_trapz(fractions, curves[m]) for m in METRICS},
+                     "seeds": len(runs), "oracle": bool(policy.oracle)}
+        log.info("backfill %s: AUC(mean) top1=%.4f map=%.4f over %d run(s)", name, out[name]["auc_mean"]["top1"],
+                 out[name]["auc_mean"]["map"], len(runs))
+    return out
+
+
+# ----------------------------------------------------------------------------- embedding a transformation stage
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _item_order(index: Tensor) -> Tensor:
+    """Positions that put items in index order, keeping one row per index (drops DistributedSampler padding)."""
+    index = index.long().cpu()
+    if index.numel() == 0:
+        raise ValueError("the loader yielded no items; check the evaluation split.")
+    pos = torch.sort(index, stable=True).indices
+    keep = torch.ones(len(pos), dtype=torch.bool)
+    keep[1:] = index[pos[1:]] != index[pos[:-1]]
+    pos = pos[keep]
+    if not torch.equal(index[pos], torch.arange(len(pos))):
+        raise ValueError(f"the loader's item indices are not 0..N-1 (got {len(pos)} distinct indices, max "
+                         f"{int(index.max())}); evaluate a full split with (image, label, index) batches.")
+    return pos
+
+
+@torch.no_grad()
+def embed_for_backfill(module: Any, loader: Any, device: torch.device | str) -> dict[str, Tensor | None]:
+    """One pass of a transformation stage over an eval loader of ``(images, labels, index)`` batches.
+
+    Args:
+        module: A :class:`~fct_lightning.stages.transformation.TransformationModel` (already on ``device``).
+        loader: Evaluation loader yielding ``(images, labels, index)``.
+        device: Where to run the models.
+
+    Returns:
+        ``{"transformed": [N, d], "new": [N, d], "labels": [N], "uncertainty": [N] or None}`` in item-index order;
+        uncertainty is h's predicted log-variance (mean over its dims) when the module has the head.
+    """
+    keys = ("transformed", "new", "labels", "uncertainty")
+    parts: dict[str, list[Tensor]] = {k: [] for k in (*keys, "index")}
+    side_on = bool(module.use_side_info)
+    with _eval_mode(module):
+        for images, labels, index in loader:
+            f = module.frozen_embeddings(images.to(device, non_blocking=True))
+            side = f.get("side") if side_on else None
+            if module.uncertainty:
+                pred, log_var = module.h.forward_with_uncertainty(f["old"], side)
+                parts["uncertainty"].append(log_var.float().reshape(len(pred), -1).mean(dim=1).cpu())
+            else:
+                pred = module.h(f["old"], side)
+            parts["transformed"].append(pred.float().cpu())
+            parts["new"].append(f["new"].float().cpu())
+            parts["labels"].append(torch.as_tensor(labels).long().cpu())
+            parts["index"].append(torch.as_tensor(index).long().cpu())
+    if not parts["index"]:
+        raise ValueError("the loader yielded no batches; check the evaluation split.")
+    pos = _item_order(torch.cat(parts["index"]))
+    return {k: torch.cat(parts[k])[pos] if parts[k] else None for k in keys}
+
+
+def compute_uncertainty(module: Any, loader: Any, device: torch.device | str) -> Tensor:
+    """Per-item predicted log-variance ``[N]`` (mean over the head's dims) in item-index order.
+
+    Raises:
+        ValueError: If the transformation was trained without FastFill's uncertainty head.
+    """
+    if not getattr(module, "uncertainty", False):
+        raise ValueError(f"this transformation has no uncertainty head (uncertainty=False); {_UNCERTAINTY_HINT}.")
+    return embed_for_backfill(module, loader, device)["uncertainty"]

@@ -1,0 +1,184 @@
+"""Retrieval metrics from distances and labels: CMC top-k, mAP over the full ranking, mAP@R.
+
+Conventions (shared by every function here):
+
+* The ranking of the gallery for a query is by ``(distance, gallery index)``: equal distances rank the lower
+  gallery index first.
+* A gallery item is *relevant* to a query when it has the query's label. ``R`` is the number of relevant gallery
+  items for that query (after removing the query itself when ``self_index`` is given).
+* Average precision: ``AP = (1/R) sum_{relevant i} P(rank_i)`` with ``P(n)`` the precision of the first ``n``
+  results. mAP@R (Musgrave et al., 2020): ``(1/R) sum_{n <= R} P(n) rel(n)``.
+* A query with ``R = 0`` is a miss for CMC and is left out of the mAP and mAP@R averages; if no query has a
+  relevant item, mAP and mAP@R are 0.0.
+
+Kernel: each distance is packed with its gallery index into a unique int64 key (see
+:func:`~fct_lightning.retrieval.search.ordering_keys`), each row of keys is sorted (values only, numpy SIMD sort on
+CPU), and the rank of every relevant item is its key's insertion point, found by binary search. No argsort, no
+[c, G] relevance or precision matrices, and ties are exact by construction.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .search import ordering_keys
+
+_LAST = torch.iinfo(torch.int64).max  # key that ranks after every real item
+
+
+class ClassIndex(NamedTuple):
+    """Gallery items grouped by label.
+
+    Attributes:
+        classes: Sorted distinct gallery labels ``[C]``.
+        members: Gallery indices sorted by ``(label, index)`` ``[G]``.
+        start: Offset of each class in ``members`` ``[C]``.
+        count: Number of gallery items per class ``[C]``.
+    """
+
+    classes: Tensor
+    members: Tensor
+    start: Tensor
+    count: Tensor
+
+
+class QueryMetrics(NamedTuple):
+    """Per-query results ``[Q]`` each: 1-based rank of the first relevant item (0 if none), AP, AP@R, R."""
+
+    first_rank: Tensor
+    ap: Tensor
+    ap_at_r: Tensor
+    num_relevant: Tensor
+
+
+def build_class_index(gallery_labels: Tensor) -> ClassIndex:
+    """Group gallery items by label.
+
+    Args:
+        gallery_labels: Int64 labels ``[G]``.
+
+    Returns:
+        A :class:`ClassIndex` on the labels' device.
+    """
+    classes, count = torch.unique(gallery_labels, sorted=True, return_counts=True)
+    members = torch.sort(gallery_labels, stable=True).indices
+    start = torch.cumsum(count, 0) - count
+    return ClassIndex(classes, members, start, count)
+
+
+def sort_rows(x: Tensor) -> Tensor:
+    """Sort each row of a 2-D tensor ascending (values only).
+
+    On CPU this uses numpy's SIMD sort on ``torch.get_num_threads()`` threads, which is several times faster
+    than ``torch.sort`` there; on other devices it uses ``torch.sort``.
+    """
+    if x.device.type != "cpu":
+        return torch.sort(x, dim=1).values
+    out = x.numpy().copy()
+    workers = max(1, min(torch.get_num_threads(), out.shape[0]))
+    if workers == 1:
+        out.sort(axis=1)
+    else:
+        parts = np.array_split(np.arange(out.shape[0]), workers)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda p: out[p[0]:p[-1] + 1].sort(axis=1), [p for p in parts if len(p)]))
+    return torch.from_numpy(out)
+
+
+def _dense_metrics(ordered: Tensor, query_labels: Tensor, class_index: ClassIndex, num_rel: Tensor) -> QueryMetrics:
+    """Metrics from fully sorted keys ``[c, G]``: relevance along the ranking, cumulative precision."""
+    num_g = ordered.shape[1]
+    real = ordered != _LAST
+    label_of = torch.empty_like(class_index.members)
+    label_of[class_index.members] = torch.repeat_interleave(class_index.classes, class_index.count)
+    rel = (label_of[(ordered & 0xFFFFFFFF).clamp_(max=num_g - 1)] == query_labels.unsqueeze(1)) & real
+    del real
+    pos = torch.arange(1, num_g + 1, device=ordered.device, dtype=torch.float64)
+    precision = rel.cumsum(1, dtype=torch.int64).to(torch.float64).div_(pos).mul_(rel)
+    denom = num_rel.clamp(min=1).to(torch.float64)
+    ap = precision.sum(1) / denom
+    within_r = torch.arange(num_g, device=ordered.device).unsqueeze(0) < num_rel.unsqueeze(1)
+    ap_at_r = (precision * within_r).sum(1) / denom
+    first = torch.where(num_rel > 0, rel.to(torch.uint8).argmax(1) + 1, 0)
+    return QueryMetrics(first, ap, ap_at_r, num_rel)
+
+
+def query_metrics(distances: Tensor, query_labels: Tensor, class_index: ClassIndex,
+                  self_index: Tensor | None = None, dense: bool | None = None) -> QueryMetrics:
+    """Per-query CMC rank, AP and AP@R from a block of query-to-gallery distances.
+
+    Args:
+        distances: Non-negative float32 ``[c, G]`` (lower is closer), not modified.
+        query_labels: Int64 ``[c]`` labels of the queries.
+        class_index: :func:`build_class_index` of the gallery labels.
+        self_index: Optional int64 ``[c]``: the gallery index of each query itself, removed from its ranking.
+        dense: Scan the whole sorted ranking (True) or binary-search each relevant item (False); None picks
+            dense when relevant items are more than 1/8 of the gallery. Both give the same numbers.
+
+    Returns:
+        :class:`QueryMetrics` with tensors ``[c]``.
+    """
+    c, num_g = distances.shape
+    dev = distances.device
+    rows = torch.arange(c, device=dev)
+    pos = torch.searchsorted(class_index.classes, query_labels).clamp_(max=class_index.classes.numel() - 1)
+    present = class_index.classes[pos] == query_labels
+    total = torch.where(present, class_index.count[pos], 0)
+    r_max = int(total.max()) if c else 0
+    if r_max == 0:
+        zero = torch.zeros(c, dtype=torch.float64, device=dev)
+        return QueryMetrics(torch.zeros(c, dtype=torch.int64, device=dev), zero, zero.clone(), total)
+    ar = torch.arange(r_max, device=dev)
+    slot = (class_index.start[pos].unsqueeze(1) + ar).clamp_(max=num_g - 1)
+    cols = class_index.members[slot]  # [c, r_max] gallery indices of same-label items (padded)
+    valid = ar < total.unsqueeze(1)
+    if self_index is not None:
+        valid &= cols != self_index.unsqueeze(1)
+    keys = ordering_keys(distances, torch.arange(num_g, device=dev))
+    if self_index is not None:
+        keys[rows, self_index] = _LAST
+    if dense is None:
+        dense = r_max * 8 > num_g
+    if dense:  # many relevant items: scan the sorted row once instead of one binary search per relevant item
+        return _dense_metrics(sort_rows(keys), query_labels, class_index, valid.sum(1))
+    targets = keys.gather(1, cols)
+    ordered = sort_rows(keys)
+    del keys
+    # keys are unique, so the insertion point of a relevant item's key is the number of items ranked before it
+    rank = torch.searchsorted(ordered, targets, side="left") + 1
+    rank = torch.where(valid, rank, num_g + 1).sort(dim=1).values  # ranks of relevant items, ascending
+    num_rel = valid.sum(1)
+    live = ar < num_rel.unsqueeze(1)
+    precision = (ar + 1).to(torch.float64) / rank.to(torch.float64)
+    denom = num_rel.clamp(min=1).to(torch.float64)
+    ap = (precision * live).sum(1) / denom
+    ap_at_r = (precision * (live & (rank <= num_rel.unsqueeze(1)))).sum(1) / denom
+    first = torch.where(num_rel > 0, rank[:, 0], 0)
+    return QueryMetrics(first, ap, ap_at_r, num_rel)
+
+
+def concat_metrics(parts: Sequence[QueryMetrics]) -> QueryMetrics:
+    """Concatenate per-chunk :class:`QueryMetrics` along the query axis."""
+    return QueryMetrics(*(torch.cat([getattr(p, f) for p in parts]) for f in QueryMetrics._fields))
+
+
+def summarize(metrics: QueryMetrics, ks: Sequence[int] = (1, 5), map_at_r: bool = True) -> dict[str, float]:
+    """Average per-query results into ``{"top{k}": ..., "map": ..., "map@r": ...}`` (python floats in [0, 1]).
+
+    ``top{k}`` averages over all queries (no relevant item = miss); ``map`` and ``map@r`` over queries with
+    ``R > 0``, and are 0.0 when there is none.
+    """
+    metrics = QueryMetrics(*(t.cpu() for t in metrics))  # reduce on CPU: same order on every device
+    has = metrics.num_relevant > 0
+    n_q = max(1, metrics.first_rank.numel())
+    out = {f"top{k}": float(((metrics.first_rank >= 1) & (metrics.first_rank <= k)).sum()) / n_q for k in ks}
+    n_rel = int(has.sum())
+    out["map"] = float(metrics.ap[has].sum()) / n_rel if n_rel else 0.0
+    if map_at_r:
+        out["map@r"] = float(metrics.ap_at_r[has].sum()) / n_rel if n_rel else 0.0
+    return out

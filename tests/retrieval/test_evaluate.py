@@ -1,0 +1,112 @@
+"""evaluate(): backends, chunking, cosine, query/gallery sets, input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fct_lightning.retrieval import CASES, evaluate
+
+
+@pytest.fixture
+def clustered() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 12, (400,), generator=gen)
+    centers = torch.randn(12, 24, generator=gen)
+    return centers[labels] + 1.2 * torch.randn(400, 24, generator=gen), labels
+
+
+def test_keys_and_ranges(clustered) -> None:
+    x, y = clustered
+    r = evaluate(x, y, x, y, exclude_self=True, ks=(1, 5, 10))
+    assert list(r) == ["top1", "top5", "top10", "map", "map@r"]
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in r.values())
+    assert r["top1"] <= r["top5"] <= r["top10"]
+    assert "map@r" not in evaluate(x, y, x, y, exclude_self=True, map_at_r=False)
+
+
+def test_chunk_sizes_identical(clustered) -> None:
+    x, y = clustered
+    ref = evaluate(x, y, x, y, exclude_self=True)
+    assert evaluate(x, y, x, y, exclude_self=True, chunk_size=1) == ref
+    assert evaluate(x, y, x, y, exclude_self=True, chunk_size=7) == ref
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_faiss_and_torch_agree(clustered, exclude_self: bool) -> None:
+    pytest.importorskip("faiss")
+    x, y = clustered
+    gen = torch.Generator().manual_seed(1)
+    q = x + 0.3 * torch.randn(x.shape, generator=gen)  # cross-model: query embeddings differ from gallery
+    a = evaluate(q, y, x, y, exclude_self=exclude_self, backend="torch")
+    b = evaluate(q, y, x, y, exclude_self=exclude_self, backend="faiss", chunk_size=50)
+    for key in a:
+        assert abs(a[key] - b[key]) <= 1e-6, key
+
+
+def test_query_set_different_from_gallery(clustered) -> None:
+    x, y = clustered
+    q, qy, g, gy = x[:50], y[:50], x[50:], y[50:]
+    r = evaluate(q.numpy(), qy.numpy(), g.numpy(), gy.numpy(), exclude_self=False)
+    assert r == evaluate(q, qy, g, gy, exclude_self=False)
+    assert r["top1"] > 0.3
+
+
+def test_cosine_equals_l2_on_normalised(clustered) -> None:
+    x, y = clustered
+    a = evaluate(x * 5.0, y, x, y, exclude_self=True, distance="cosine")
+    b = evaluate(F.normalize(x * 5.0, p=2, dim=1), y, F.normalize(x, p=2, dim=1), y, exclude_self=True)
+    assert a == b
+
+
+def test_cases_vocabulary() -> None:
+    assert CASES == ("old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old", "side/side")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(clustered) -> None:
+    x, y = clustered
+    gpu = evaluate(x.cuda(), y.cuda(), x.cuda(), y.cuda(), exclude_self=True, ks=(1, 5, 50))
+    cpu = evaluate(x, y, x, y, exclude_self=True, ks=(1, 5, 50))
+    for key in cpu:  # same ranking; only float64 summation order inside a query may differ (~1e-16)
+        assert gpu[key] == pytest.approx(cpu[key], abs=1e-12), key
+
+
+def _call(**overrides):
+    args = {"query": torch.randn(4, 3), "query_labels": torch.tensor([0, 1, 0, 1]), "gallery": torch.randn(4, 3),
+            "gallery_labels": torch.tensor([0, 1, 1, 0]), "exclude_self": True}
+    args.update(overrides)
+    return evaluate(args.pop("query"), args.pop("query_labels"), args.pop("gallery"), args.pop("gallery_labels"),
+                    **args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"gallery": torch.randn(4, 5)}, r"query has dimension d=3 \(shape \(4, 3\)\) but gallery has d=5"),
+        ({"query_labels": torch.tensor([0, 1])}, r"query_labels has 2 labels but query has 4 rows"),
+        ({"gallery_labels": torch.tensor([0])}, r"gallery_labels has 1 labels but gallery has 4 rows"),
+        ({"gallery": torch.randn(6, 3), "gallery_labels": torch.zeros(6, dtype=torch.long)},
+         r"exclude_self=True needs len\(query\) == len\(gallery\).*got 4 and 6"),
+        ({"query": torch.empty(0, 3), "query_labels": torch.empty(0, dtype=torch.long)}, r"query is empty"),
+        ({"gallery": torch.tensor([[0.0, 1, 2], [float("nan"), 0, 0], [0, 0, 0], [1, 1, 1]])},
+         r"gallery has non-finite values .* in 1 of 4 rows"),
+        ({"query": torch.randn(4)}, r"query must be a 2-D array"),
+        ({"distance": "manhattan"}, r"distance='manhattan'.*allowed values: 'l2', 'cosine'"),
+        ({"backend": "gpu"}, r"backend='gpu'.*allowed values"),
+        ({"ks": (0,)}, r"ks=\(0,\) must be a non-empty sequence of positive integers"),
+        ({"chunk_size": 0}, r"chunk_size=0 must be a positive integer"),
+        ({"query_labels": torch.tensor([0.0, 1.0, 0.0, 1.0])}, r"query_labels must hold integer class labels"),
+    ],
+)
+def test_errors(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _call(**overrides)
+
+
+def test_numpy_and_list_labels() -> None:
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    r = evaluate(x, [0, 1] * 5, x, np.array([0, 1] * 5), exclude_self=True)
+    assert set(r) == {"top1", "top5", "map", "map@r"}

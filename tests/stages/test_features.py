@@ -1,0 +1,76 @@
+"""Cached features: equal to on-the-fly features for the same augmentation seed; batching and caching rules."""
+
+from __future__ import annotations
+
+import torch
+
+from fct_lightning.data import DATAMODULES
+from fct_lightning.data.features import FeatureBatches, build_or_load, cache_key, embed_views, merge_parts
+from fct_lightning.models.backbones import EmbeddingNet
+
+
+def _models():
+    torch.manual_seed(0)
+    return {name: EmbeddingNet("convnet", 16, in_channels=1, width=4).eval() for name in ("old", "side", "new")}
+
+
+def test_cached_features_equal_on_the_fly_features():
+    dm = DATAMODULES["digits"](batch_size=64)
+    models = _models()
+    classes = [0, 1, 2]
+    cached = embed_views(dm, models, split="train", classes=classes, views=2, seed=7, device=torch.device("cpu"),
+                         dtype=torch.float32)
+    ds = dm.dataset("train", classes, augment=True, seed=7)
+    assert cached["old"].shape == (2, len(ds), 16)
+    for view in (0, 1):
+        ds.set_epoch(view)
+        for i in (0, 5, len(ds) - 1):
+            image, label, index = ds[i]
+            with torch.no_grad():
+                for name, model in models.items():
+                    torch.testing.assert_close(cached[name][view, i], model(image[None])[0], rtol=1e-5, atol=1e-5)
+            assert cached["labels"][i] == label and cached["index"][i] == index
+    assert not torch.equal(cached["old"][0], cached["old"][1])  # views differ
+
+
+def test_rank_shares_merge_to_the_single_process_cache():
+    dm = DATAMODULES["digits"](batch_size=64)
+    models = _models()
+    kw = dict(split="train", classes=[3], views=1, seed=1, device=torch.device("cpu"), dtype=torch.float32)
+    whole = embed_views(dm, models, **kw)
+    parts = [embed_views(dm, models, rank=r, world_size=3, **kw) for r in range(3)]
+    merged = merge_parts(parts)
+    for key in whole:
+        torch.testing.assert_close(merged[key], whole[key])
+
+
+def test_cache_is_reused_and_keyed_by_content(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"index": torch.arange(3), "labels": torch.zeros(3, dtype=torch.long), "old": torch.ones(1, 3, 2)}
+
+    key = cache_key(old="a", new="b")
+    build_or_load(tmp_path, key, compute)
+    build_or_load(tmp_path, key, compute)
+    assert len(calls) == 1
+    assert cache_key(old="a", new="c") != key  # a retrained model gets a new cache
+
+
+def test_feature_batches_shard_and_reproduce():
+    n = 11
+    feats = {"old": torch.randn(2, n, 4), "new": torch.randn(2, n, 4), "labels": torch.arange(n)}
+    seen = []
+    for rank in range(2):
+        fb = FeatureBatches(feats, batch_size=4, rank=rank, world_size=2, seed=3)
+        fb.set_epoch(1)
+        batches = list(fb)
+        assert len(batches) == len(fb)
+        seen += [b["index"] for b in batches]
+        again = list(FeatureBatches(feats, batch_size=4, rank=rank, world_size=2, seed=3).__iter__())
+        assert len(again) == len(batches)
+    idx = torch.cat(seen)
+    assert len(idx) == 12 and set(idx.tolist()) == set(range(n))  # padded to equal shares, covers every item
+    b = batches[0]
+    assert b["old"].dtype == torch.float32 and b["old"].shape[1] == 4

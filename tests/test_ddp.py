@@ -1,0 +1,58 @@
+"""Multi-process CPU DDP (gloo), always in subprocesses: strategy=ddp inside pytest would re-run pytest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ddp
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_callback_is_exact_for_1_2_3_ranks(tmp_path):
+    results = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"m{n}.json"
+        _run([sys.executable, str(SCRIPTS / "ddp_validate.py"), "--devices", str(n), "--out", str(out)], tmp_path)
+        results[n] = json.loads(out.read_text())
+    assert set(results[1]) == {f"val/{c}/{m}" for c in ("a/a", "b/a") for m in ("top1", "top5", "map", "map@r")}
+    assert results[2] == results[1]
+    assert results[3] == results[1]
+
+
+FIT = [sys.executable, "-m", "fct_lightning.cli", "--dataset", "digits", "--trainer.accelerator", "cpu",
+       "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+       "--trainer.limit_train_batches", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+       "--model.width", "8"]
+
+
+def test_fct_fit_two_process_ddp_chain(tmp_path):
+    from fct_lightning.cli import fit
+
+    art = str(tmp_path / "art")
+    _run([*FIT, "--stage", "old", "--artifacts", art], tmp_path)
+    for stage in ("side_info", "new"):  # single-process, to keep the test short
+        fit(["--stage", stage, "--artifacts", art, *FIT[FIT.index("--trainer.max_epochs"):]])
+    _run([*FIT[:-2], "--stage", "transformation", "--artifacts", art, "--model.mixer_width", "64",
+          "--model.cache_views", "2"], tmp_path)
+    for stage in ("old", "side_info", "new", "transformation"):
+        assert (tmp_path / "art" / "digits" / stage / "best.ckpt").is_file(), stage
+    caches = list((tmp_path / "art" / "digits" / "cache").glob("*/features.pt"))
+    assert len(caches) == 1 and not list((tmp_path / "art" / "digits" / "cache").glob("*/part-*"))

@@ -1,0 +1,39 @@
+"""W&B is the default logger; with no credentials it goes offline by itself, never prompts or fails."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from fct_lightning.loggers import ensure_wandb_mode, wandb_has_credentials
+
+
+def test_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert not wandb_has_credentials()
+    assert ensure_wandb_mode() == "offline"
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_explicit_mode_is_kept(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert ensure_wandb_mode() == "disabled"
+
+
+def test_fct_fit_logs_an_offline_wandb_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), OMP_NUM_THREADS="1")
+    art = tmp_path / "art"
+    cmd = [sys.executable, "-m", "fct_lightning.cli", "--stage", "old", "--artifacts", str(art),
+           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
+           "--model.width", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("No W&B credentials found: logging offline") == 1
+    runs = list((art / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert (art / "digits" / "old" / "best.ckpt").is_file()
