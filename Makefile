@@ -1,19 +1,41 @@
 # fct-lightning: install, test, demo and reproduction targets.
 # `make demo` and `make test` set themselves up (a virtual environment in $(VENV)) and work offline.
+# Reproduction: `make <dataset>` runs the whole chain (old, side_info, new, transformation with and without
+# side-info, bct, fct-eval, fct-report); `make <dataset>-<stage>` runs one stage and what it needs.
+# Stages depend on their upstream checkpoints as files, so re-running skips finished stages.
 
 PYTHON    ?= python3
 VENV      ?= .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed-stamp
+SETUP     ?= $(STAMP)
 ARTIFACTS ?= artifacts
 SEED      ?= 0
+DATA_ROOT ?=
+TRAINER   ?=
+DEVICES   ?=
+EXTRA     ?=
+POINTS    ?= 22
 PYTEST_ARGS ?=
+FIT       ?= $(BIN)/fct-fit
+EVAL      ?= $(BIN)/fct-eval
+REPORT    ?= $(BIN)/fct-report
+CIFAR10_ARCHIVE ?= ../shared/data/cifar10-jpeg.tar.gz
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help install test test-all demo lint bench clean
+DATASETS := digits cifar10 cifar100 imagenet places365 vggface2
+STAGES   := old side_info new transformation transformation_noside fastfill bct
 
-help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-22s %s\n", $$1, $$2}'
+.PHONY: help install test test-all demo lint bench clean report $(DATASETS) $(foreach d,$(DATASETS),$(addprefix $(d)-,$(STAGES) eval report))
+
+help:  ## list the targets and variables
+	@echo "targets:"
+	@grep -E '^[a-zA-Z0-9_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-24s %s\n", $$1, $$2}'
+	@echo "  <dataset>                the whole chain + eval + report; datasets: $(DATASETS)"
+	@echo "  <dataset>-<stage>        one stage (and its upstream stages); stages: $(STAGES)"
+	@echo "  <dataset>-eval, <dataset>-report"
+	@echo "variables: ARTIFACTS=$(ARTIFACTS) SEED=$(SEED) DATA_ROOT=<dataset root> TRAINER=<presets in configs/trainer, e.g. 'gpu-fast' or 'ddp bf16'>"
+	@echo "           DEVICES=<n> EXTRA='<more fct-fit options>' POINTS=$(POINTS) (backfill curve points)"
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,25 +44,79 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)  ## create $(VENV) and install the package with its test tools
 
-test: $(STAMP)  ## run the default (fast) test suite; "no tests collected" (pytest exit 5) is a failure
+test: $(SETUP)  ## run the default (fast) test suite; "no tests collected" (pytest exit 5) is a failure
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test-all: $(STAMP)  ## run every test, the slow ones included
+test-all: $(SETUP)  ## every test, the slow ones included
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## static checks
+lint: $(SETUP)  ## static checks
 	$(BIN)/ruff check src tests bench
 
-DIGITS := $(ARTIFACTS)/digits
+bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementations run in the same process)
+	$(BIN)/python bench/bench_retrieval.py
+	$(BIN)/python bench/bench_transformation.py
 
-$(DIGITS)/old/best.ckpt: $(STAMP)
-	$(BIN)/fct-fit --stage old --dataset digits --artifacts $(ARTIFACTS) --seed_everything $(SEED)
-$(DIGITS)/new/best.ckpt: $(STAMP)
-	$(BIN)/fct-fit --stage new --dataset digits --artifacts $(ARTIFACTS) --seed_everything $(SEED)
+# ----------------------------------------------------------------------------- reproduction chains
+fit_opts = --dataset $(1) --artifacts $(ARTIFACTS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
+	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
+data_opts = $(if $(DATA_ROOT),--data_root $(DATA_ROOT))
 
-demo: $(DIGITS)/old/best.ckpt $(DIGITS)/new/best.ckpt  ## the main job on digits, offline
-	$(BIN)/fct-eval --dataset digits --artifacts $(ARTIFACTS)
+define CHAIN
+$(1)_DIR := $(ARTIFACTS)/$(1)
+$$($(1)_DIR)/old/best.ckpt: | $(SETUP) $(1)-data
+	$(FIT) --stage old $(call fit_opts,$(1))
+$$($(1)_DIR)/side_info/best.ckpt: | $(SETUP) $(1)-data
+	$(FIT) --stage side_info $(call fit_opts,$(1))
+$$($(1)_DIR)/new/best.ckpt: | $(SETUP) $(1)-data
+	$(FIT) --stage new $(call fit_opts,$(1))
+$$($(1)_DIR)/transformation/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/side_info/best.ckpt $$($(1)_DIR)/new/best.ckpt
+	$(FIT) --stage transformation $(call fit_opts,$(1))
+$$($(1)_DIR)/transformation_noside/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/new/best.ckpt
+	$(FIT) --stage transformation --model.use_side_info false $(call fit_opts,$(1))
+$$($(1)_DIR)/fastfill/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/side_info/best.ckpt $$($(1)_DIR)/new/best.ckpt
+	$(FIT) --stage transformation --model.uncertainty true $(call fit_opts,$(1))
+$$($(1)_DIR)/bct/best.ckpt: $$($(1)_DIR)/old/best.ckpt
+	$(FIT) --stage bct $(call fit_opts,$(1))
+$$($(1)_DIR)/results/seed$(SEED).json: $$(foreach s,old side_info new transformation transformation_noside fastfill bct,$$($(1)_DIR)/$$(s)/best.ckpt)
+	$(EVAL) --dataset $(1) --artifacts $(ARTIFACTS) $(data_opts) --backfill random,uncertainty,distance --points $(POINTS) --out $$@
+$$($(1)_DIR)/report.md: $$($(1)_DIR)/results/seed$(SEED).json
+	$(REPORT) --dataset $(1) --artifacts $(ARTIFACTS)
+$(1): $$($(1)_DIR)/report.md
+$(foreach s,$(STAGES),$(1)-$(s): $$($(1)_DIR)/$(s)/best.ckpt
+)
+$(1)-eval: $$($(1)_DIR)/results/seed$(SEED).json
+$(1)-report: $$($(1)_DIR)/report.md
+endef
+$(foreach d,$(DATASETS),$(eval $(call CHAIN,$(d))))
 
-clean:  ## remove artifacts (not the virtual environment)
+# ----------------------------------------------------------------------------- data checks
+# digits ships inside scikit-learn. CIFAR-10 can come from the JPEG archive; the others must be put in place.
+digits-data:
+	@true
+cifar10-data:
+	@root="$(or $(DATA_ROOT),data)"; \
+	if [ ! -d "$$root/cifar10/train" ] && [ ! -d "$$root/train" ] && [ ! -d "$$root/cifar-10-batches-py" ]; then \
+	  if [ -f "$(CIFAR10_ARCHIVE)" ]; then mkdir -p "$$root" && tar xzf "$(CIFAR10_ARCHIVE)" -C "$$root" && echo "extracted $(CIFAR10_ARCHIVE) into $$root"; \
+	  else echo "CIFAR-10 not found under $$root: put torchvision's cifar-10-batches-py/ there, or an ImageFolder tree $$root/cifar10/{train,test}/<class>/*.jpg (set DATA_ROOT=...)" >&2; exit 1; fi; fi
+define FOLDER_CHECK
+$(1)-data:
+	@root="$(or $(DATA_ROOT),data)"; \
+	if [ ! -d "$$$$root/$(2)" ] && [ ! -d "$$$$root/$(1)/$(2)" ] && [ ! -d "$$$$root/cifar-100-python" ]; then \
+	  echo "$(1) not found under $$$$root: expected $$$$root/$(2)/<class>/<image> and $$$$root/$(3)/<class>/<image> (or the same below $$$$root/$(1)/); set DATA_ROOT=<that folder>. See data/README.md." >&2; exit 1; fi
+endef
+$(eval $(call FOLDER_CHECK,cifar100,train,test))
+$(eval $(call FOLDER_CHECK,imagenet,train,val))
+$(eval $(call FOLDER_CHECK,places365,train,val))
+$(eval $(call FOLDER_CHECK,vggface2,train,test))
+
+# ----------------------------------------------------------------------------- the main job
+demo: digits  ## the main job on digits (offline, CPU): the whole chain, eval with backfilling curves, report
+	@cat $(ARTIFACTS)/digits/report.md
+
+report: $(SETUP)  ## rebuild the report of DATASET (default digits) from all its results/*.json (several seeds)
+	$(REPORT) --dataset $(or $(DATASET),digits) --artifacts $(ARTIFACTS)
+
+clean:  ## remove artifacts (not the virtual environment, not the data)
 	rm -rf $(ARTIFACTS) lightning_logs

@@ -68,6 +68,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-h-"))
     artifacts = Path(args.artifacts) if args.artifacts else tmp
     dm_kwargs = {"batch_size": args.batch_size, **({"root": args.data_root} if args.data_root else {})}
+    if torch.cuda.is_available() and DATAMODULES[args.dataset].supports_in_memory:
+        dm_kwargs["in_memory_gpu"] = True  # so the on-the-fly path is not bound by per-item CPU augmentation
     ensure_chain(artifacts, args.dataset, [f"--data.root={args.data_root}"] if args.data_root else [])
     cached = time_h(artifacts, args.dataset, True, args.epochs, tmp / "cache", dm_kwargs)
     onthefly = time_h(artifacts, args.dataset, False, args.epochs, tmp / "cache", dm_kwargs)

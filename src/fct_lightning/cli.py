@@ -149,11 +149,16 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
     artifacts = Path(pre.artifacts)
     seed = ["--seed_everything", str(1000 * pre.seed + STAGE_SEED_OFFSETS.get(pre.stage, 0))]
     args = ["--config", str(stage_config(pre.dataset, pre.stage)), *seed, *_default_args(stage_cls, artifacts, pre.dataset), *rest]
-    cli = FCTCLI(
-        stage_cls, DATAMODULES[pre.dataset], stage=pre.stage, dataset=pre.dataset, artifacts=artifacts,
-        args=args, run=False, seed_everything_default=0, save_config_callback=None,
-        parser_kwargs={"prog": f"fct-fit --stage {pre.stage}"}, **cli_kwargs,
-    )
+    saved_argv = sys.argv
+    sys.argv = sys.argv[:1]  # the arguments come from `args`; the DDP launcher later re-runs the real sys.argv
+    try:
+        cli = FCTCLI(
+            stage_cls, DATAMODULES[pre.dataset], stage=pre.stage, dataset=pre.dataset, artifacts=artifacts,
+            args=args, run=False, seed_everything_default=0, save_config_callback=None,
+            parser_kwargs={"prog": f"fct-fit --stage {pre.stage}"}, **cli_kwargs,
+        )
+    finally:
+        sys.argv = saved_argv
     return cli, _resolve_ckpt(pre.ckpt_path, cli.out_dir)
 
 

@@ -178,7 +178,11 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval") -> None:
     """Results as a W&B Table plus summary metrics, in the dataset's group (offline without credentials)."""
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed; results are not logged to W&B (pip install wandb)")
+        return
 
     from fct_lightning.loggers import DEFAULT_PROJECT, ensure_wandb_mode
 
@@ -238,3 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_wandb:
         log_to_wandb(results, Path(args.artifacts))
     return results
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

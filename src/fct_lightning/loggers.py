@@ -50,8 +50,13 @@ def default_logger(dataset: str, stage: str, save_dir: str | Path, seed: int | N
     Runs are grouped by dataset, with ``job_type`` = stage and a stable name, so BCT and FCT runs on the same
     data sit side by side in one W&B group.
     """
-    from pytorch_lightning.loggers import WandbLogger
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        log.warning("wandb is not installed: logging to CSV under %s instead (pip install wandb).", save_dir)
+        return CSVLogger(save_dir, name=f"{dataset}-{stage}")
     mode = ensure_wandb_mode()
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

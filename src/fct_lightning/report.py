@@ -189,3 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in aggregate(runs).items()
                                     if not c.startswith("backfill")}, "meta": run["meta"]},
                          Path(args.artifacts), job_type="report")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

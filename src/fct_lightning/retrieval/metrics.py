@@ -71,23 +71,34 @@ def build_class_index(gallery_labels: Tensor) -> ClassIndex:
     return ClassIndex(classes, members, start, count)
 
 
-def sort_rows(x: Tensor) -> Tensor:
-    """Sort each row of a 2-D tensor ascending (values only).
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A persistent pool per size (created on first use): reusing threads keeps allocator arenas bounded."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fct-sort")
+    return _POOLS[workers]
+
+
+def sort_rows(x: Tensor, inplace: bool = False) -> Tensor:
+    """Sort each row of a 2-D tensor ascending (values only); ``inplace`` sorts ``x`` itself (CPU only).
 
     On CPU this uses numpy's SIMD sort on ``torch.get_num_threads()`` threads, which is several times faster
     than ``torch.sort`` there; on other devices it uses ``torch.sort``.
     """
     if x.device.type != "cpu":
         return torch.sort(x, dim=1).values
-    out = x.numpy().copy()
+    out = x.numpy() if inplace else x.numpy().copy()
     workers = max(1, min(torch.get_num_threads(), out.shape[0]))
     if workers == 1:
         out.sort(axis=1)
     else:
-        parts = np.array_split(np.arange(out.shape[0]), workers)
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda p: out[p[0]:p[-1] + 1].sort(axis=1), [p for p in parts if len(p)]))
-    return torch.from_numpy(out)
+        bounds = np.linspace(0, out.shape[0], workers + 1).astype(int)
+        jobs = [_pool(workers).submit(out[a:b].sort, axis=1) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for job in jobs:
+            job.result()
+    return x if inplace else torch.from_numpy(out)
 
 
 def _dense_metrics(ordered: Tensor, query_labels: Tensor, class_index: ClassIndex, num_rel: Tensor) -> QueryMetrics:
@@ -145,10 +156,9 @@ def query_metrics(distances: Tensor, query_labels: Tensor, class_index: ClassInd
     if dense is None:
         dense = r_max * 8 > num_g
     if dense:  # many relevant items: scan the sorted row once instead of one binary search per relevant item
-        return _dense_metrics(sort_rows(keys), query_labels, class_index, valid.sum(1))
+        return _dense_metrics(sort_rows(keys, inplace=True), query_labels, class_index, valid.sum(1))
     targets = keys.gather(1, cols)
-    ordered = sort_rows(keys)
-    del keys
+    ordered = sort_rows(keys, inplace=True)  # keys is our own scratch tensor
     # keys are unique, so the insertion point of a relevant item's key is the number of items ranked before it
     rank = torch.searchsorted(ordered, targets, side="left") + 1
     rank = torch.where(valid, rank, num_g + 1).sort(dim=1).values  # ranks of relevant items, ascending
