@@ -24,10 +24,10 @@ stamp chain
 PYM="python3 -m fct_lightning"
 if command -v make > /dev/null; then
   ( time make cifar10 SETUP= FIT="$PYM.cli" EVAL="$PYM.evaluation --no_wandb" REPORT="$PYM.report --no_wandb" \
-      TRAINER=gpu-fast DATA_ROOT=/tmp/data ARTIFACTS=/tmp/art EXTRA="--trainer.enable_progress_bar false" ) \
+      TRAINER=gpu-fast DATA_ROOT=/tmp/data ARTIFACTS=/tmp/art EXTRA="--trainer.enable_progress_bar false --trainer.check_val_every_n_epoch 5" ) \
       > "$OUT/chain.log" 2>&1
 else  # the same commands `make cifar10` runs
-  F="$PYM.cli --dataset cifar10 --artifacts /tmp/art --seed 0 --data.root /tmp/data --config configs/trainer/gpu-fast.yaml --trainer.enable_progress_bar false"
+  F="$PYM.cli --dataset cifar10 --artifacts /tmp/art --seed 0 --data.root /tmp/data --config configs/trainer/gpu-fast.yaml --trainer.enable_progress_bar false --trainer.check_val_every_n_epoch 5"
   ( time { for args in "--stage old" "--stage side_info" "--stage new" "--stage transformation" \
         "--stage transformation --model.use_side_info false" "--stage transformation --model.uncertainty true" "--stage bct"; do
         echo "== $args"; $F $args || break; done
