@@ -56,3 +56,15 @@ def test_fct_fit_two_process_ddp_chain(tmp_path):
         assert (tmp_path / "art" / "digits" / stage / "best.ckpt").is_file(), stage
     caches = list((tmp_path / "art" / "digits" / "cache").glob("*/features.pt"))
     assert len(caches) == 1 and not list((tmp_path / "art" / "digits" / "cache").glob("*/part-*"))
+
+
+def test_callback_names_diverged_embeddings():
+    import torch
+
+    from fct_lightning.retrieval.callback import RetrievalEvaluation
+
+    emb = torch.randn(6, 4)
+    emb[2, 1] = float("nan")
+    gathered = {"index": torch.arange(6), "labels": torch.zeros(6, dtype=torch.long), "emb:bct": emb}
+    with pytest.raises(FloatingPointError, match="1 of 6 validation embeddings of space 'bct' are NaN"):
+        RetrievalEvaluation().compute(gathered, {"bct/bct": ("bct", "bct")})

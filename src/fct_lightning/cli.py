@@ -13,6 +13,7 @@ import argparse
 import inspect
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +178,24 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     cli, ckpt = build_cli(argv)
     if cli.trainer.is_global_zero:
         _save_config(cli)
+    start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    rank_zero_info(f"fct-fit: stage {cli.stage} on {cli.dataset} done; checkpoints in {cli.out_dir}")
+    rank_zero_info(_summary(cli, time.perf_counter() - start))
     return cli
+
+
+def _summary(cli: FCTCLI, seconds: float) -> str:
+    """One line per stage for logs: wall time, best monitored value and the last epoch's retrieval metrics."""
+    lines = [f"fct-fit: stage {cli.stage} on {cli.dataset} done in {seconds:.1f} s "
+             f"({cli.trainer.current_epoch} epochs); checkpoints in {cli.out_dir}"]
+    ckpt = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    if ckpt is not None and ckpt.best_model_score is not None:
+        lines.append(f"  best {ckpt.monitor} = {float(ckpt.best_model_score):.4f}")
+    for cb in cli.trainer.callbacks:
+        if isinstance(cb, RetrievalEvaluation):
+            for case, m in cb.results.items():
+                lines.append(f"  last epoch {case}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in m.items()))
+    return "\n".join(lines)
 
 
 def fit_main(argv: list[str] | None = None) -> None:

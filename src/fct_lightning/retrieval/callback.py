@@ -100,6 +100,14 @@ class RetrievalEvaluation(pl.Callback):
         keys = [k for k in gathered if k.startswith("emb:")]
         index, labels, *embs = deduplicate(gathered["index"], gathered["labels"], *(gathered[k] for k in keys))
         spaces = {k[4:]: e for k, e in zip(keys, embs)}
+        for space, emb in spaces.items():
+            bad = int((~torch.isfinite(emb).all(dim=1)).sum())
+            if bad:
+                raise FloatingPointError(
+                    f"{bad} of {len(emb)} validation embeddings of space '{space}' are NaN or inf: the model diverged "
+                    "in this epoch (the checkpoints of earlier epochs are intact). Lower --model.lr, or clip gradients "
+                    "with --trainer.gradient_clip_val 1.0."
+                )
         results = {}
         for case, (q, g) in cases.items():
             missing = {q, g} - spaces.keys()

@@ -6,15 +6,26 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .metrics import build_class_index, concat_metrics, query_metrics, summarize
-from .search import (BACKENDS, DISTANCES, as_embeddings, canonical_distances, check_choice, check_pair,
-                     faiss_distance_block, faiss_module, prepare, squared_norms)
+from .search import (
+    BACKENDS,
+    DISTANCES,
+    as_embeddings,
+    canonical_distances,
+    check_choice,
+    check_pair,
+    faiss_distance_block,
+    faiss_module,
+    prepare,
+    squared_norms,
+)
 
 log = logging.getLogger(__name__)
 

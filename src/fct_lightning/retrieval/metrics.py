@@ -19,8 +19,10 @@ CPU), and the rank of every relevant item is its key's insertion point, found by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Sequence
+from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -95,7 +97,7 @@ def sort_rows(x: Tensor, inplace: bool = False) -> Tensor:
         out.sort(axis=1)
     else:
         bounds = np.linspace(0, out.shape[0], workers + 1).astype(int)
-        jobs = [_pool(workers).submit(out[a:b].sort, axis=1) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        jobs = [_pool(workers).submit(out[a:b].sort, axis=1) for a, b in pairwise(bounds) if b > a]
         for job in jobs:
             job.result()
     return x if inplace else torch.from_numpy(out)

@@ -332,9 +332,9 @@ def search(query: Tensor | np.ndarray, gallery: Tensor | np.ndarray, k: int, dis
     if k_eff < 1:
         empty = torch.empty(q.shape[0], 0, device=q.device)
         return empty, empty.long()
-    if engine == "faiss" and q.device.type == "cuda" and faiss_num_gpus() > 0 and k_eff > FAISS_GPU_MAX_K // 2:
-        if backend == "auto":
-            engine = "torch"
+    gpu_faiss = engine == "faiss" and q.device.type == "cuda" and faiss_num_gpus() > 0
+    if backend == "auto" and gpu_faiss and k_eff > FAISS_GPU_MAX_K // 2:
+        engine = "torch"  # FAISS-GPU caps k at 2048 candidates
     log.debug("search: backend=%s k=%d distance=%s", engine, k_eff, distance)
     chunk = chunk_size or _default_chunk(g.shape[0], q.device)
     if engine == "torch":
