@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fct_lightning.data import DATAMODULES
@@ -33,8 +34,9 @@ def test_cached_features_equal_on_the_fly_features():
     assert not torch.equal(cached["old"][0], cached["old"][1])  # views differ
 
 
-def test_rank_shares_merge_to_the_single_process_cache():
-    dm = DATAMODULES["digits"](batch_size=64)
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_rank_shares_merge_to_the_single_process_cache(in_memory):
+    dm = DATAMODULES["digits"](batch_size=64, in_memory_gpu=in_memory)
     models = _models()
     kw = dict(split="train", classes=[3], views=1, seed=1, device=torch.device("cpu"), dtype=torch.float32)
     whole = embed_views(dm, models, **kw)

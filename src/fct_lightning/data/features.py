@@ -78,14 +78,21 @@ def embed_views(
 
 
 def merge_parts(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Concatenate per-rank parts and order the items by index (dropping nothing: shares are disjoint)."""
+    """Concatenate per-rank parts, order the items by index and drop repeats.
+
+    Repeats come from loaders that shard themselves with padding (the in-memory loader under DDP); a repeated
+    item has the same seeded augmentation on every rank, so either copy is the same.
+    """
     index = torch.cat([p["index"] for p in parts])
-    order = torch.argsort(index)
+    order = torch.argsort(index, stable=True)
+    keep = torch.ones(len(order), dtype=torch.bool)
+    keep[1:] = index[order][1:] != index[order][:-1]
+    order = order[keep]
     merged = {"index": index[order], "labels": torch.cat([p["labels"] for p in parts])[order]}
     for name in parts[0]:
         if name not in merged:
             merged[name] = torch.cat([p[name] for p in parts], dim=1)[:, order]
-    if not torch.equal(merged["index"], torch.arange(len(index))):
+    if not torch.equal(merged["index"], torch.arange(len(merged["index"]))):
         raise RuntimeError("feature cache parts do not cover every item exactly once; delete the cache and rerun")
     return merged
 
