@@ -142,7 +142,7 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
     pre, rest = _pre_parser("fct-fit").parse_known_args(argv)
     if pre.stage is None:
         usage = (
-            "usage: fct-fit --stage {%s} [--dataset {%s}] [--artifacts DIR] [--ckpt_path last|PATH] "
+            "usage: fct-fit --stage {%s} [--dataset {%s}] [--artifacts DIR] [--seed N] [--ckpt_path last|PATH] "
             "[LightningCLI options, see fct-fit --stage S --help]" % (",".join(sorted(STAGES)), ",".join(sorted(DATAMODULES)))
         )
         raise SystemExit(usage if {"-h", "--help"} & set(rest) else f"fct-fit: --stage is required.\n{usage}")
