@@ -284,38 +284,13 @@ class ImageNetDataModule(FolderDataModule):
         )
 
 
-class Places365DataModule(FolderDataModule):
+class Places365DataModule(ImageNetDataModule):
     """Places-365: ``<root>/train/<class>/...`` and ``<root>/val/<class>/...``; evaluation split ``"val"``.
 
-    Args: as :class:`FolderDataModule`, with ``eval_split="val"``, ``train_dir="train"``, ``eval_dir="val"``.
+    The same layout, splits and arguments as :class:`ImageNetDataModule` (its signature is inherited).
     """
 
     name = "places365"
-    default_eval_split = "val"
-
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
-        views: int = 1,
-        eval_split: str = "val",
-        augment: bool = True,
-        seed: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        image_size: int | None = None,
-        train_dir: str = "train",
-        eval_dir: str = "val",
-    ) -> None:
-        super().__init__(
-            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
-            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
-            train_dir=train_dir, eval_dir=eval_dir,
-        )
 
 
 class VGGFace2DataModule(FolderDataModule):
