@@ -210,34 +210,6 @@ class CIFAR10DataModule(CIFARDataModule):
     label_key = "labels"
     torchvision_class = "CIFAR10"
 
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
-        views: int = 1,
-        eval_split: str = "test",
-        augment: bool = True,
-        seed: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        image_size: int | None = None,
-        in_memory_gpu: bool = False,
-        train_dir: str = "train",
-        eval_dir: str = "test",
-        download: bool = False,
-        cache_decoded: bool = True,
-    ) -> None:
-        super().__init__(
-            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
-            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
-            in_memory_gpu=in_memory_gpu, train_dir=train_dir, eval_dir=eval_dir, download=download,
-            cache_decoded=cache_decoded,
-        )
-
 
 class CIFAR100DataModule(CIFARDataModule):
     __doc__ = ("CIFAR-100: 100 fine classes, 50k train / 10k test 32x32 images.\n"
@@ -251,31 +223,3 @@ class CIFAR100DataModule(CIFARDataModule):
     pickle_files: ClassVar[dict[str, list[str]]] = {"train": ["train"], "test": ["test"]}
     label_key = "fine_labels"
     torchvision_class = "CIFAR100"
-
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
-        views: int = 1,
-        eval_split: str = "test",
-        augment: bool = True,
-        seed: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        image_size: int | None = None,
-        in_memory_gpu: bool = False,
-        train_dir: str = "train",
-        eval_dir: str = "test",
-        download: bool = False,
-        cache_decoded: bool = True,
-    ) -> None:
-        super().__init__(
-            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
-            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
-            in_memory_gpu=in_memory_gpu, train_dir=train_dir, eval_dir=eval_dir, download=download,
-            cache_decoded=cache_decoded,
-        )
