@@ -17,7 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from fct_lightning.callbacks import Throughput
+from fct_lightning.callbacks import ChannelsLast, Throughput
 from fct_lightning.cli import fit
 from fct_lightning.data import DATAMODULES
 from fct_lightning.stages import TransformationModel
@@ -38,16 +38,24 @@ def time_h(artifacts: Path, dataset: str, cached: bool, epochs: int, cache_dir: 
     meter = Throughput(skip=0)
     epoch_times: list[float] = []
 
+    cuda = torch.cuda.is_available()
+
     class EpochTimer(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
+            if cuda:
+                torch.cuda.synchronize()
             self.t = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, pl_module):
+            if cuda:
+                torch.cuda.synchronize()
             epoch_times.append(time.perf_counter() - self.t)
 
+    # on a GPU both modes get the settings of the gpu-fast preset (bf16 autocast, channels_last frozen models)
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[meter, EpochTimer()], accelerator="auto", devices=1)
+                         callbacks=[meter, EpochTimer(), *([ChannelsLast()] if cuda else [])], accelerator="auto",
+                         devices=1, precision="bf16-mixed" if cuda else "32-true")
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     total = time.perf_counter() - start

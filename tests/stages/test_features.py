@@ -76,3 +76,25 @@ def test_feature_batches_shard_and_reproduce():
     assert len(idx) == 12 and set(idx.tolist()) == set(range(n))  # padded to equal shares, covers every item
     b = batches[0]
     assert b["old"].dtype == torch.float32 and b["old"].shape[1] == 4
+
+
+def test_concurrent_jobs_build_one_cache(tmp_path):
+    """Two processes asking for the same cache at once (``make -j``): one computes, the other waits and loads."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        from fct_lightning.data.features import build_or_load
+        def compute():
+            open({str(tmp_path)!r} + "/computed-" + sys.argv[1], "w").close()
+            time.sleep(1.0)
+            return {{"index": torch.arange(4), "labels": torch.zeros(4, dtype=torch.long), "old": torch.ones(2, 4, 3)}}
+        out = build_or_load({str(tmp_path / "cache")!r}, "k", compute)
+        assert out["old"].shape == (2, 4, 3)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(list(tmp_path.glob("computed-*"))) == 1
+    assert not list((tmp_path / "cache" / "k").glob("*.tmp"))

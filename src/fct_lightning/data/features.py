@@ -9,9 +9,11 @@ cache is never reused. Under DDP each rank embeds its own share of the items, ra
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -109,7 +111,23 @@ def build_or_load(
     """Load ``<cache_dir>/<key>/features.pt`` or compute it (each rank its part, rank 0 merges)."""
     folder = Path(cache_dir) / key
     path = folder / "features.pt"
-    if not path.is_file():
+    if world_size == 1:
+        # separate jobs (e.g. `make -j` training h with and without the uncertainty head) may want the same
+        # cache at once: the first builds it under an exclusive lock, the others wait and then load it
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not path.is_file():
+                    tmp = folder / f"features.pt.{os.getpid()}.tmp"
+                    torch.save(merge_parts([compute()]), tmp)
+                    tmp.replace(path)
+                    log.info("feature cache written to %s", path)
+                else:
+                    log.info("reusing feature cache %s", path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    elif not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         part = compute()
         torch.save(part, folder / f"part-{rank}-of-{world_size}.pt")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fct_lightning.checkpoints import check_dims, load_stage
-from fct_lightning.losses import bct_influence_loss, check_finite, label_smoothed_cross_entropy, synthesize_classifier_rows
+from fct_lightning.losses import bct_influence_loss, label_smoothed_cross_entropy, synthesize_classifier_rows
 from fct_lightning.stages.base import freeze
 from fct_lightning.stages.embedding import EmbeddingModel
 
@@ -77,13 +77,13 @@ class BCTModel(EmbeddingModel):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, _ = batch
-        rows = self.rows_of(labels)
+        rows = self.check_rows(labels)
         emb = self.net(images)
         logits = self.classifier(emb)
         ce = label_smoothed_cross_entropy(logits, rows, self.label_smoothing)
         influence = bct_influence_loss(emb, self.old_weight, labels)
         loss = ce + self.bct_weight * influence
-        check_finite(loss, "bct", self.global_step)
+        self.check_loss(loss, "bct")
         self.train_acc(logits.detach(), rows)
         self.log_loss("loss", loss, len(labels))
         self.log_loss("influence", influence, len(labels))

@@ -13,7 +13,7 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from fct_lightning.losses import check_finite, label_smoothed_cross_entropy
+from fct_lightning.losses import label_smoothed_cross_entropy
 from fct_lightning.models.backbones import EmbeddingNet, make_classifier
 from fct_lightning.stages.base import RetrievalStage
 
@@ -74,8 +74,8 @@ class EmbeddingModel(RetrievalStage):
         row = torch.full((max(classes) + 1,), -1, dtype=torch.long)
         row[torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("class_to_row", row, persistent=False)
-        self.train_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro")
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro")
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro", validate_args=False)
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro", validate_args=False)
 
     @property
     def embedding_dim(self) -> int:
@@ -86,27 +86,38 @@ class EmbeddingModel(RetrievalStage):
 
     def rows_of(self, labels: Tensor) -> Tensor:
         """Classifier rows of ``labels``; -1 for classes this model was not trained on."""
-        inside = labels < self.class_to_row.numel()
-        rows = torch.full_like(labels, -1)
-        rows[inside] = self.class_to_row[labels[inside]]
-        return rows
+        n = self.class_to_row.numel()
+        inside = (labels >= 0) & (labels < n)
+        # a gather and a select: no boolean indexing, so no wait for the device
+        return torch.where(inside, self.class_to_row[labels.clamp(0, n - 1)], -1)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, _ = batch
-        rows = self.rows_of(labels)
-        if (rows < 0).any():
-            bad = sorted(set(labels[rows < 0].tolist()))
-            raise ValueError(
-                f"training batch has labels {bad} outside the model's classes {self.classes}; the datamodule's "
-                "train_classes must match the model's classes."
-            )
+        rows = self.check_rows(labels)
         logits = self.classifier(self.net(images))
         loss = label_smoothed_cross_entropy(logits, rows, self.label_smoothing)
-        check_finite(loss, f"{self.stage} cross-entropy", self.global_step)
+        self.check_loss(loss, f"{self.stage} cross-entropy")
         self.train_acc(logits.detach(), rows)
         self.log_loss("loss", loss, len(labels))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
+
+    def check_rows(self, labels: Tensor) -> Tensor:
+        """Classifier rows of training ``labels``; a label outside the model's classes is an error.
+
+        On CPU the error is raised at once and names the labels. On a GPU the check is deferred (see
+        :attr:`deferred_check_every`) and the offending rows are clamped to 0 until it is read back.
+        """
+        rows = self.rows_of(labels)
+        problem = (f"a training batch has labels outside the model's classes {self.classes}; the datamodule's "
+                   "train_classes must match the model's classes.")
+        if not self.deferring(rows.device):
+            if (rows < 0).any():
+                bad = sorted(set(labels[rows < 0].tolist()))
+                raise ValueError(problem.replace("labels", f"labels {bad}", 1))
+            return rows
+        self._defer("labels", (rows < 0).any(), problem)
+        return rows.clamp_min(0)
 
     # ----------------------------------------------------------------- evaluation
     @property

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fct_lightning.losses import check_finite, nt_xent
+from fct_lightning.losses import nt_xent
 from fct_lightning.models.backbones import EmbeddingNet, ProjectionHead
 from fct_lightning.stages.base import RetrievalStage
 
@@ -93,7 +93,7 @@ class SideInfoModel(RetrievalStage):
         b = views.shape[0]
         z = self.projection(self.net(views.flatten(0, 1))).view(b, 2, -1)
         loss = nt_xent(self._gather(z[:, 0]), self._gather(z[:, 1]), self.temperature)
-        check_finite(loss, "side_info NT-Xent", self.global_step)
+        self.check_loss(loss, "side_info NT-Xent")
         self.log_loss("loss", loss, b)
         return loss
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fct_lightning.checkpoints import CheckpointError, load_stage
 from fct_lightning.data.features import FeatureBatches, build_or_load, cache_key, embed_views
-from fct_lightning.losses import check_finite, fastfill_loss, transformation_loss
+from fct_lightning.losses import fastfill_loss, transformation_loss
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.base import RetrievalStage, freeze
 
@@ -228,7 +228,7 @@ class TransformationModel(RetrievalStage):
             self.log("train/log_var", log_var.mean(), on_step=False, on_epoch=True, batch_size=len(labels))
         else:
             loss = transformation_loss(self.h(feats["old"], side), feats["new"], self.loss_kind)
-        check_finite(loss, "transformation", self.global_step)
+        self.check_loss(loss, "transformation")
         self.log_loss("loss", loss, len(labels))
         return loss
 
