@@ -55,7 +55,7 @@ EXTRA="--trainer.enable_progress_bar false --trainer.check_val_every_n_epoch 5 $
 PYM="python3 -m fct_lightning"
 CHAIN_T0=$(date +%s)
 if command -v make > /dev/null; then
-  timeout $(($(left) - 150)) make -j"$JOBS" -O cifar10 SETUP= FIT="$PYM.cli" EVAL="$PYM.evaluation --no_wandb" \
+  timeout $(($(left) - 40)) make -j"$JOBS" -O cifar10 SETUP= FIT="$PYM.cli" EVAL="$PYM.evaluation --no_wandb" \
     REPORT="$PYM.report --no_wandb" TRAINER="$TRAINER" DATA_ROOT=$DATA ARTIFACTS=$ART EXTRA="$EXTRA" \
     > "$OUT/chain.txt" 2>&1
   echo "make rc=$?" >> "$OUT/chain.txt"
