@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in order of value, each guarded by what is left of a time budget.
 #   0. set-up: carried wheels, CIFAR-10 extracted and decoded once (timed apart from the chain)
-#   1. ResNet-18 32 px throughput: Lightning end to end vs plain loops     -> $OUT/throughput.txt
-#   2. the CIFAR-10 chain at full length, stages in parallel where the     -> $OUT/chain.txt, $OUT/report.md
+#   1. the CIFAR-10 chain at full length, stages in parallel where the     -> $OUT/chain.txt, $OUT/report.md
 #      dependencies allow (`make -j cifar10`, or the same graph in bash)
+#   2. ResNet-18 32 px throughput: Lightning end to end vs plain loops     -> $OUT/throughput.txt
 #   3. h training per epoch, cached vs on the fly, same process            -> $OUT/h.txt
 #   4. h trained on the fly at full length (accuracy vs the cached run)    -> $OUT/onthefly.txt
 # Everything else (results json, configs, metrics) ends in $OUT/res.tgz; the timeline in $OUT/summary.txt.
@@ -45,11 +45,6 @@ dm.setup("fit")
 print(f"decoded and cached in {time.perf_counter() - t:.1f} s")
 EOF
 
-stamp throughput
-if [ "$TRAINER" = gpu-fast ]; then
-  timeout 110 python3 bench/bench_train_throughput.py --data_root $DATA --steps 80 > "$OUT/throughput.txt" 2>&1
-fi
-
 stamp "chain start (left $(left) s)"
 EXTRA="--trainer.enable_progress_bar false --trainer.check_val_every_n_epoch 5 $QUICK"
 PYM="python3 -m fct_lightning"
@@ -80,6 +75,12 @@ stamp "chain done in $(($(date +%s) - CHAIN_T0)) s"
 cp $ART/cifar10/report.md "$OUT/report.md" 2>/dev/null
 grep -h "done in\|best val\|last epoch" "$OUT/chain.txt" >> "$OUT/summary.txt" 2>/dev/null
 
+if [ "$TRAINER" = gpu-fast ] && [ "$(left)" -gt 90 ]; then
+  stamp throughput
+  for b in 512 1024; do
+    timeout 60 python3 bench/bench_train_throughput.py --data_root $DATA --steps 60 --batch $b >> "$OUT/throughput.txt" 2>&1
+  done
+fi
 if [ "$TRAINER" = gpu-fast ] && [ "$(left)" -gt 100 ] && [ -f $ART/cifar10/new/best.ckpt ]; then
   stamp "h bench"
   timeout $(($(left) - 60)) python3 bench/bench_transformation.py --artifacts $ART --dataset cifar10 \

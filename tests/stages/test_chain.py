@@ -182,3 +182,24 @@ def test_fastfill_stage_and_backfill_curves(full_chain, capsys):
     report_main([str(out), "--out_dir", str(chain / "report_bf"), "--no_wandb"])
     assert (chain / "report_bf" / "backfill.png").is_file()
     assert "backfill fct+side uncertainty (mean AUC)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_cached_mode_trains_on_cached_features_only(chain, tmp_path, monkeypatch, cached):
+    """Cached h training must see feature batches, never images (Lightning asks for the training loader early)."""
+    from fct_lightning.stages import TransformationModel
+
+    kinds: list[str] = []
+    original = TransformationModel.training_step
+
+    def spy(self, batch, batch_idx):
+        kinds.append("features" if isinstance(batch, dict) else "images")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(TransformationModel, "training_step", spy)
+    run("transformation", chain, *SMALL_H, "--model.cached", str(cached).lower(),
+        "--model.cache_dir", str(tmp_path / "cache"), "--artifacts", str(tmp_path / "out"),
+        "--model.old_checkpoint", str(chain / "digits" / "old" / "best.ckpt"),
+        "--model.new_checkpoint", str(chain / "digits" / "new" / "best.ckpt"),
+        "--model.side_info_checkpoint", str(chain / "digits" / "side_info" / "best.ckpt"))
+    assert kinds == ["features" if cached else "images"] * 2

@@ -198,8 +198,10 @@ class RetrievalStage(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = self.trainable_parameters()
-        # fused CUDA kernels: one launch per step instead of a few per parameter group (same update rule)
-        fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+        # fused CUDA kernels: one launch per step instead of a few per parameter group (same update rule).
+        # Lightning refuses gradient clipping with fused optimisers, so clipped runs keep the foreach kernels.
+        clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)
+        fused = {"fused": True} if params and all(p.is_cuda for p in params) and not clipping else {}
         if self.optimizer_name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
                 params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,

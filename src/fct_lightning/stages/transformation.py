@@ -182,13 +182,20 @@ class TransformationModel(RetrievalStage):
         return self.transform(f["old"], f.get("side"))
 
     # ----------------------------------------------------------------- training
-    def on_fit_start(self) -> None:
-        if not self.cached:
+    def setup(self, stage: str) -> None:
+        """Cached mode: build (or load) the feature cache and make the datamodule serve it.
+
+        This runs in ``setup`` because Lightning asks for the training dataloader before ``on_fit_start``
+        (to count the steps of the learning-rate schedule) and keeps that first loader: swapping it later
+        would leave h training on images through the frozen models, i.e. on the fly.
+        """
+        if stage != "fit" or not self.cached:
             return
         dm = self.trainer.datamodule
-        models = {"old": self.old_net, "new": self.new_net}
+        device = self.trainer.strategy.root_device
+        models = {"old": self.old_net.to(device), "new": self.new_net.to(device)}
         if self.use_side_info:
-            models["side"] = self.side_net
+            models["side"] = self.side_net.to(device)
         key = cache_key(
             old=self.old_meta["digest"], new=self.new_meta["digest"], side=self.side_meta.get("digest"),
             dataset=dm.name, classes=dm.train_class_ids, views=self.cache_views, seed=self.cache_seed,
@@ -198,11 +205,11 @@ class TransformationModel(RetrievalStage):
         features = build_or_load(
             self.cache_dir, key,
             lambda: embed_views(dm, models, split="train", classes=dm.train_class_ids, views=self.cache_views,
-                                seed=self.cache_seed, device=self.device, dtype=self.cache_dtype,
+                                seed=self.cache_seed, device=device, dtype=self.cache_dtype,
                                 rank=rank, world_size=world),
             rank=rank, world_size=world, barrier=self.trainer.strategy.barrier,
         )
-        self._feature_loader = FeatureBatches(features, dm.batch_size, self.device, self.cache_seed, rank, world)
+        self._feature_loader = FeatureBatches(features, dm.batch_size, device, self.cache_seed, rank, world)
         dm.train_dataloader = lambda: self._feature_loader  # the datamodule now serves cached features
 
     def on_train_epoch_start(self) -> None:
