@@ -13,6 +13,7 @@ ARTIFACTS ?= artifacts
 SEED      ?= 0
 DATA_ROOT ?=
 TRAINER   ?=
+RECIPE    ?=
 DEVICES   ?=
 EXTRA     ?=
 POINTS    ?= 22
@@ -39,6 +40,7 @@ help:  ## list the targets and variables
 	@echo "  <dataset>-eval, <dataset>-report"
 	@echo "variables: ARTIFACTS=$(ARTIFACTS) SEED=$(SEED) DATA_ROOT=<dataset root> TRAINER=<presets in configs/trainer, e.g. 'gpu-fast' or 'ddp bf16'>"
 	@echo "           DEVICES=<n> EXTRA='<more fct-fit options>' POINTS=$(POINTS) (backfill curve points)"
+	@echo "           RECIPE=<folder in configs/recipes, one <stage>.yaml each, e.g. cifar10_cpu or cifar100_resnet50>"
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,28 +64,30 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 	$(BIN)/python bench/bench_transformation.py
 
 # ----------------------------------------------------------------------------- reproduction chains
+# $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
 fit_opts = --dataset $(1) --artifacts $(ARTIFACTS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
-	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
+	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
+	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
 data_opts = $(if $(DATA_ROOT),--data_root $(DATA_ROOT))
 
 define CHAIN
 $(1)_DIR := $(ARTIFACTS)/$(1)
 $$($(1)_DIR)/old/best.ckpt: | $(SETUP) $(1)-data
-	$(FIT) --stage old $(call fit_opts,$(1))
+	$(FIT) --stage old $(call fit_opts,$(1),old)
 $$($(1)_DIR)/side_info/best.ckpt: | $(SETUP) $(1)-data
-	$(FIT) --stage side_info $(call fit_opts,$(1))
+	$(FIT) --stage side_info $(call fit_opts,$(1),side_info)
 $$($(1)_DIR)/new/best.ckpt: | $(SETUP) $(1)-data
-	$(FIT) --stage new $(call fit_opts,$(1))
+	$(FIT) --stage new $(call fit_opts,$(1),new)
 $$($(1)_DIR)/transformation/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/side_info/best.ckpt $$($(1)_DIR)/new/best.ckpt
-	$(FIT) --stage transformation $(call fit_opts,$(1))
+	$(FIT) --stage transformation $(call fit_opts,$(1),transformation)
 $$($(1)_DIR)/transformation_noside/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/new/best.ckpt
-	$(FIT) --stage transformation --model.use_side_info false $(call fit_opts,$(1))
+	$(FIT) --stage transformation --model.use_side_info false $(call fit_opts,$(1),transformation)
 $$($(1)_DIR)/fastfill/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/side_info/best.ckpt $$($(1)_DIR)/new/best.ckpt
-	$(FIT) --stage transformation --model.uncertainty true $(call fit_opts,$(1))
+	$(FIT) --stage transformation --model.uncertainty true $(call fit_opts,$(1),transformation)
 $$($(1)_DIR)/fastfill_noside/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/new/best.ckpt
-	$(FIT) --stage transformation --model.uncertainty true --model.use_side_info false $(call fit_opts,$(1))
+	$(FIT) --stage transformation --model.uncertainty true --model.use_side_info false $(call fit_opts,$(1),transformation)
 $$($(1)_DIR)/bct/best.ckpt: $$($(1)_DIR)/old/best.ckpt
-	$(FIT) --stage bct $(call fit_opts,$(1))
+	$(FIT) --stage bct $(call fit_opts,$(1),bct)
 $$($(1)_DIR)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/best.ckpt)
 	$(EVAL) --dataset $(1) --artifacts $(ARTIFACTS) $(data_opts) --backfill random,uncertainty,distance --points $(POINTS) --out $$@
 $$($(1)_DIR)/report.md: $$($(1)_DIR)/results/seed$(SEED).json

@@ -159,11 +159,13 @@ def query_metrics(distances: Tensor, query_labels: Tensor, class_index: ClassInd
         dense = r_max * 8 > num_g
     if dense:  # many relevant items: scan the sorted row once instead of one binary search per relevant item
         return _dense_metrics(sort_rows(keys, inplace=True), query_labels, class_index, valid.sum(1))
-    targets = keys.gather(1, cols)
+    targets = keys.gather(1, cols).masked_fill_(~valid, _LAST)
+    # sorting the relevant keys first makes their ranks come out ascending (padding last); numpy's SIMD sort
+    # of these [c, R] keys is several times faster than torch.sort of the ranks afterwards
+    targets = sort_rows(targets, inplace=True)
     ordered = sort_rows(keys, inplace=True)  # keys is our own scratch tensor
     # keys are unique, so the insertion point of a relevant item's key is the number of items ranked before it
     rank = torch.searchsorted(ordered, targets, side="left") + 1
-    rank = torch.where(valid, rank, num_g + 1).sort(dim=1).values  # ranks of relevant items, ascending
     num_rel = valid.sum(1)
     live = ar < num_rel.unsqueeze(1)
     precision = (ar + 1).to(torch.float64) / rank.to(torch.float64)
