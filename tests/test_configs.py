@@ -35,7 +35,8 @@ from tests.data.fakes import make_cifar_pickles, make_imagefolder
 
 CHAIN = ("old", "side_info", "new", "transformation", "bct")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2")
-RECIPES = {"cifar100_resnet50": "cifar100"}  # recipe folder -> the dataset (stage configs) it overrides
+RECIPES = {"cifar100_resnet50": "cifar100", "cifar10_cpu": "cifar10"}  # recipe folder -> the dataset it overrides
+RECIPE_TRUNKS = {"cifar100_resnet50": ("ResNet", 2048), "cifar10_cpu": ("SmallConvNet", 32)}  # trunk, feature dim
 # every trainer preset, the four basic ones and any added later (e.g. presets with a data section)
 PRESETS = tuple(sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")))
 BASIC_PRESETS = ("cpu", "gpu", "ddp", "bf16")
@@ -235,7 +236,8 @@ def test_recipe_instantiates(recipe, stage, extra, trees, upstream):
     check_values(cli, CONFIG_DIR / dataset / f"{stage}.yaml", override, overridden=extra)
     check_classes(cli, dataset, stage)
     if stage != "transformation":
-        assert cli.model.net.trunk.__class__.__name__ == "ResNet" and cli.model.net.feature_dim == 2048
+        trunk = (cli.model.net.trunk.__class__.__name__, cli.model.net.feature_dim)
+        assert trunk == RECIPE_TRUNKS[recipe]
 
 
 def preset_args(preset: str, trees: dict[str, Path], tmp_path: Path, *extra: str) -> list[str]:
