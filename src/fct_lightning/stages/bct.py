@@ -84,10 +84,9 @@ class BCTModel(EmbeddingModel):
         influence = bct_influence_loss(emb, self.old_weight, labels)
         loss = ce + self.bct_weight * influence
         self.check_loss(loss, "bct")
-        self.train_acc(logits.detach(), rows)
+        self.train_acc.update(logits.detach(), rows)
         self.log_loss("loss", loss, len(labels))
         self.log_loss("influence", influence, len(labels))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
     @property

@@ -97,10 +97,15 @@ class EmbeddingModel(RetrievalStage):
         logits = self.classifier(self.net(images))
         loss = label_smoothed_cross_entropy(logits, rows, self.label_smoothing)
         self.check_loss(loss, f"{self.stage} cross-entropy")
-        self.train_acc(logits.detach(), rows)
+        self.train_acc.update(logits.detach(), rows)
         self.log_loss("loss", loss, len(labels))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        # once per epoch (compute() syncs across ranks); logging the metric every step cost host time
+        self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True)
+        self.train_acc.reset()
 
     def check_rows(self, labels: Tensor) -> Tensor:
         """Classifier rows of training ``labels``; a label outside the model's classes is an error.
@@ -137,7 +142,7 @@ class EmbeddingModel(RetrievalStage):
         rows = self.rows_of(labels)
         seen = rows >= 0
         if seen.any():
-            self.val_acc(self.classifier(embeddings[self.role][seen]), rows[seen])
+            self.val_acc.update(self.classifier(embeddings[self.role][seen]), rows[seen])
             self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, batch_size=int(seen.sum()))
 
     def fct_metadata(self) -> dict[str, Any]:

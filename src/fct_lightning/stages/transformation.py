@@ -232,7 +232,7 @@ class TransformationModel(RetrievalStage):
             rows = self.new_class_to_row[labels] if use_disc else None
             loss = fastfill_loss(pred, feats["new"], log_var, discriminative_logits=logits, labels=rows,
                                  smoothing=self.label_smoothing, use_similarity=use_sim, use_discriminative=use_disc)
-            self.log("train/log_var", log_var.mean(), on_step=False, on_epoch=True, batch_size=len(labels))
+            self.log_loss("log_var", log_var.mean(), len(labels), step=False)
         else:
             loss = transformation_loss(self.h(feats["old"], side), feats["new"], self.loss_kind)
         self.check_loss(loss, "transformation")
