@@ -50,8 +50,8 @@ class RetrievalStage(pl.LightningModule):
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
     #: On an accelerator, per-step sanity checks (finite loss, labels in range) are recorded on the device and
     #: read back every this many training steps, before every validation and at every epoch end. Reading a
-    #: value back waits for the device, and doing it every step cost a measured share of GPU throughput.
-    #: On CPU every step is checked at once (nothing to wait for).
+    #: value back makes the host wait for the device; doing it every step would stop the host from queueing
+    #: the next steps ahead. On CPU every step is checked at once (nothing to wait for).
     deferred_check_every: ClassVar[int] = 50
     #: Defer the checks on CPU too (tests use it to exercise the GPU path).
     defer_checks_on_cpu: ClassVar[bool] = False

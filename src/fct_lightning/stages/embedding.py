@@ -74,8 +74,10 @@ class EmbeddingModel(RetrievalStage):
         row = torch.full((max(classes) + 1,), -1, dtype=torch.long)
         row[torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("class_to_row", row, persistent=False)
-        self.train_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro", validate_args=False)
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(len(classes), average="micro", validate_args=False)
+        # validate_args=False: the value checks read the labels back from the device on every update
+        accuracy = dict(num_classes=len(classes), average="micro", validate_args=False)
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(**accuracy)
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(**accuracy)
 
     @property
     def embedding_dim(self) -> int:
