@@ -29,7 +29,8 @@ def test_step_and_epoch_logs(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          logger=CSVLogger(tmp_path, name="logs"))
     trainer.fit(model, datamodule=dm)
-    rows = list(csv.DictReader(open(next(tmp_path.glob("logs/*/metrics.csv")))))
+    with open(next(tmp_path.glob("logs/*/metrics.csv"))) as fh:
+        rows = list(csv.DictReader(fh))
     steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
     assert steps == list(range(1, len(model.seen), 2))  # every 2nd step (Lightning's schedule), no stale repeats
     epoch_losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]

@@ -75,7 +75,7 @@ class EmbeddingModel(RetrievalStage):
         row[torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("class_to_row", row, persistent=False)
         # validate_args=False: the value checks read the labels back from the device on every update
-        accuracy = dict(num_classes=len(classes), average="micro", validate_args=False)
+        accuracy = {"num_classes": len(classes), "average": "micro", "validate_args": False}
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(**accuracy)
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(**accuracy)
 
