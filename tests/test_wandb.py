@@ -31,7 +31,8 @@ def test_fct_fit_logs_an_offline_wandb_run(tmp_path):
     cmd = [sys.executable, "-m", "fct_lightning.cli", "--stage", "old", "--artifacts", str(art),
            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
            "--model.width", "8"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("No W&B credentials found: logging offline") == 1
     runs = list((art / "wandb").glob("offline-run-*"))

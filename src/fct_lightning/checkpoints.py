@@ -42,7 +42,7 @@ def read_checkpoint(path: str | Path, role: str) -> dict[str, Any]:
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling/zip failure means the same thing to the user
+    except Exception as err:  # any unpickling or zip failure means the same thing to the user
         raise CheckpointError(
             f"the {role} checkpoint {path} cannot be read ({type(err).__name__}: {err}); the file is corrupt or "
             f"not a PyTorch checkpoint. Re-train the stage or restore the file (last.ckpt sits next to best.ckpt)."

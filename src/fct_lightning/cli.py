@@ -141,9 +141,10 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, rest = _pre_parser("fct-fit").parse_known_args(argv)
     if pre.stage is None:
+        stages, datasets = ",".join(sorted(STAGES)), ",".join(sorted(DATAMODULES))
         usage = (
-            "usage: fct-fit --stage {%s} [--dataset {%s}] [--artifacts DIR] [--seed N] [--ckpt_path last|PATH] "
-            "[LightningCLI options, see fct-fit --stage S --help]" % (",".join(sorted(STAGES)), ",".join(sorted(DATAMODULES)))
+            f"usage: fct-fit --stage {{{stages}}} [--dataset {{{datasets}}}] [--artifacts DIR] [--seed N] "
+            "[--ckpt_path last|PATH] [LightningCLI options, see fct-fit --stage S --help]"
         )
         raise SystemExit(usage if {"-h", "--help"} & set(rest) else f"fct-fit: --stage is required.\n{usage}")
     stage_cls = STAGES[pre.stage]
@@ -186,8 +187,8 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
 
 def _summary(cli: FCTCLI, seconds: float) -> str:
     """One line per stage for logs: wall time, best monitored value and the last epoch's retrieval metrics."""
-    lines = [f"fct-fit: stage {cli.stage} on {cli.dataset} done in {seconds:.1f} s "
-             f"({cli.trainer.current_epoch} epochs); checkpoints in {cli.out_dir}"]
+    lines = [(f"fct-fit: stage {cli.stage} on {cli.dataset} done in {seconds:.1f} s "
+              f"({cli.trainer.current_epoch} epochs); checkpoints in {cli.out_dir}")]
     ckpt = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     if ckpt is not None and ckpt.best_model_score is not None:
         lines.append(f"  best {ckpt.monitor} = {float(ckpt.best_model_score):.4f}")
@@ -213,7 +214,6 @@ def eval_main(argv: list[str] | None = None) -> None:
     from fct_lightning.evaluation import main
 
     main(argv)
-    return None
 
 
 def report_main(argv: list[str] | None = None) -> None:

@@ -141,7 +141,11 @@ def run_backfill(
 
     Keys of the result are ``"<space> <policy>"``, e.g. ``"fct+side uncertainty"``.
     """
-    from fct_lightning.backfill import BackfillContext, backfill_curves, embed_for_backfill
+    from fct_lightning.backfill import (
+        BackfillContext,
+        backfill_curves,
+        embed_for_backfill,
+    )
 
     dataset = dm.name
     out: dict[str, Any] = {}

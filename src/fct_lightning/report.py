@@ -87,8 +87,8 @@ def to_markdown(table: dict[str, dict[str, tuple[float, float, int]]], title: st
         lines.append("| " + " | ".join([case, *vals, compatibility(table, case, "top1"),
                                        compatibility(table, case, "map")]) + " |")
     n = max((c[2] for cells in table.values() for c in cells.values()), default=0)
-    lines += ["", f"Values in percent; {n} run(s){' (mean ± std)' if n > 1 else ''}. A cross-model case is "
-              "compatible when its metric exceeds old/old's."]
+    lines += ["", (f"Values in percent; {n} run(s){' (mean ± std)' if n > 1 else ''}. A cross-model case is "
+                   "compatible when its metric exceeds old/old's.")]
     return "\n".join(lines) + "\n"
 
 

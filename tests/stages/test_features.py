@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from fct_lightning.data import DATAMODULES
-from fct_lightning.data.features import FeatureBatches, build_or_load, cache_key, embed_views, merge_parts
+from fct_lightning.data.features import (
+    FeatureBatches,
+    build_or_load,
+    cache_key,
+    embed_views,
+    merge_parts,
+)
 from fct_lightning.models.backbones import EmbeddingNet
 
 
@@ -38,7 +44,8 @@ def test_cached_features_equal_on_the_fly_features():
 def test_rank_shares_merge_to_the_single_process_cache(in_memory):
     dm = DATAMODULES["digits"](batch_size=64, in_memory_gpu=in_memory)
     models = _models()
-    kw = dict(split="train", classes=[3], views=1, seed=1, device=torch.device("cpu"), dtype=torch.float32)
+    kw = {"split": "train", "classes": [3], "views": 1, "seed": 1, "device": torch.device("cpu"),
+          "dtype": torch.float32}
     whole = embed_views(dm, models, **kw)
     parts = [embed_views(dm, models, rank=r, world_size=3, **kw) for r in range(3)]
     merged = merge_parts(parts)

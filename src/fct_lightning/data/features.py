@@ -145,7 +145,7 @@ def build_or_load(
         log.info("reusing feature cache %s", path)
     try:
         return torch.load(path)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise RuntimeError(f"the feature cache {path} is corrupt ({err}); delete {folder} and rerun") from err
 
 
@@ -178,7 +178,7 @@ class FeatureBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-self.per_rank // self.batch_size)
+        return (self.per_rank + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)

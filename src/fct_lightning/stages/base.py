@@ -212,7 +212,7 @@ class RetrievalStage(pl.LightningModule):
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(self.warmup_epochs * total / epochs))
+        warmup = round(self.warmup_epochs * total / epochs)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
         )

@@ -19,7 +19,12 @@ import torch
 from torch import Tensor
 
 from fct_lightning.checkpoints import CheckpointError, load_stage
-from fct_lightning.data.features import FeatureBatches, build_or_load, cache_key, embed_views
+from fct_lightning.data.features import (
+    FeatureBatches,
+    build_or_load,
+    cache_key,
+    embed_views,
+)
 from fct_lightning.losses import fastfill_loss, transformation_loss
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.base import RetrievalStage, freeze
@@ -263,7 +268,7 @@ class TransformationModel(RetrievalStage):
 
     def export_gallery(self, old: Any, side: Any, out: str | Path) -> Path:
         """Write ``transform_stored(old, side)`` to ``out`` (``.npy``); inputs may be arrays or ``.npy`` paths."""
-        load = lambda a: np.load(a) if isinstance(a, (str, Path)) else a  # noqa: E731
+        load = lambda a: np.load(a) if isinstance(a, (str, Path)) else a
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, self.transform_stored(load(old), None if side is None else load(side)).numpy())
