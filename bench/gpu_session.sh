@@ -15,7 +15,7 @@ BUDGET=${BUDGET:-570}  # seconds this script may use in all
 OUT=${OUT:-/tmp/out}
 TRAINER=${TRAINER:-gpu-fast}
 QUICK=${QUICK:-}
-JOBS=${JOBS:-8}
+JOBS=${JOBS:-8}  # the dependency graph runs at most 5 stages at once; the H200 machine showed nproc = 2
 ART=/tmp/art
 export DATA=${DATA:-/tmp/data}
 rm -rf $ART /tmp/otf
