@@ -47,7 +47,9 @@ VARIANT_IDS = ["old", "side_info", "new", "transformation", "transformation_nosi
 
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false"]
-ONE_BATCH = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+# one epoch of one batch, validated (recipes that validate every few epochs would otherwise write no best.ckpt)
+ONE_BATCH = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+             "--trainer.check_val_every_n_epoch", "1"]
 # speed only: 2 cached views instead of 10 keep the feature cache (3 frozen backbones x views x images) small
 FAST_CACHE = ["--model.cache_views", "2"]
 # ImageNet-style datasets are 224 px; 32 px keeps a ResNet-50 step on 2 CPU cores at about a second
