@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
@@ -177,12 +178,24 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     """Run ``fct-fit`` with ``argv`` and return the CLI (model, datamodule, trainer) for inspection."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cli, ckpt = build_cli(argv)
+    _check_validation_runs(cli.trainer)
     if cli.trainer.is_global_zero:
         _save_config(cli)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     rank_zero_info(_summary(cli, time.perf_counter() - start))
     return cli
+
+
+def _check_validation_runs(trainer: Trainer) -> None:
+    """best.ckpt, which later stages read, is written at validation: refuse a run in which none would happen."""
+    every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    if every and epochs is not None and 0 < epochs < every and trainer.limit_val_batches != 0:
+        raise SystemExit(
+            f"fct-fit: --trainer.max_epochs {epochs} is less than --trainer.check_val_every_n_epoch {every}, so no "
+            "validation would run and no best.ckpt would be written for the later stages; set "
+            f"--trainer.check_val_every_n_epoch {epochs} (or fewer) or train for at least {every} epochs."
+        )
 
 
 def _summary(cli: FCTCLI, seconds: float) -> str:

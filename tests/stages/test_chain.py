@@ -203,3 +203,10 @@ def test_cached_mode_trains_on_cached_features_only(chain, tmp_path, monkeypatch
         "--model.new_checkpoint", str(chain / "digits" / "new" / "best.ckpt"),
         "--model.side_info_checkpoint", str(chain / "digits" / "side_info" / "best.ckpt"))
     assert kinds == ["features" if cached else "images"] * 2
+
+
+def test_run_without_any_validation_is_refused(tmp_path):
+    """best.ckpt is written at validation; a run that would never validate stops before training, saying why."""
+    with pytest.raises(SystemExit, match="max_epochs 1 is less than --trainer.check_val_every_n_epoch 3"):
+        run("old", tmp_path, *SMALL_NET, "--trainer.check_val_every_n_epoch", "3")
+    assert not (tmp_path / "digits" / "old" / "last.ckpt").exists()
