@@ -328,8 +328,9 @@ def embed_for_backfill(module: Any, loader: Any, device: torch.device | str) -> 
         device: Where to run the models.
 
     Returns:
-        ``{"transformed": [N, d], "new": [N, d], "labels": [N], "uncertainty": [N] or None}`` in item-index order;
-        uncertainty is h's predicted log-variance (mean over its dims) when the module has the head.
+        ``{"transformed": [N, d], "new": [N, d], "labels": [N], "uncertainty": [N] or None}`` in item-index order,
+        on ``device`` (the backfilling curves evaluate them there); uncertainty is h's predicted log-variance
+        (mean over its dims) when the module has the head.
     """
     keys = ("transformed", "new", "labels", "uncertainty")
     parts: dict[str, list[Tensor]] = {k: [] for k in (*keys, "index")}
@@ -340,16 +341,16 @@ def embed_for_backfill(module: Any, loader: Any, device: torch.device | str) -> 
             side = f.get("side") if side_on else None
             if module.uncertainty:
                 pred, log_var = module.h.forward_with_uncertainty(f["old"], side)
-                parts["uncertainty"].append(log_var.float().reshape(len(pred), -1).mean(dim=1).cpu())
+                parts["uncertainty"].append(log_var.float().reshape(len(pred), -1).mean(dim=1))
             else:
                 pred = module.h(f["old"], side)
-            parts["transformed"].append(pred.float().cpu())
-            parts["new"].append(f["new"].float().cpu())
-            parts["labels"].append(torch.as_tensor(labels).long().cpu())
-            parts["index"].append(torch.as_tensor(index).long().cpu())
+            parts["transformed"].append(pred.float())
+            parts["new"].append(f["new"].float())
+            parts["labels"].append(torch.as_tensor(labels).long().to(device))
+            parts["index"].append(torch.as_tensor(index).long())
     if not parts["index"]:
         raise ValueError("the loader yielded no batches; check the evaluation split.")
-    pos = _item_order(torch.cat(parts["index"]))
+    pos = _item_order(torch.cat(parts["index"])).to(device)
     return {k: torch.cat(parts[k])[pos] if parts[k] else None for k in keys}
 
 

@@ -161,10 +161,9 @@ def run_backfill(
         if len(usable) < len(policies):
             log.warning("backfill: %s has no uncertainty head (train it with --model.uncertainty true); "
                         "skipping the uncertainty policy for %s", path, space)
+        # on `dev`: the curves evaluate the whole gallery once per point, policy and seed (on an H200, CIFAR-10's
+        # evaluations took minutes on the host CPU)
         emb = embed_for_backfill(module, dm.eval_dataloader(dm.eval_split), dev)
-        # the curves evaluate the whole gallery once per point, policy and seed: do it where the models ran
-        # (on an H200, CIFAR-10's 132 evaluations took minutes on the host CPU instead of seconds)
-        emb = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in emb.items()}
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
                                  points=points, distance=distance)
         out.update({f"{space} {policy}": dict(curve, checkpoint=str(path)) for policy, curve in curves.items()})

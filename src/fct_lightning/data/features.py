@@ -9,6 +9,7 @@ cache is never reused. Under DDP each rank embeds its own share of the items, ra
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -111,42 +112,43 @@ def build_or_load(
     """Load ``<cache_dir>/<key>/features.pt`` or compute it (each rank its part, rank 0 merges)."""
     folder = Path(cache_dir) / key
     path = folder / "features.pt"
-    if world_size == 1:
-        # separate jobs (e.g. `make -j` training h with and without the uncertainty head) may want the same
-        # cache at once: the first builds it under an exclusive lock, the others wait and then load it
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if not path.is_file():
-                    tmp = folder / f"features.pt.{os.getpid()}.tmp"
-                    torch.save(merge_parts([compute()]), tmp)
-                    tmp.replace(path)
-                    log.info("feature cache written to %s", path)
-                else:
-                    log.info("reusing feature cache %s", path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-    elif not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        part = compute()
-        torch.save(part, folder / f"part-{rank}-of-{world_size}.pt")
-        barrier()
-        if rank == 0:
-            parts = [torch.load(folder / f"part-{r}-of-{world_size}.pt") for r in range(world_size)]
-            tmp = folder / "features.pt.tmp"
-            torch.save(merge_parts(parts), tmp)
-            tmp.replace(path)
-            for r in range(world_size):
-                (folder / f"part-{r}-of-{world_size}.pt").unlink(missing_ok=True)
-            log.info("feature cache written to %s", path)
-        barrier()
-    else:
-        log.info("reusing feature cache %s", path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Separate single-process jobs that want the same cache at once (`make -j` training h with and without the
+    # uncertainty head) take turns on a file lock: the first builds it, the others then load it. The ranks of
+    # one DDP job coordinate with barriers instead.
+    with _exclusive(folder / "build.lock") if world_size == 1 else contextlib.nullcontext():
+        if path.is_file():
+            log.info("reusing feature cache %s", path)
+        else:
+            part = compute()
+            if world_size > 1:
+                torch.save(part, folder / f"part-{rank}-of-{world_size}.pt")
+                barrier()
+            if rank == 0:
+                parts = [part] if world_size == 1 else [
+                    torch.load(folder / f"part-{r}-of-{world_size}.pt") for r in range(world_size)]
+                tmp = folder / f"features.pt.{os.getpid()}.tmp"
+                torch.save(merge_parts(parts), tmp)
+                tmp.replace(path)
+                for r in range(world_size):
+                    (folder / f"part-{r}-of-{world_size}.pt").unlink(missing_ok=True)
+                log.info("feature cache written to %s", path)
+            barrier()
     try:
         return torch.load(path)
     except Exception as err:
         raise RuntimeError(f"the feature cache {path} is corrupt ({err}); delete {folder} and rerun") from err
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_path`` (other processes block until it is released)."""
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class FeatureBatches:
