@@ -100,9 +100,8 @@ def test_label_smoothed_ce_matches_torch_and_naive(gen, eps):
     ours = label_smoothed_cross_entropy(logits, target, smoothing=eps)
     torch.testing.assert_close(ours, F.cross_entropy(logits, target, label_smoothing=eps))
     per_item = label_smoothed_cross_entropy(logits, target, smoothing=eps, reduction="none")
-    torch.testing.assert_close(
-        per_item.double(), torch.tensor(naive_ce(logits, target, eps), dtype=torch.double)
-    )
+    # an fp32 computation against the float64 reference: fp32 tolerances
+    torch.testing.assert_close(per_item, torch.tensor(naive_ce(logits, target, eps), dtype=torch.float32))
 
 
 def test_label_smoothed_ce_errors():

@@ -64,3 +64,14 @@ def test_deferred_nan_stops_training_before_the_next_validation(tmp_path):
                          default_root_dir=tmp_path)
     with pytest.raises(FloatingPointError, match="at step 1;"):
         trainer.fit(model, datamodule=dm)
+
+
+def test_deferred_checks_are_read_back_even_when_nothing_asks():
+    """A hand-written loop never calls raise_deferred: the kept values are read every 4 x deferred_check_every."""
+    m = DeferringOld(classes=[0, 1], in_channels=1, backbone="convnet", width=4)
+    m.check_loss(torch.tensor(float("inf")), "old cross-entropy")
+    for _ in range(4 * m.deferred_check_every - 2):
+        m.check_loss(torch.tensor(1.0), "old cross-entropy")
+    with pytest.raises(FloatingPointError, match="at step 0;"):
+        m.check_loss(torch.tensor(1.0), "old cross-entropy")
+    assert not m.__dict__.get("_deferred")  # nothing left over to raise twice

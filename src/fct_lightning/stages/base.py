@@ -124,32 +124,37 @@ class RetrievalStage(pl.LightningModule):
         if not self.deferring(loss.device):
             check_finite(loss, what, self.global_step)
             return
-        self._defer("loss", ~torch.isfinite(loss.detach()).all(), what)
+        self._defer("loss", loss.detach(), what)  # no kernel: the value itself is checked when read back
 
     def deferring(self, device: torch.device) -> bool:
         return device.type != "cpu" or self.defer_checks_on_cpu
 
-    def _defer(self, key: str, bad: Tensor, what: str) -> None:
-        """Remember, on the device and without waiting for it, the first step at which ``bad`` was true."""
-        pending = getattr(self, "_deferred", None)
-        if pending is None:
-            pending = self._deferred = {}
-        first = pending.get(key, (None, what))[0]
-        if first is None:
-            first = torch.full((), -1, dtype=torch.long, device=bad.device)
-        first = torch.where((first < 0) & bad, self.global_step, first)
-        pending[key] = (first, what)
+    def _defer(self, key: str, value: Tensor, what: str) -> None:
+        """Keep ``value`` (a 0-d tensor, still on the device) and this step's number, to check when read back.
+
+        ``key`` names the check: ``"loss"`` fails on a value that is not finite, any other key on a negative
+        value. Keeping the tensors costs no kernel launch and no wait; :meth:`raise_deferred` stacks them and
+        reads them back at once. Should nothing read them back (a hand-written loop), they are read every
+        ``4 * deferred_check_every`` values.
+        """
+        pending = self.__dict__.setdefault("_deferred", {})
+        steps, values, _ = pending.setdefault(key, ([], [], what))
+        steps.append(self.global_step)
+        values.append(value)
+        if len(values) >= 4 * self.deferred_check_every:
+            self.raise_deferred()
 
     def raise_deferred(self) -> None:
         """Read the deferred checks back (one device sync) and raise the first failure."""
-        pending = getattr(self, "_deferred", None)
+        pending = self.__dict__.pop("_deferred", None)
         if not pending:
             return
-        self._deferred = {}
-        for key, (first, what) in pending.items():
-            step = int(first)
-            if step < 0:
+        for key, (steps, values, what) in pending.items():
+            got = torch.stack(values).detach().float().cpu()
+            bad = ~torch.isfinite(got) if key == "loss" else got < 0
+            if not bad.any():
                 continue
+            step = steps[int(bad.nonzero()[0, 0])]
             if key == "loss":
                 raise FloatingPointError(
                     f"loss of {what} became NaN or infinite at step {step}; lower the learning rate, check the "
@@ -227,26 +232,34 @@ class RetrievalStage(pl.LightningModule):
         ``log_every_n_steps``) and once per epoch: each call costs Lightning about a millisecond of host time,
         which a GPU step of a small network cannot hide.
         """
-        totals = self.__dict__.setdefault("_epoch_totals", {})
-        weighted = value.detach().float() * batch_size
-        if name in totals:
-            totals[name][0].add_(weighted)
-            totals[name][1] += batch_size
-        else:
-            totals[name] = [weighted, batch_size]
+        self.add_to_epoch_total(f"train/{name}_epoch", value.detach(), batch_size, weight=batch_size)
         if step and self._logs_this_step():
             self.log(f"train/{name}_step", value, on_step=True, on_epoch=False, prog_bar=name == "loss",
                      batch_size=batch_size)
 
+    def add_to_epoch_total(self, key: str, value: Tensor, count: int, weight: float = 1.0) -> None:
+        """Add ``weight * value`` to the epoch sum logged as ``key`` (divided by the summed ``count``s).
+
+        One in-place kernel per call after the epoch's first; nothing is read back until the epoch ends.
+        """
+        totals = self.__dict__.setdefault("_epoch_totals", {})
+        if key in totals:
+            totals[key][0].add_(value, alpha=weight)
+            totals[key][1] += count
+        else:
+            totals[key] = [value.float() * weight, count]
+
     def _logs_this_step(self) -> bool:
+        if self._trainer is None:  # a training_step called by hand: nowhere to log to
+            return False
         connector = getattr(self._trainer, "_logger_connector", None)
         return True if connector is None else bool(connector.should_update_logs)
 
     def log_epoch_totals(self) -> None:
         """Log the epoch means gathered by :meth:`log_loss` and start new ones."""
         totals = self.__dict__.pop("_epoch_totals", {})
-        for name, (total, count) in totals.items():
-            self.log(f"train/{name}_epoch", total / count, on_step=False, on_epoch=True, sync_dist=True)
+        for key, (total, count) in totals.items():
+            self.log(key, total / count, on_step=False, on_epoch=True, sync_dist=True)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

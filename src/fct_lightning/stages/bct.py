@@ -88,7 +88,7 @@ class BCTModel(EmbeddingModel):
         influence = bct_influence_loss(emb, self.old_weight, labels)
         loss = ce + self.bct_weight * influence
         self.check_loss(loss, "bct")
-        self.train_acc.update(logits.detach(), rows)
+        self.log_accuracy(logits, rows)
         self.log_loss("loss", loss, len(labels))
         self.log_loss("influence", influence, len(labels))
         return loss

@@ -71,13 +71,14 @@ class EmbeddingModel(RetrievalStage):
         self.label_smoothing = label_smoothing
         self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, embed_relu, normalize, width)
         self.classifier = make_classifier(embedding_dim, len(classes))
-        row = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+        # one entry per class index up to the largest, plus a last -1 that every label outside them maps to
+        row = torch.full((max(classes) + 2,), -1, dtype=torch.long)
         row[torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("class_to_row", row, persistent=False)
-        # validate_args=False: the value checks read the labels back from the device on every update
-        accuracy = {"num_classes": len(classes), "average": "micro", "validate_args": False}
-        self.train_acc = torchmetrics.classification.MulticlassAccuracy(**accuracy)
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(**accuracy)
+        # validate_args=False: the value checks read the labels back from the device on every update.
+        # Training accuracy is summed on the device per step (see log_accuracy), not with torchmetrics.
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(
+            num_classes=len(classes), average="micro", validate_args=False)
 
     @property
     def embedding_dim(self) -> int:
@@ -88,10 +89,9 @@ class EmbeddingModel(RetrievalStage):
 
     def rows_of(self, labels: Tensor) -> Tensor:
         """Classifier rows of ``labels``; -1 for classes this model was not trained on."""
-        n = self.class_to_row.numel()
-        inside = (labels >= 0) & (labels < n)
-        # a gather and a select: no boolean indexing, so no wait for the device
-        return torch.where(inside, self.class_to_row[labels.clamp(0, n - 1)], -1)
+        # a clamp and a gather: a label below 0 reads the table's last entry (-1), one above its largest class
+        # index the same entry; no boolean indexing, so no wait for the device
+        return self.class_to_row[labels.clamp(-1, self.class_to_row.numel() - 1)]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, _ = batch
@@ -99,15 +99,13 @@ class EmbeddingModel(RetrievalStage):
         logits = self.classifier(self.net(images))
         loss = label_smoothed_cross_entropy(logits, rows, self.label_smoothing)
         self.check_loss(loss, f"{self.stage} cross-entropy")
-        self.train_acc.update(logits.detach(), rows)
+        self.log_accuracy(logits, rows)
         self.log_loss("loss", loss, len(labels))
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        # once per epoch (compute() syncs across ranks); logging the metric every step cost host time
-        self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True)
-        self.train_acc.reset()
+    def log_accuracy(self, logits: Tensor, rows: Tensor) -> None:
+        """Add the batch's correct predictions to the epoch's ``train/acc`` (averaged over ranks under DDP)."""
+        self.add_to_epoch_total("train/acc", (logits.detach().argmax(1) == rows).sum(), len(rows))
 
     def check_rows(self, labels: Tensor) -> Tensor:
         """Classifier rows of training ``labels``; a label outside the model's classes is an error.
@@ -123,7 +121,7 @@ class EmbeddingModel(RetrievalStage):
                 bad = sorted(set(labels[rows < 0].tolist()))
                 raise ValueError(problem.replace("labels", f"labels {bad}", 1))
             return rows
-        self._defer("labels", (rows < 0).any(), problem)
+        self._defer("labels", rows.amin(), problem)  # fails when negative
         return rows.clamp_min(0)
 
     # ----------------------------------------------------------------- evaluation

@@ -1,0 +1,31 @@
+"""fct-fit's own callbacks: a progress bar that does not redraw on every step, and the user's choice wins."""
+
+from __future__ import annotations
+
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+
+from fct_lightning.cli import PROGRESS_REFRESH_STEPS, build_cli
+
+BASE = ["--stage", "old", "--trainer.logger", "false", "--model.width", "4"]
+
+
+def bars(cli) -> list[ProgressBar]:
+    return [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+
+
+def test_default_bar_redraws_every_few_steps(tmp_path):
+    cli, _ = build_cli([*BASE, "--artifacts", str(tmp_path)])
+    (bar,) = bars(cli)
+    assert isinstance(bar, TQDMProgressBar) and bar.refresh_rate == PROGRESS_REFRESH_STEPS > 1
+
+
+def test_no_bar_when_disabled(tmp_path):
+    cli, _ = build_cli([*BASE, "--artifacts", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert bars(cli) == []
+
+
+def test_user_bar_is_kept(tmp_path):
+    cli, _ = build_cli([*BASE, "--artifacts", str(tmp_path), "--trainer.callbacks+=TQDMProgressBar",
+                        "--trainer.callbacks.refresh_rate", "3"])
+    (bar,) = bars(cli)
+    assert bar.refresh_rate == 3
