@@ -24,6 +24,7 @@ from fct_lightning.backfill import (
     embed_for_backfill,
     get_policy,
     register_policy,
+    transform_features,
 )
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.retrieval import evaluate
@@ -270,3 +271,46 @@ def test_embed_missing_items_is_an_error() -> None:
     x, y, _ = _loader()
     with pytest.raises(ValueError, match="0..N-1"):
         embed_for_backfill(_FakeTransformationStage(True), [(x[:3], y[:3], torch.tensor([0, 1, 5]))], "cpu")
+
+
+@pytest.mark.parametrize("side", [True, False])
+def test_transform_features_equals_the_image_pass(side: bool) -> None:
+    module = _FakeTransformationStage(uncertainty=True, use_side_info=side)
+    x, y, loader = _loader()
+    with torch.no_grad():
+        f = module.frozen_embeddings(x)
+    stored = transform_features(module, f["old"], f.get("side"), f["new"], y, batch_size=4)
+    emb = embed_for_backfill(module, loader, "cpu")
+    for key in ("transformed", "new", "uncertainty", "labels"):
+        torch.testing.assert_close(stored[key], emb[key])
+
+
+def test_transform_features_errors() -> None:
+    module = _FakeTransformationStage(uncertainty=False)
+    x, y, _ = _loader()
+    f = module.frozen_embeddings(x)
+    with pytest.raises(ValueError, match="pass the side-info features"):
+        transform_features(module, f["old"], None, f["new"], y)
+    with pytest.raises(ValueError, match="same items: old 11, new 10"):
+        transform_features(module, f["old"], f["side"], f["new"][:10], y)
+
+
+def test_curves_evaluate_the_two_end_points_once(synthetic: BackfillContext, monkeypatch) -> None:
+    """Nothing and everything backfilled are the same galleries for every order: evaluated once, same values."""
+    import fct_lightning.backfill as bf
+
+    calls = []
+    real = bf.evaluate
+    monkeypatch.setattr(bf, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = backfill_curves(synthetic, ["random", "distance"], seeds=(0, 1), points=4)
+    assert len(calls) == 3 * 4 - 2 * 2  # three curves of four points; the later two reuse both end points
+    for name, seed in (("random", 1), ("distance", 0)):
+        order = get_policy(name).order(synthetic, seed)
+        alone = backfill_curve(synthetic.gallery_new, synthetic.labels, synthetic.gallery_transformed,
+                               synthetic.gallery_new, synthetic.labels, order, points=4)
+        if name == "distance":
+            assert out[name]["curves"] == alone["curves"]
+        else:  # the random curve is the mean over seeds; its end points are each seed's
+            for m in METRICS:
+                assert out[name]["curves"][m][0] == alone["curves"][m][0]
+                assert out[name]["curves"][m][-1] == alone["curves"][m][-1]

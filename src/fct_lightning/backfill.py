@@ -198,7 +198,8 @@ def _fractions(points: int) -> np.ndarray:
 
 def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed: Tensor, gallery_new: Tensor,
                    gallery_labels: Tensor, order: Tensor, *, points: int = 22, exclude_self: bool = True,
-                   distance: str = "l2", backend: str = "auto", chunk_size: int | None = None) -> dict[str, Any]:
+                   distance: str = "l2", backend: str = "auto", chunk_size: int | None = None,
+                   endpoints: dict[int, dict[str, float]] | None = None) -> dict[str, Any]:
     """Retrieval metrics at ``points`` evenly spaced backfill fractions in [0, 1] for one order.
 
     Args:
@@ -213,6 +214,9 @@ def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed:
         distance: ``"l2"`` or ``"cosine"``.
         backend: Passed to ``evaluate``.
         chunk_size: Passed to ``evaluate``.
+        endpoints: Metrics at 0 and ``N`` items backfilled, keyed by that count; filled by the first curve and
+            reused by the next curves over the same queries and gallery (the two galleries do not depend on the
+            order).
 
     Returns:
         ``{"fractions": [...], "curves": {metric: [...]}}`` with python floats, metrics as in :data:`METRICS`.
@@ -232,8 +236,13 @@ def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed:
         idx = order[done:k]
         mixed[idx] = new[idx]
         done = k
-        r = evaluate(query_new, query_labels, mixed, gallery_labels, exclude_self=exclude_self, distance=distance,
-                     ks=(1, 5), backend=backend, chunk_size=chunk_size, map_at_r=True)
+        if endpoints is not None and k in endpoints:
+            r = endpoints[k]
+        else:
+            r = evaluate(query_new, query_labels, mixed, gallery_labels, exclude_self=exclude_self,
+                         distance=distance, ks=(1, 5), backend=backend, chunk_size=chunk_size, map_at_r=True)
+            if endpoints is not None and k in (0, n):
+                endpoints[k] = r
         for m in METRICS:
             curves[m].append(float(r[m]))
     return {"fractions": [float(f) for f in fractions], "curves": curves}
@@ -274,13 +283,14 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
     q, ql = (ctx.gallery_new, ctx.labels) if own else (query_new, query_labels)
     exclude_self = own if exclude_self is None else exclude_self
     out: dict[str, Any] = {}
+    endpoints: dict[int, dict[str, float]] = {}  # nothing and everything backfilled: the same for every order
     for name, policy in zip(policies, instances):
         runs = []
         for seed in (seeds if policy.stochastic else seeds[:1]):
             order = check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order")
             runs.append(backfill_curve(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, order,
                                        points=points, exclude_self=exclude_self, distance=distance,
-                                       backend=backend, chunk_size=chunk_size))
+                                       backend=backend, chunk_size=chunk_size, endpoints=endpoints))
         fractions = runs[0]["fractions"]
         curves = {m: [float(v) for v in np.mean([r["curves"][m] for r in runs], axis=0)] for m in METRICS}
         out[name] = {"fractions": fractions, "curves": curves,
@@ -332,26 +342,49 @@ def embed_for_backfill(module: Any, loader: Any, device: torch.device | str) -> 
         on ``device`` (the backfilling curves evaluate them there); uncertainty is h's predicted log-variance
         (mean over its dims) when the module has the head.
     """
-    keys = ("transformed", "new", "labels", "uncertainty")
-    parts: dict[str, list[Tensor]] = {k: [] for k in (*keys, "index")}
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("old", "side", "new", "labels", "index")}
     side_on = bool(module.use_side_info)
     with _eval_mode(module):
         for images, labels, index in loader:
             f = module.frozen_embeddings(images.to(device, non_blocking=True))
-            side = f.get("side") if side_on else None
-            if module.uncertainty:
-                pred, log_var = module.h.forward_with_uncertainty(f["old"], side)
-                parts["uncertainty"].append(log_var.float().reshape(len(pred), -1).mean(dim=1))
-            else:
-                pred = module.h(f["old"], side)
-            parts["transformed"].append(pred.float())
-            parts["new"].append(f["new"].float())
+            for key in ("old", "new") + (("side",) if side_on else ()):
+                parts[key].append(f[key])
             parts["labels"].append(torch.as_tensor(labels).long().to(device))
             parts["index"].append(torch.as_tensor(index).long())
     if not parts["index"]:
         raise ValueError("the loader yielded no batches; check the evaluation split.")
     pos = _item_order(torch.cat(parts["index"])).to(device)
-    return {k: torch.cat(parts[k])[pos] if parts[k] else None for k in keys}
+    got = {k: torch.cat(v)[pos] if v else None for k, v in parts.items() if k != "index"}
+    return transform_features(module, got["old"], got["side"], got["new"], got["labels"])
+
+
+@torch.no_grad()
+def transform_features(module: Any, old: Tensor, side: Tensor | None, new: Tensor, labels: Tensor,
+                       batch_size: int = 65536) -> dict[str, Tensor | None]:
+    """What :func:`embed_for_backfill` returns, from stored features instead of images.
+
+    This is how FCT updates a gallery: h maps the stored old embeddings (and side-info) into the new space; no
+    image is read. ``old``, ``side`` and ``new`` are the frozen models' features of the same items, in the same
+    order (``side`` is ignored by a transformation without side-info), on the module's device.
+    """
+    side = side if module.use_side_info else None
+    if module.use_side_info and side is None:
+        raise ValueError("this transformation uses side-info: pass the side-info features too")
+    if not len(old) == len(new) == len(labels) or (side is not None and len(side) != len(old)):
+        raise ValueError(f"features must describe the same items: old {len(old)}, new {len(new)}, "
+                         f"labels {len(labels)}" + ("" if side is None else f", side-info {len(side)}"))
+    preds, unc = [], []
+    with _eval_mode(module):
+        for i in range(0, len(old), batch_size):
+            o, s = old[i:i + batch_size], None if side is None else side[i:i + batch_size]
+            if module.uncertainty:
+                pred, log_var = module.h.forward_with_uncertainty(o, s)
+                unc.append(log_var.float().reshape(len(pred), -1).mean(dim=1))
+            else:
+                pred = module.h(o, s)
+            preds.append(pred.float())
+    return {"transformed": torch.cat(preds), "new": new.float(), "labels": labels.long(),
+            "uncertainty": torch.cat(unc) if unc else None}
 
 
 def compute_uncertainty(module: Any, loader: Any, device: torch.device | str) -> Tensor:

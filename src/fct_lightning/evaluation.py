@@ -67,19 +67,54 @@ def load_spaces(artifacts: Path, dataset: str, spaces: set[str]) -> tuple[dict[s
     return embedders, missing
 
 
+def _frozen_parts(space: str, module: Any, meta: dict[str, Any]) -> list[tuple[str | None, Any]]:
+    """``(checkpoint digest, embedding function)`` of the image models a space runs; the digest names the
+    checkpoint file's content, so two spaces that load the same file (the old model of ``old``, ``fct`` and
+    ``fct+side``) share its embeddings."""
+    if space in ("fct", "fct+side"):
+        parts = [(module.old_meta.get("digest"), module.old_net)]
+        if module.use_side_info:
+            parts.append((module.side_meta.get("digest"), module.side_net))
+        return parts
+    return [(meta.get("digest"), module.query_embed)]
+
+
 @torch.no_grad()
-def embed_split(loader: Any, embedders: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
-    """Embed every item of ``loader`` in every space; returns ``({space: [N, d]}, labels [N])`` in item order."""
+def embed_split(loader: Any, embedders: dict[str, Any],
+                device: torch.device) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+    """Embed every item of ``loader`` in every space, in item order.
+
+    Every image model runs once per batch, however many spaces use it; ``fct`` and ``fct+side`` apply h to
+    those features (as a deployed system transforms its stored gallery).
+
+    Returns:
+        ``({space: [N, d]}, labels [N], {checkpoint digest: [N, d]})``: the last holds each image model's
+        features, which the backfilling curves reuse.
+    """
     out: dict[str, list[Tensor]] = {s: [] for s in embedders}
+    feats: dict[str, list[Tensor]] = {}
     labels, index = [], []
     for images, y, idx in loader:
         images = images.to(device, non_blocking=True)
-        for space, (_, fn, _) in embedders.items():
-            out[space].append(fn(images).float())
+        batch: dict[str, Tensor] = {}
+        for space, (module, _, meta) in embedders.items():
+            got = []
+            for digest, fn in _frozen_parts(space, module, meta):
+                if digest is None:
+                    got.append(fn(images).float())
+                    continue
+                if digest not in batch:
+                    batch[digest] = fn(images).float()
+                got.append(batch[digest])
+            emb = module.transform(*got) if space in ("fct", "fct+side") else got[0]
+            out[space].append(emb.float())
+        for digest, f in batch.items():
+            feats.setdefault(digest, []).append(f)
         labels.append(y.to(device))
         index.append(idx.to(device))
     order = torch.argsort(torch.cat(index))
-    return {s: torch.cat(v)[order] for s, v in out.items()}, torch.cat(labels)[order]
+    return ({s: torch.cat(v)[order] for s, v in out.items()}, torch.cat(labels)[order],
+            {d: torch.cat(v)[order] for d, v in feats.items()})
 
 
 def stage_data_config(artifacts: Path, dataset: str) -> dict[str, Any]:
@@ -115,7 +150,8 @@ def run_eval(
     kwargs = stage_data_config(artifacts, dataset)
     kwargs.update({k: v for k, v in (("root", data_root), ("eval_split", split), ("eval_batch_size", batch_size)) if v})
     dm = DATAMODULES[dataset](**kwargs)
-    embs, labels = embed_split(dm.eval_dataloader(dm.eval_split), embedders, dev) if embedders else ({}, None)
+    embs, labels, feats = (embed_split(dm.eval_dataloader(dm.eval_split), embedders, dev) if embedders
+                           else ({}, None, {}))
     results: dict[str, Any] = {"cases": {}, "missing": {}, "meta": {
         "dataset": dataset, "split": dm.eval_split, "distance": distance, "n_items": 0 if labels is None else len(labels),
         "checkpoints": {s: {"path": e[2]["path"], "digest": e[2]["digest"]} for s, e in embedders.items()},
@@ -127,7 +163,7 @@ def run_eval(
             results["missing"][case] = "; ".join(dict.fromkeys(lacking))
             continue
         results["cases"][case] = evaluate(embs[q], labels, embs[g], labels, exclude_self=True, distance=distance)
-    results.update(_embeddings=(embs, labels), _datamodule=dm, _device=dev)
+    results.update(_embeddings=(embs, labels), _features=feats, _datamodule=dm, _device=dev)
     return results
 
 
@@ -135,17 +171,24 @@ BACKFILL_SOURCES = {"fct+side": ("fastfill", "transformation"), "fct": ("fastfil
 
 
 def run_backfill(
-    artifacts: Path, dm: Any, dev: torch.device, policies: list[str], points: int, seeds: int, distance: str
+    artifacts: Path, dm: Any, dev: torch.device, policies: list[str], points: int, seeds: int, distance: str,
+    features: dict[str, Tensor] | None = None, labels: Tensor | None = None,
 ) -> dict[str, Any]:
     """Backfilling curves for each transformation variant found (FastFill's head preferred: it has uncertainty).
 
+    ``features`` (checkpoint digest -> ``[N, d]``, from :func:`embed_split`) and ``labels``: the frozen models'
+    features of the evaluation split; h is applied to them when they cover the variant's old, side-info and
+    new models, and the split's images are read again only when they do not.
     Keys of the result are ``"<space> <policy>"``, e.g. ``"fct+side uncertainty"``.
     """
     from fct_lightning.backfill import (
         BackfillContext,
         backfill_curves,
         embed_for_backfill,
+        transform_features,
     )
+
+    features = features or {}
 
     dataset = dm.name
     out: dict[str, Any] = {}
@@ -163,7 +206,13 @@ def run_backfill(
                         "skipping the uncertainty policy for %s", path, space)
         # on `dev`: the curves evaluate the whole gallery once per point, policy and seed (on an H200, CIFAR-10's
         # evaluations took minutes on the host CPU)
-        emb = embed_for_backfill(module, dm.eval_dataloader(dm.eval_split), dev)
+        digests = [module.old_meta.get("digest"), module.new_meta.get("digest")]
+        digests += [module.side_meta.get("digest")] if module.use_side_info else []
+        if labels is not None and all(d in features for d in digests):
+            side = features[digests[2]] if module.use_side_info else None
+            emb = transform_features(module, features[digests[0]], side, features[digests[1]], labels)
+        else:
+            emb = embed_for_backfill(module, dm.eval_dataloader(dm.eval_split), dev)
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
                                  points=points, distance=distance)
         out.update({f"{space} {policy}": dict(curve, checkpoint=str(path)) for policy, curve in curves.items()})
@@ -235,10 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 get_policy(name)
             dm = results.pop("_datamodule")
             results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
-                                               args.points, args.backfill_seeds, args.distance)
+                                               args.points, args.backfill_seeds, args.distance,
+                                               results.pop("_features"), results["_embeddings"][1])
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"fct-eval: {err}") from err
-    for key in ("_embeddings", "_datamodule", "_device"):
+    for key in ("_embeddings", "_features", "_datamodule", "_device"):
         results.pop(key, None)
     out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)

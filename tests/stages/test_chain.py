@@ -73,6 +73,30 @@ def test_transformation_bct_eval_report(full_chain, capsys):
     assert "fct+side/old" in out and (chain / "digits" / "report.png").is_file()
 
 
+def test_eval_shares_image_models_between_spaces(full_chain):
+    """fct-eval runs each checkpoint's model once per batch; the shared features give what each space gives alone."""
+    from fct_lightning import evaluation
+
+    results = evaluation.run_eval("digits", full_chain)
+    embs, labels = results["_embeddings"]
+    dm, dev = results["_datamodule"], results["_device"]
+    assert len(results["_features"]) == 4  # old, side_info, new, bct: fct and fct+side reuse old and side_info
+    embedders, _ = evaluation.load_spaces(full_chain, "digits", set(embs))
+    with torch.no_grad():
+        for space, (module, fn, _) in embedders.items():
+            module.eval()
+            alone = torch.cat([fn(x.to(dev)).float() for x, _, _ in dm.eval_dataloader(dm.eval_split)])
+            torch.testing.assert_close(embs[space], alone)
+    # backfilling from the stored features = backfilling that reads the images again
+    kwargs = {"policies": ["random", "distance"], "points": 3, "seeds": 1, "distance": "l2"}
+    shared = evaluation.run_backfill(full_chain, dm, dev, **kwargs, features=results["_features"], labels=labels)
+    again = evaluation.run_backfill(full_chain, dm, dev, **kwargs)
+    assert set(shared) == set(again) == {"fct+side random", "fct+side distance", "fct random", "fct distance"}
+    for key, curve in shared.items():
+        for metric, values in curve["curves"].items():
+            assert values == pytest.approx(again[key]["curves"][metric], abs=1e-3)
+
+
 def test_eval_reports_missing_cases(tmp_path, capsys):
     art = tmp_path / "art"
     run("old", art, *SMALL_NET)

@@ -159,9 +159,12 @@ class TransformationModel(RetrievalStage):
         return meta
 
     # ----------------------------------------------------------------- embeddings
-    def frozen_embeddings(self, images: Tensor) -> dict[str, Tensor]:
+    def frozen_embeddings(self, images: Tensor, new: bool = True) -> dict[str, Tensor]:
+        """The frozen models' embeddings of ``images``: ``old``, ``side`` (with side-info) and ``new`` (if asked)."""
         with torch.no_grad():
-            out = {"old": self.old_net(images), "new": self.new_net(images)}
+            out = {"old": self.old_net(images)}
+            if new:
+                out["new"] = self.new_net(images)
             if self.use_side_info:
                 out["side"] = self.side_net(images)
         return out
@@ -183,7 +186,7 @@ class TransformationModel(RetrievalStage):
         return self.new_net(images)
 
     def gallery_embed(self, images: Tensor) -> Tensor:
-        f = self.frozen_embeddings(images)
+        f = self.frozen_embeddings(images, new=False)
         return self.transform(f["old"], f.get("side"))
 
     # ----------------------------------------------------------------- training
