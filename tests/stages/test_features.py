@@ -105,3 +105,41 @@ def test_concurrent_jobs_build_one_cache(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert len(list(tmp_path.glob("computed-*"))) == 1
     assert not list((tmp_path / "cache" / "k").glob("*.tmp"))
+
+
+class _Scaled(torch.nn.Module):
+    """A frozen model whose embeddings are another's times ``scale`` (e.g. beyond float16's range)."""
+
+    def __init__(self, inner: torch.nn.Module, scale: float) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.scale
+
+
+def test_features_beyond_float16_are_cached_in_float32(caplog):
+    dm = DATAMODULES["digits"](batch_size=64)
+    models = _models()
+    kw = {"split": "train", "classes": [0, 1], "views": 2, "seed": 3, "device": torch.device("cpu")}
+    ref = embed_views(dm, models, dtype=torch.float32, **kw)
+    models["side"] = _Scaled(models["side"], 1e6)
+    with caplog.at_level("WARNING"):
+        got = embed_views(dm, models, dtype=torch.float16, **kw)
+    assert "side-info model's features reach" in caplog.text and "float32" in caplog.text
+    assert got["side"].dtype == torch.float32 and got["old"].dtype == got["new"].dtype == torch.float16
+    torch.testing.assert_close(got["side"], ref["side"] * 1e6)  # every view, none turned into inf
+    # under DDP a rank may widen a model's features and another not: the merge takes the wider dtype
+    parts = [embed_views(dm, _models(), dtype=torch.float16, rank=r, world_size=2, **kw) for r in range(2)]
+    parts[1]["side"] = parts[1]["side"].float() * 1e6
+    merged = merge_parts(parts)
+    assert merged["side"].dtype == torch.float32 and torch.isfinite(merged["side"]).all()
+    assert merged["side"].abs().max() > 65504
+
+
+def test_non_finite_frozen_features_are_a_clear_error():
+    dm = DATAMODULES["digits"](batch_size=64)
+    models = _models()
+    models["new"] = _Scaled(models["new"], float("nan"))
+    with pytest.raises(ValueError, match="the frozen new model gives NaN or infinite embeddings .* retrain that stage"):
+        embed_views(dm, models, split="train", classes=[0], views=1, seed=0, device=torch.device("cpu"))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 log = logging.getLogger(__name__)
 
 SPACES = ("old", "side", "new")
+ROLES = {"old": "old model", "side": "side-info model", "new": "new model"}
 
 
 def cache_key(**fields: Any) -> str:
@@ -50,10 +53,18 @@ def embed_views(
 ) -> dict[str, Tensor]:
     """Embed ``views`` seeded augmentations of this rank's share of ``split``.
 
+    Features are stored in ``dtype``, except those of a model whose values exceed its range (float16 ends at
+    65504; a barely trained network in eval mode can go beyond): that model's features are kept in float32
+    instead, with a warning, rather than turned into infinities.
+
     Returns:
         ``{"index": [n], "labels": [n], space: [views, n, d]}`` for each model name in ``models``, on CPU.
+
+    Raises:
+        ValueError: If a model gives NaN or infinite embeddings (its checkpoint is unusable).
     """
-    out: dict[str, list[list[Tensor]]] = {name: [] for name in models}
+    out: dict[str, list[Tensor]] = {name: [] for name in models}
+    store = dict.fromkeys(models, dtype)
     index: list[Tensor] = []
     labels: list[Tensor] = []
     for k in range(views):
@@ -69,7 +80,20 @@ def embed_views(
         for images, y, idx in loader:
             images = images.to(device, non_blocking=True)
             for name, model in models.items():
-                per_model[name].append(model(images).to("cpu", dtype))
+                f = model(images).float()
+                peak = float(f.abs().amax()) if f.numel() else 0.0
+                if not math.isfinite(peak):
+                    raise ValueError(
+                        f"the frozen {ROLES.get(name, name)} gives NaN or infinite embeddings for training images; "
+                        "its checkpoint cannot be used: retrain that stage (a lower --model.lr, or "
+                        "--trainer.gradient_clip_val 1.0, keeps it finite)")
+                if store[name].is_floating_point and peak > torch.finfo(store[name]).max:
+                    log.warning("the %s's features reach %.3g, beyond %s: caching them in float32",
+                                ROLES.get(name, name), peak, store[name])
+                    store[name] = torch.float32
+                    out[name] = [t.float() for t in out[name]]
+                    per_model[name] = [t.float() for t in per_model[name]]
+                per_model[name].append(f.to("cpu", store[name]))
             if k == 0:
                 index.append(idx.cpu())
                 labels.append(y.cpu())
@@ -93,8 +117,9 @@ def merge_parts(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     order = order[keep]
     merged = {"index": index[order], "labels": torch.cat([p["labels"] for p in parts])[order]}
     for name in parts[0]:
-        if name not in merged:
-            merged[name] = torch.cat([p[name] for p in parts], dim=1)[:, order]
+        if name not in merged:  # a rank may have widened a model's features to float32 (see embed_views)
+            dtype = functools.reduce(torch.promote_types, [p[name].dtype for p in parts])
+            merged[name] = torch.cat([p[name].to(dtype) for p in parts], dim=1)[:, order]
     if not torch.equal(merged["index"], torch.arange(len(merged["index"]))):
         raise RuntimeError("feature cache parts do not cover every item exactly once; delete the cache and rerun")
     return merged
