@@ -2,6 +2,7 @@
 
     python bench/bench_train_throughput.py --data_root data                       # GPU: bf16 + channels_last
     python bench/bench_train_throughput.py --data_root data --batch 512 1024 --profile --sync_check
+    python bench/bench_train_throughput.py --data_root data --compile   # + rows with the backbone compiled
     python bench/bench_train_throughput.py --data_root data --device cpu --steps 20 --batch 128
     python bench/bench_train_throughput.py --data_root data --device cpu --backbone convnet --width 4 --batch 2 \
         --steps 300          # host time per step: the loop's own overhead when the network costs nothing
@@ -35,7 +36,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from fct_lightning.callbacks import ChannelsLast, Throughput
+from fct_lightning.callbacks import ChannelsLast, Compile, Throughput
 from fct_lightning.data import DATAMODULES
 from fct_lightning.models.backbones import EmbeddingNet, make_classifier
 from fct_lightning.stages import NewModel
@@ -82,10 +83,13 @@ def busy_per_step(step: Callable[[], None], steps: int, device: torch.device) ->
     return total / 1e6 / steps
 
 
-def plain_step(device: torch.device, batch: int, bf16: bool, backbone: str, width: int) -> Callable[[], None]:
+def plain_step(device: torch.device, batch: int, bf16: bool, backbone: str, width: int,
+               compiled: bool = False) -> Callable[[], None]:
     torch.manual_seed(0)
     net = torch.nn.Sequential(EmbeddingNet(backbone, 128, 3, cifar_stem=True, width=width),
                               make_classifier(128, 10)).to(device)
+    if compiled:
+        net[0].compile()  # what the Compile callback does to a stage's `net`
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(10, (batch,), device=device)
     if bf16:
@@ -140,10 +144,11 @@ def module_step(device: torch.device, batch: int, bf16: bool, root: str, backbon
 
 
 def lightning_run(device: torch.device, batch: int, steps: int, bf16: bool, root: str, backbone: str, width: int,
-                  profiler: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+                  profiler: contextlib.AbstractContextManager | None = None,
+                  compiled: bool = False) -> dict[str, float]:
     dm = DATAMODULES["cifar10"](root=root, batch_size=batch, in_memory_gpu=True, num_workers=0)
     meter = Throughput(skip=min(10, steps // 4))
-    callbacks: list[pl.Callback] = [meter] + ([ChannelsLast()] if bf16 else [])
+    callbacks: list[pl.Callback] = [meter] + ([ChannelsLast()] if bf16 else []) + ([Compile()] if compiled else [])
     trainer = pl.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed" if bf16 else "32-true",
                          max_epochs=2, limit_train_batches=steps, limit_val_batches=0, num_sanity_val_steps=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -218,6 +223,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32, help="width of the convnet backbone")
     p.add_argument("--profile", action="store_true", help="CUDA: GPU busy time per step of every row")
     p.add_argument("--sync_check", action="store_true", help="CUDA: list the host-device syncs of a Lightning run")
+    p.add_argument("--compile", action="store_true",
+                   help="add rows with the backbone compiled (torch.compile; the Compile callback under Lightning)")
     args = p.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -243,6 +250,12 @@ def main() -> None:
                 if args.profile and cuda else None)
         rows.append((f"Lightning end to end ({mode}, in-memory data + augmentation)", batch / e2e["items_per_s"],
                      busy))
+        if args.compile:
+            add(f"plain PyTorch {mode}, backbone compiled",
+                plain_step(dev, batch, cuda, args.backbone, args.width, compiled=True))
+            comp = lightning_run(dev, batch, args.steps, cuda, args.data_root, args.backbone, args.width,
+                                 compiled=True)
+            rows.append((f"Lightning end to end ({mode}) + Compile callback", batch / comp["items_per_s"], None))
         ref = rows[1][1] if cuda else rows[0][1]
         print(f"\n{net}, 32 px, batch {batch}, {name}")
         print("| run | images/s | ms / step | GPU busy ms / step | vs " + ("plain bf16" if cuda else "plain fp32") + " |")
@@ -250,8 +263,9 @@ def main() -> None:
         for run, wall, busy in rows:
             b = "" if busy is None else f"{1000 * busy:.2f}"
             print(f"| {run} | {batch / wall:,.0f} | {1000 * wall:.2f} | {b} | {ref / wall:.2f}x |")
+        hand, light = rows[2 if cuda else 1][1], rows[3 if cuda else 2][1]
         print(f"Lightning: share of training time between batches {100 * e2e['data_wait_share']:.1f}%; "
-              f"Lightning - hand loop = {1000 * (rows[-1][1] - rows[-2][1]):+.2f} ms / step")
+              f"Lightning - hand loop = {1000 * (light - hand):+.2f} ms / step")
         if args.sync_check and cuda:
             sites = sync_sites(dev, batch, 30, cuda, args.data_root, args.backbone, args.width)
             print(f"host waits for the GPU in 2 epochs of 30 steps: {sum(sites.values())}")

@@ -4,6 +4,8 @@
 #   1. the CIFAR-10 chain at full length, stages in parallel where the     -> $OUT/chain.txt, $OUT/report.md
 #      dependencies allow (`make -j cifar10`, or the same graph in bash)
 #   2. ResNet-18 32 px throughput: Lightning end to end vs plain loops     -> $OUT/throughput.txt
+#      (batch 512 and 1024, GPU busy time per step, host-device syncs), then with the backbone compiled
+#                                                                          -> $OUT/throughput_compiled.txt
 #   3. h training per epoch, cached vs on the fly, same process            -> $OUT/h.txt
 #   4. h trained on the fly at full length (accuracy vs the cached run)    -> $OUT/onthefly.txt
 # Everything else (results json, configs, metrics) ends in $OUT/res.tgz; the timeline in $OUT/summary.txt.
@@ -80,6 +82,11 @@ if [ "$TRAINER" = gpu-fast ] && [ "$(left)" -gt 90 ]; then
   # batch 512 and 1024; per row the GPU's busy time per step; where a Lightning run waits for the GPU
   timeout $(($(left) - 60 < 170 ? $(left) - 60 : 170)) python3 bench/bench_train_throughput.py --data_root $DATA \
     --steps 60 --batch 512 1024 --profile --sync_check >> "$OUT/throughput.txt" 2>&1
+fi
+if [ "$TRAINER" = gpu-fast ] && [ "$(left)" -gt 150 ]; then
+  stamp "throughput, backbone compiled"  # needs a C compiler on the machine (Triton); the output says if not
+  timeout $(($(left) - 60 < 150 ? $(left) - 60 : 150)) python3 bench/bench_train_throughput.py --data_root $DATA \
+    --steps 60 --batch 512 --compile >> "$OUT/throughput_compiled.txt" 2>&1
 fi
 if [ "$TRAINER" = gpu-fast ] && [ "$(left)" -gt 100 ] && [ -f $ART/cifar10/new/best.ckpt ]; then
   stamp "h bench"
