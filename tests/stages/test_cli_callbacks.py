@@ -29,3 +29,15 @@ def test_user_bar_is_kept(tmp_path):
                         "--trainer.callbacks.refresh_rate", "3"])
     (bar,) = bars(cli)
     assert bar.refresh_rate == 3
+
+
+def test_compile_adds_to_a_preset_callback_list(tmp_path):
+    """The README's way to compile: appended to the gpu-fast preset's callbacks, which stay."""
+    from fct_lightning.callbacks import ChannelsLast, Compile, Throughput
+    from fct_lightning.cli import CONFIG_DIR
+
+    cli, _ = build_cli([*BASE, "--artifacts", str(tmp_path), "--config", str(CONFIG_DIR / "trainer" / "gpu-fast.yaml"),
+                        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                        "--trainer.callbacks+=fct_lightning.callbacks.Compile"])
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {ChannelsLast, Throughput, Compile} <= kinds

@@ -26,7 +26,7 @@ def _fit(tmp_path, callbacks):
 def test_compiled_training_matches_eager(tmp_path):
     eager, _ = _fit(tmp_path / "eager", [])
     cb = Compile()
-    compiled, trainer = _fit(tmp_path / "compiled", [cb])
+    compiled, _ = _fit(tmp_path / "compiled", [cb])
     assert cb.compiled == ["net"] and compiled.net._compiled_call_impl is not None
     assert eager.state_dict().keys() == compiled.state_dict().keys()  # checkpoints load either way
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
