@@ -256,7 +256,7 @@ class RetrievalStage(pl.LightningModule):
         return True if connector is None else bool(connector.should_update_logs)
 
     def log_epoch_totals(self) -> None:
-        """Log the epoch means gathered by :meth:`log_loss` and start new ones."""
+        """Log the epoch means gathered by :meth:`add_to_epoch_total` (and :meth:`log_loss`); start new ones."""
         totals = self.__dict__.pop("_epoch_totals", {})
         for key, (total, count) in totals.items():
             self.log(key, total / count, on_step=False, on_epoch=True, sync_dist=True)
