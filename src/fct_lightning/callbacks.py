@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import pytorch_lightning as pl
@@ -41,6 +43,12 @@ class Compile(pl.Callback):
         self.compiled: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # inductor builds C++ (CPU) or Triton launchers (CUDA) at the first step: fail now, with the fix, rather
+        # than in a long traceback from inside the first forward pass
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), os.environ.get("CC", ""), "g++", "c++",
+                                              "clang++", "gcc", "cc", "clang") if c):
+            raise RuntimeError("the Compile callback needs a C/C++ compiler on PATH for torch.compile (e.g. "
+                               "apt-get install g++), or drop --trainer.callbacks+=...Compile")
         for name in self.modules:
             module = getattr(pl_module, name, None)
             if isinstance(module, torch.nn.Module) and getattr(module, "_compiled_call_impl", None) is None:

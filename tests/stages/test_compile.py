@@ -36,3 +36,11 @@ def test_compiled_training_matches_eager(tmp_path):
 def test_compile_names_missing_modules(tmp_path):
     with pytest.raises(ValueError, match=r"none of the submodules \['backbone'\] on OldModel"):
         _fit(tmp_path, [Compile(modules=["backbone"])])
+
+
+def test_compile_without_a_compiler_says_what_to_install(tmp_path, monkeypatch):
+    from fct_lightning import callbacks
+
+    monkeypatch.setattr(callbacks.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs a C/C.. compiler on PATH"):
+        _fit(tmp_path, [Compile()])
