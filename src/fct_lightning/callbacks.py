@@ -35,11 +35,14 @@ class Compile(pl.Callback):
             backbone of old, side_info, new and bct; ``h``: the transformation).
         mode: ``torch.compile`` mode: None (default), ``"max-autotune-no-cudagraphs"`` or ``"reduce-overhead"``
             (CUDA graphs).
+        dynamic: ``torch.compile``'s ``dynamic``. False (default): one static graph per batch shape, so an
+            epoch's smaller last batch gets its own graph instead of turning every later step dynamic.
     """
 
-    def __init__(self, modules: list[str] | tuple[str, ...] = ("net", "h"), mode: str | None = None) -> None:
+    def __init__(self, modules: list[str] | tuple[str, ...] = ("net", "h"), mode: str | None = None,
+                 dynamic: bool | None = False) -> None:
         self.modules = tuple(modules)
-        self.mode = mode
+        self.mode, self.dynamic = mode, dynamic
         self.compiled: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -52,7 +55,7 @@ class Compile(pl.Callback):
         for name in self.modules:
             module = getattr(pl_module, name, None)
             if isinstance(module, torch.nn.Module) and getattr(module, "_compiled_call_impl", None) is None:
-                module.compile(mode=self.mode)
+                module.compile(mode=self.mode, dynamic=self.dynamic)
                 self.compiled.append(name)
         if not self.compiled:
             raise ValueError(f"Compile found none of the submodules {list(self.modules)} on "
