@@ -26,9 +26,10 @@ class Compile(pl.Callback):
     """``torch.compile`` the stage's trained networks in place, before the first step.
 
     ``nn.Module.compile`` keeps the module and its parameter names, so checkpoints are the same as without it
-    and load anywhere. Compilation happens at the first forward pass (tens of seconds; more on a small CPU) and
-    pays off on long runs: fused kernels and fewer launches per step. Training and evaluation mode compile
-    separately.
+    and load anywhere. Compilation happens at the first forward pass (tens of seconds; more on a small CPU);
+    training and evaluation mode, and each batch shape, compile separately. Fused kernels and fewer launches
+    per step can pay that back on long GPU runs; measure first: on a 2-core CPU a whole ``cifar10_cpu`` stage
+    was slower compiled although each step was faster (docs/benchmarks.md).
 
     Args:
         modules: Attribute names of the submodules to compile; names a stage lacks are skipped (``net``: the
