@@ -71,11 +71,9 @@ def _frozen_parts(space: str, module: Any, meta: dict[str, Any]) -> list[tuple[s
     """``(checkpoint digest, embedding function)`` of the image models a space runs; the digest names the
     checkpoint file's content, so two spaces that load the same file (the old model of ``old``, ``fct`` and
     ``fct+side``) share its embeddings."""
-    if space in ("fct", "fct+side"):
-        parts = [(module.old_meta.get("digest"), module.old_net)]
-        if module.use_side_info:
-            parts.append((module.side_meta.get("digest"), module.side_net))
-        return parts
+    if space in ("fct", "fct+side"):  # h's inputs, in the order transform() takes them
+        frozen = module.frozen_models()
+        return [frozen[role] for role in ("old", "side") if role in frozen]
     return [(meta.get("digest"), module.query_embed)]
 
 
@@ -206,11 +204,10 @@ def run_backfill(
                         "skipping the uncertainty policy for %s", path, space)
         # on `dev`: the curves evaluate the whole gallery once per point, policy and seed (on an H200, CIFAR-10's
         # evaluations took minutes on the host CPU)
-        digests = [module.old_meta.get("digest"), module.new_meta.get("digest")]
-        digests += [module.side_meta.get("digest")] if module.use_side_info else []
-        if labels is not None and all(d in features for d in digests):
-            side = features[digests[2]] if module.use_side_info else None
-            emb = transform_features(module, features[digests[0]], side, features[digests[1]], labels)
+        digest = {role: d for role, (d, _) in module.frozen_models().items()}
+        if labels is not None and all(d in features for d in digest.values()):
+            side = features[digest["side"]] if "side" in digest else None
+            emb = transform_features(module, features[digest["old"]], side, features[digest["new"]], labels)
         else:
             emb = embed_for_backfill(module, dm.eval_dataloader(dm.eval_split), dev)
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),

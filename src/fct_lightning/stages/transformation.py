@@ -169,6 +169,14 @@ class TransformationModel(RetrievalStage):
                 out["side"] = self.side_net(images)
         return out
 
+    def frozen_models(self) -> dict[str, tuple[str, torch.nn.Module]]:
+        """The frozen image models by role (``old``, ``side`` with side-info, ``new``), each with the digest of the
+        checkpoint file it came from: two stages that loaded the same file hold the same model."""
+        out = {"old": (self.old_meta["digest"], self.old_net), "new": (self.new_meta["digest"], self.new_net)}
+        if self.use_side_info:
+            out["side"] = (self.side_meta["digest"], self.side_net)
+        return out
+
     def transform(self, old: Tensor, side: Tensor | None = None) -> Tensor:
         """h(old, side) -> new-space embedding (side is None for the no-side-info variant)."""
         return self.h(old, side if self.use_side_info else None)
@@ -201,9 +209,7 @@ class TransformationModel(RetrievalStage):
             return
         dm = self.trainer.datamodule
         device = self.trainer.strategy.root_device
-        models = {"old": self.old_net.to(device), "new": self.new_net.to(device)}
-        if self.use_side_info:
-            models["side"] = self.side_net.to(device)
+        models = {role: net.to(device) for role, (_, net) in self.frozen_models().items()}
         key = cache_key(
             old=self.old_meta["digest"], new=self.new_meta["digest"], side=self.side_meta.get("digest"),
             dataset=dm.name, classes=dm.train_class_ids, views=self.cache_views, seed=self.cache_seed,
