@@ -11,6 +11,10 @@ STAMP     := $(VENV)/.installed-stamp
 SETUP     ?= $(STAMP)
 ARTIFACTS ?= artifacts
 SEED      ?= 0
+# Each seed trains its own models: SEED=0 in $(ARTIFACTS)/<dataset>/<stage>/, SEED=N in
+# $(ARTIFACTS)/seed<N>/<dataset>/<stage>/. Every seed's fct-eval writes $(ARTIFACTS)/<dataset>/results/seed<N>.json
+# and fct-report gives the mean and standard deviation over them.
+RUNS       = $(if $(filter 0,$(SEED)),$(ARTIFACTS),$(ARTIFACTS)/seed$(SEED))
 DATA_ROOT ?=
 TRAINER   ?=
 RECIPE    ?=
@@ -38,7 +42,7 @@ help:  ## list the targets and variables
 	@echo "  <dataset>                the whole chain + eval + report; datasets: $(DATASETS)"
 	@echo "  <dataset>-<stage>        one stage (and its upstream stages); stages: $(STAGES)"
 	@echo "  <dataset>-eval, <dataset>-report"
-	@echo "variables: ARTIFACTS=$(ARTIFACTS) SEED=$(SEED) DATA_ROOT=<dataset root> TRAINER=<presets in configs/trainer, e.g. 'gpu-fast' or 'ddp bf16'>"
+	@echo "variables: ARTIFACTS=$(ARTIFACTS) SEED=$(SEED) (SEED=N>0 trains in ARTIFACTS/seedN/) DATA_ROOT=<dataset root> TRAINER=<presets in configs/trainer, e.g. 'gpu-fast' or 'ddp bf16'>"
 	@echo "           DEVICES=<n> EXTRA='<more fct-fit options>' POINTS=$(POINTS) (backfill curve points)"
 	@echo "           RECIPE=<folder in configs/recipes, one <stage>.yaml each, e.g. cifar10_cpu or cifar100_resnet50>"
 
@@ -65,13 +69,14 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 
 # ----------------------------------------------------------------------------- reproduction chains
 # $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
-fit_opts = --dataset $(1) --artifacts $(ARTIFACTS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
+fit_opts = --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
 	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
 	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
 data_opts = $(if $(DATA_ROOT),--data_root $(DATA_ROOT))
 
 define CHAIN
-$(1)_DIR := $(ARTIFACTS)/$(1)
+$(1)_DIR := $(RUNS)/$(1)
+$(1)_OUT := $(ARTIFACTS)/$(1)
 $$($(1)_DIR)/old/best.ckpt: | $(SETUP) $(1)-data
 	$(FIT) --stage old $(call fit_opts,$(1),old)
 $$($(1)_DIR)/side_info/best.ckpt: | $(SETUP) $(1)-data
@@ -88,15 +93,15 @@ $$($(1)_DIR)/fastfill_noside/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/
 	$(FIT) --stage transformation --model.uncertainty true --model.use_side_info false $(call fit_opts,$(1),transformation)
 $$($(1)_DIR)/bct/best.ckpt: $$($(1)_DIR)/old/best.ckpt
 	$(FIT) --stage bct $(call fit_opts,$(1),bct)
-$$($(1)_DIR)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/best.ckpt)
-	$(EVAL) --dataset $(1) --artifacts $(ARTIFACTS) $(data_opts) --backfill random,uncertainty,distance --points $(POINTS) --out $$@
-$$($(1)_DIR)/report.md: $$($(1)_DIR)/results/seed$(SEED).json
+$$($(1)_OUT)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/best.ckpt)
+	$(EVAL) --dataset $(1) --artifacts $(RUNS) $(data_opts) --backfill random,uncertainty,distance --points $(POINTS) --out $$@
+$$($(1)_OUT)/report.md: $$($(1)_OUT)/results/seed$(SEED).json
 	$(REPORT) --dataset $(1) --artifacts $(ARTIFACTS)
-$(1): $$($(1)_DIR)/report.md
+$(1): $$($(1)_OUT)/report.md
 $(foreach s,$(STAGES),$(1)-$(s): $$($(1)_DIR)/$(s)/best.ckpt
 )
-$(1)-eval: $$($(1)_DIR)/results/seed$(SEED).json
-$(1)-report: $$($(1)_DIR)/report.md
+$(1)-eval: $$($(1)_OUT)/results/seed$(SEED).json
+$(1)-report: $$($(1)_OUT)/report.md
 endef
 $(foreach d,$(DATASETS),$(eval $(call CHAIN,$(d))))
 

@@ -10,12 +10,15 @@
 #   4. h trained on the fly at full length (accuracy vs the cached run)    -> $OUT/onthefly.txt
 # Everything else (results json, configs, metrics) ends in $OUT/res.tgz; the timeline in $OUT/summary.txt.
 # Expects the wheels of ../shared/wheels/gpu-py312 in .whl/ and the CIFAR-10 archive in .gpu/.
-# Dry run on CPU: OUT=/tmp/o TRAINER=cpu QUICK="--trainer.max_epochs 1 --trainer.limit_train_batches 2" bench/gpu_session.sh
+# Dry run on CPU (the laptop recipe: ResNet-18 feature caches take hours on a CPU):
+#   OUT=/tmp/o TRAINER=cpu RECIPE=cifar10_cpu BUDGET=1500 QUICK="--trainer.max_epochs 1 --trainer.check_val_every_n_epoch 1
+#   --trainer.limit_train_batches 2 --trainer.limit_val_batches 2" bash bench/gpu_session.sh
 set -u
 T0=$(date +%s)
 BUDGET=${BUDGET:-570}  # seconds this script may use in all
 OUT=${OUT:-/tmp/out}
 TRAINER=${TRAINER:-gpu-fast}
+RECIPE=${RECIPE:-}  # a configs/recipes folder (used by the make path)
 QUICK=${QUICK:-}
 JOBS=${JOBS:-8}  # the dependency graph runs at most 5 stages at once; the H200 machine showed nproc = 2
 ART=/tmp/art
@@ -53,7 +56,7 @@ PYM="python3 -m fct_lightning"
 CHAIN_T0=$(date +%s)
 if command -v make > /dev/null; then
   timeout $(($(left) - 40)) make -j"$JOBS" -O cifar10 SETUP= FIT="$PYM.cli" EVAL="$PYM.evaluation --no_wandb" \
-    REPORT="$PYM.report --no_wandb" TRAINER="$TRAINER" DATA_ROOT=$DATA ARTIFACTS=$ART EXTRA="$EXTRA" \
+    REPORT="$PYM.report --no_wandb" TRAINER="$TRAINER" RECIPE="$RECIPE" DATA_ROOT=$DATA ARTIFACTS=$ART EXTRA="$EXTRA" \
     > "$OUT/chain.txt" 2>&1
   echo "make rc=$?" >> "$OUT/chain.txt"
 else  # the graph `make -j cifar10` runs, written out

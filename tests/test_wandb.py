@@ -38,3 +38,19 @@ def test_fct_fit_logs_an_offline_wandb_run(tmp_path):
     runs = list((art / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert (art / "digits" / "old" / "best.ckpt").is_file()
+
+
+def test_run_names_tell_variants_and_seeds_apart(monkeypatch, tmp_path):
+    """One project for every run; name = dataset, stage variant (artifacts folder) and the run's --seed."""
+    from fct_lightning.cli import build_cli
+    from fct_lightning.loggers import default_logger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("FCT_WANDB_PROJECT", "my-project")
+    cli, _ = build_cli(["--stage", "old", "--seed", "3", "--artifacts", str(tmp_path), "--model.width", "4"])
+    init = cli.trainer.logger._wandb_init
+    assert (init["project"], init["group"], init["job_type"], init["name"]) == ("my-project", "digits", "old",
+                                                                                  "digits-old-seed3")
+    names = {default_logger("digits", "transformation", tmp_path, 0, v)._wandb_init["name"]
+             for v in ("transformation", "transformation_noside", "fastfill", "fastfill_noside")}
+    assert len(names) == 4 and "digits-fastfill_noside-seed0" in names

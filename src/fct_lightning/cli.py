@@ -75,8 +75,9 @@ class FCTCLI(LightningCLI):
     """LightningCLI with the stage's links to its datamodule, checkpointing into the artifacts folder,
     retrieval evaluation and the default W&B logger."""
 
-    def __init__(self, *args: Any, stage: str, dataset: str, artifacts: Path, **kwargs: Any) -> None:
-        self.stage, self.dataset, self.artifacts = stage, dataset, Path(artifacts)
+    def __init__(self, *args: Any, stage: str, dataset: str, artifacts: Path, run_seed: int = 0,
+                 **kwargs: Any) -> None:
+        self.stage, self.dataset, self.artifacts, self.run_seed = stage, dataset, Path(artifacts), run_seed
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -109,8 +110,7 @@ class FCTCLI(LightningCLI):
             # a CPU), which a short GPU step cannot hide, and a log line per step when the output is a file
             callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
         if config.get("logger") is None or config.get("logger") is True:
-            seed = self._get(self.config, "seed_everything")
-            config["logger"] = default_logger(self.dataset, self.stage, self.artifacts, seed)
+            config["logger"] = default_logger(self.dataset, self.stage, self.artifacts, self.run_seed, out.name)
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -168,7 +168,7 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
     try:
         cli = FCTCLI(
             stage_cls, DATAMODULES[pre.dataset], stage=pre.stage, dataset=pre.dataset, artifacts=artifacts,
-            args=args, run=False, seed_everything_default=0, save_config_callback=None,
+            run_seed=pre.seed, args=args, run=False, seed_everything_default=0, save_config_callback=None,
             parser_kwargs={"prog": f"fct-fit --stage {pre.stage}"}, **cli_kwargs,
         )
     finally:

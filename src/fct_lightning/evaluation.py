@@ -228,19 +228,23 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval") -> None:
-    """Results as a W&B Table plus summary metrics, in the dataset's group (offline without credentials)."""
+def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None) -> None:
+    """Results as a W&B Table plus summary metrics, in the dataset's group (offline without credentials).
+
+    Summary keys: ``<case>/<metric>`` and, for backfilling curves, ``backfill/<gallery> <policy>/auc/<metric>``
+    (mean over the curve's points). The run is named ``name`` (default ``<dataset>-<job_type>``).
+    """
     try:
         import wandb
     except ImportError:
         log.warning("wandb is not installed; results are not logged to W&B (pip install wandb)")
         return
 
-    from fct_lightning.loggers import DEFAULT_PROJECT, ensure_wandb_mode
+    from fct_lightning.loggers import ensure_wandb_mode, wandb_project
 
     mode = ensure_wandb_mode()
     dataset = results["meta"]["dataset"]
-    run = wandb.init(project=DEFAULT_PROJECT, group=dataset, job_type=job_type, name=f"{dataset}-{job_type}",
+    run = wandb.init(project=wandb_project(), group=dataset, job_type=job_type, name=name or f"{dataset}-{job_type}",
                      dir=str(artifacts), mode=mode if mode in ("online", "offline", "disabled") else None,
                      config=results["meta"], reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"))
     table = wandb.Table(columns=["case", *METRICS])
@@ -248,6 +252,9 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
         table.add_data(case, *(m[k] for k in METRICS))
         for k in METRICS:
             run.summary[f"{case}/{k}"] = m[k]
+    for curve_name, curve in results.get("backfill", {}).items():
+        for k, v in curve.get("auc_mean", {}).items():
+            run.summary[f"backfill/{curve_name}/auc/{k}"] = v
     run.log({"results": table})
     run.finish()
 
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown_table(results))
     print(f"\nresults written to {out}")
     if not args.no_wandb:
-        log_to_wandb(results, Path(args.artifacts))
+        log_to_wandb(results, Path(args.artifacts), name=f"{args.dataset}-eval-{out.stem}")
     return results
 
 

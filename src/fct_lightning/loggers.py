@@ -15,6 +15,11 @@ WANDB_PROJECT_ENV = "FCT_WANDB_PROJECT"
 DEFAULT_PROJECT = "fct-lightning"
 
 
+def wandb_project() -> str:
+    """The W&B project of every run (training, eval, report): ``$FCT_WANDB_PROJECT`` or ``fct-lightning``."""
+    return os.environ.get(WANDB_PROJECT_ENV) or DEFAULT_PROJECT
+
+
 def wandb_has_credentials() -> bool:
     """True when an API key is in the environment or in ``~/.netrc`` (where ``wandb login`` puts it)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -44,11 +49,14 @@ def ensure_wandb_mode() -> str:
     return "offline"
 
 
-def default_logger(dataset: str, stage: str, save_dir: str | Path, seed: int | None = None) -> Logger:
-    """The W&B logger every ``fct-fit``/``fct-eval`` run uses unless ``--trainer.logger`` says otherwise.
+def default_logger(dataset: str, stage: str, save_dir: str | Path, seed: int | None = None,
+                   variant: str | None = None) -> Logger:
+    """The W&B logger every ``fct-fit`` run uses unless ``--trainer.logger`` says otherwise.
 
-    Runs are grouped by dataset, with ``job_type`` = stage and a stable name, so BCT and FCT runs on the same
-    data sit side by side in one W&B group.
+    Runs are grouped by dataset, with ``job_type`` = stage and the name ``<dataset>-<variant>-seed<seed>``, so BCT
+    and FCT runs on the same data sit side by side in one W&B group. ``variant`` is the stage's artifacts folder
+    (e.g. ``transformation_noside``, ``fastfill``; default: the stage), so that the four transformation runs of a
+    chain have different names; ``seed`` is the run's ``--seed``.
     """
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
@@ -56,13 +64,13 @@ def default_logger(dataset: str, stage: str, save_dir: str | Path, seed: int | N
         import wandb  # noqa: F401
     except ImportError:
         log.warning("wandb is not installed: logging to CSV under %s instead (pip install wandb).", save_dir)
-        return CSVLogger(save_dir, name=f"{dataset}-{stage}")
+        return CSVLogger(save_dir, name=f"{dataset}-{variant or stage}")
     mode = ensure_wandb_mode()
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{dataset}-{stage}" + (f"-seed{seed}" if seed is not None else "")
+    name = f"{dataset}-{variant or stage}" + (f"-seed{seed}" if seed is not None else "")
     return WandbLogger(
-        project=os.environ.get(WANDB_PROJECT_ENV, DEFAULT_PROJECT),
+        project=wandb_project(),
         group=dataset,
         job_type=stage,
         name=name,

@@ -41,6 +41,48 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     return runs
 
 
+SETTING = ("dataset", "split", "distance", "n_items")
+
+
+def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[int]:
+    """Which runs to average: refuse other evaluation settings, count the same models once.
+
+    A mean and standard deviation over seeds is only meaningful when every file is one evaluation setting
+    (dataset, split, distance, number of items) and every file comes from its own trained models. Files whose
+    checkpoints have the same content digests are one chain evaluated more than once (e.g. ``fct-eval``'s
+    ``results/eval.json`` next to ``make``'s ``results/seed0.json``): only the newest of them is kept, with a
+    warning, so the spread is over distinct chains. Returns the indices of the runs to keep.
+    """
+    names = [str(p) for p in paths]
+    for key in SETTING:
+        values = [run.get("meta", {}).get(key) for run in runs]
+        if len(set(map(str, values))) > 1:
+            listed = ", ".join(f"{n}: {v}" for n, v in zip(names, values))
+            raise ValueError(f"results files disagree on the evaluation {key} ({listed}); a report averages runs of "
+                             "one setting: pass only the files of one setting (fct-report FILE [FILE ...])")
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        checkpoints = run.get("meta", {}).get("checkpoints", {})
+        models = tuple(sorted((space, c.get("digest")) for space, c in checkpoints.items()))
+        groups.setdefault(models or ("file", i), []).append(i)
+
+    def age(i: int) -> tuple[float, str]:
+        path = Path(paths[i])
+        return (path.stat().st_mtime if path.is_file() else 0.0), names[i]
+
+    keep = []
+    for members in groups.values():
+        newest = max(members, key=age)
+        keep.append(newest)
+        if len(members) > 1:
+            log.warning(
+                "results files %s come from the same checkpoints (same content digests): one trained chain "
+                "evaluated %d times, counted once (%s). For a mean and standard deviation over seeds, train each "
+                "seed in its own artifacts folder: `make <dataset> SEED=N` trains in <ARTIFACTS>/seedN/.",
+                ", ".join(names[i] for i in members), len(members), names[newest])
+    return sorted(keep)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     m = sum(values) / len(values)
@@ -151,9 +193,18 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
+def select_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """The results files' runs to average (see :func:`check_runs`)."""
+    runs = load_results(paths)
+    return [runs[i] for i in check_runs(runs, paths)]
+
+
 def make_report(paths: list[str | Path], out_dir: str | Path, title: str = "Compatibility report") -> dict[str, Path]:
     """Write ``report.md``, ``report.csv``, ``report.png`` (and ``backfill.png``) into ``out_dir``."""
-    runs = load_results(paths)
+    return write_report(select_runs(paths), out_dir, title)
+
+
+def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str) -> dict[str, Path]:
     table = aggregate(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     paths = args.results or sorted((Path(args.artifacts) / args.dataset / "results").glob("*.json"))
     try:
-        files = make_report(paths, args.out_dir or Path(args.artifacts) / args.dataset, f"{args.dataset}: compatibility")
+        runs = select_runs(paths)
+        files = write_report(runs, args.out_dir or Path(args.artifacts) / args.dataset, f"{args.dataset}: compatibility")
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fct-report: {err}") from err
     print(files["md"].read_text())
@@ -184,11 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_wandb:
         from fct_lightning.evaluation import log_to_wandb
 
-        runs = load_results(paths)
-        for run in runs[:1]:
-            log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in aggregate(runs).items()
-                                    if not c.startswith("backfill")}, "meta": run["meta"]},
-                         Path(args.artifacts), job_type="report")
+        table = aggregate(runs)
+        log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in table.items() if not c.startswith("backfill")},
+                      "meta": dict(runs[0]["meta"], n_runs=len(runs))},
+                     Path(args.artifacts), job_type="report", name=f"{args.dataset}-report")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,151 @@
+"""The Makefile's reproduction targets: every target resolves (``make -n``), stages depend on their upstream
+checkpoints, every seed trains its own chain, and a missing dataset says where to put it."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2")
+# make target -> (fct-fit stage, the options that pick its variant)
+STAGES = {
+    "old": ("old", ()),
+    "side_info": ("side_info", ()),
+    "new": ("new", ()),
+    "transformation": ("transformation", ()),
+    "transformation_noside": ("transformation", ("--model.use_side_info false",)),
+    "fastfill": ("transformation", ("--model.uncertainty true",)),
+    "fastfill_noside": ("transformation", ("--model.uncertainty true", "--model.use_side_info false")),
+    "bct": ("bct", ()),
+}
+UPSTREAM = {
+    "old": set(), "side_info": set(), "new": set(), "bct": {"old"},
+    "transformation": {"old", "side_info", "new"}, "fastfill": {"old", "side_info", "new"},
+    "transformation_noside": {"old", "new"}, "fastfill_noside": {"old", "new"},
+}
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def make(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    # SETUP= : do not build the virtual environment; FIT/EVAL/REPORT: plain names to match in the output
+    proc = subprocess.run(["make", "--no-print-directory", "SETUP=", "FIT=fct-fit", "EVAL=fct-eval",
+                           "REPORT=fct-report", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False, stdin=subprocess.DEVNULL)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def commands(out: str, program: str) -> list[list[str]]:
+    return [shlex.split(line) for line in out.splitlines() if line.startswith(program + " ")]
+
+
+def option(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def variant(cmd: list[str]) -> tuple[str, set[str]]:
+    """The fct-fit command's stage and its --model.uncertainty / --model.use_side_info options."""
+    opts = {f"{a} {b}" for a, b in itertools.pairwise(cmd) if a in ("--model.uncertainty", "--model.use_side_info")}
+    return option(cmd, "--stage"), opts
+
+
+def test_help_lists_datasets_stages_and_variables():
+    out = make("help").stdout
+    for word in (*DATASETS, *STAGES, "demo", "test", "SEED", "DATA_ROOT", "TRAINER", "RECIPE", "DEVICES"):
+        assert word in out, word
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_stage_target_resolves_with_its_upstream_stages(dataset, tmp_path):
+    for target, (stage, opts) in STAGES.items():
+        out = make("-n", f"{dataset}-{target}", f"ARTIFACTS={tmp_path}").stdout
+        fits = commands(out, "fct-fit")
+        # the last command trains the target itself; the ones before are exactly its upstream stages
+        assert variant(fits[-1]) == (stage, set(opts)), out
+        assert {option(c, "--stage") for c in fits[:-1]} == UPSTREAM[target], out
+        for cmd in fits:
+            assert option(cmd, "--dataset") == dataset and option(cmd, "--artifacts") == str(tmp_path)
+            assert option(cmd, "--seed") == "0"
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_dataset_target_runs_the_whole_chain_then_eval_and_report(dataset, tmp_path):
+    out = make("-n", dataset, f"ARTIFACTS={tmp_path}", "POINTS=5").stdout
+    fits = commands(out, "fct-fit")
+    assert sorted(variant(c)[0] for c in fits) == sorted(s for s, _ in STAGES.values())
+    assert len({(s, frozenset(o)) for s, o in map(variant, fits)}) == len(STAGES)  # four distinct transformations
+    (ev,), (rep,) = commands(out, "fct-eval"), commands(out, "fct-report")
+    assert option(ev, "--out") == f"{tmp_path}/{dataset}/results/seed0.json" and option(ev, "--points") == "5"
+    assert option(rep, "--artifacts") == str(tmp_path)
+    assert out.index("fct-eval") > max(out.index(" ".join(c[:3])) for c in fits) and out.index("fct-report") > out.index("fct-eval")
+
+
+def test_finished_stages_are_not_retrained(tmp_path):
+    for stage in ("old", "side_info", "new"):
+        (tmp_path / "digits" / stage).mkdir(parents=True)
+        (tmp_path / "digits" / stage / "best.ckpt").touch()
+    out = make("-n", "digits-transformation", f"ARTIFACTS={tmp_path}").stdout
+    assert [variant(c)[0] for c in commands(out, "fct-fit")] == ["transformation"]
+
+
+def test_each_seed_trains_its_own_chain(tmp_path):
+    # seed 0 is complete; SEED=1 must train every stage again (in its own folder), not evaluate seed 0's models
+    for stage in STAGES:
+        (tmp_path / "digits" / stage).mkdir(parents=True)
+        (tmp_path / "digits" / stage / "best.ckpt").touch()
+    out = make("-n", "digits", f"ARTIFACTS={tmp_path}", "SEED=1").stdout
+    fits = commands(out, "fct-fit")
+    assert len(fits) == len(STAGES)
+    assert {option(c, "--artifacts") for c in fits} == {f"{tmp_path}/seed1"}
+    assert {option(c, "--seed") for c in fits} == {"1"}
+    (ev,) = commands(out, "fct-eval")
+    assert option(ev, "--artifacts") == f"{tmp_path}/seed1"
+    assert option(ev, "--out") == f"{tmp_path}/digits/results/seed1.json"  # next to seed 0's, for fct-report
+    (rep,) = commands(out, "fct-report")
+    assert option(rep, "--artifacts") == str(tmp_path)
+
+
+def test_presets_recipe_devices_and_extra_reach_every_stage(tmp_path):
+    out = make("-n", "cifar10", f"ARTIFACTS={tmp_path}", "DATA_ROOT=/data/c10", "TRAINER=ddp bf16",
+               "RECIPE=cifar10_cpu", "DEVICES=8", "EXTRA=--trainer.max_epochs 2").stdout
+    fits = commands(out, "fct-fit")
+    assert len(fits) == len(STAGES)
+    for cmd in fits:
+        configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+        assert configs[:2] == ["configs/trainer/ddp.yaml", "configs/trainer/bf16.yaml"], cmd
+        recipe = configs[2]
+        assert re.fullmatch(r"configs/recipes/cifar10_cpu/(old|side_info|new|transformation|bct)\.yaml", recipe)
+        assert recipe.endswith(f"/{option(cmd, '--stage')}.yaml")
+        for path in configs:
+            assert (ROOT / path).is_file(), path
+        assert option(cmd, "--trainer.devices") == "8" and option(cmd, "--data.root") == "/data/c10"
+        assert option(cmd, "--trainer.max_epochs") == "2"
+    (ev,) = commands(out, "fct-eval")
+    assert option(ev, "--data_root") == "/data/c10"
+
+
+@pytest.mark.parametrize("dataset,layout", [("cifar100", "train/<class>/<image>"), ("imagenet", "val/<class>/<image>"),
+                                            ("places365", "val/<class>/<image>"), ("vggface2", "test/<class>/<image>")])
+def test_missing_dataset_says_where_to_put_it(dataset, layout, tmp_path):
+    proc = make(f"{dataset}-old", f"DATA_ROOT={tmp_path}", f"ARTIFACTS={tmp_path / 'art'}", check=False)
+    assert proc.returncode != 0
+    assert f"{dataset} not found under {tmp_path}" in proc.stderr and layout in proc.stderr, proc.stderr
+    assert "DATA_ROOT" in proc.stderr
+    assert not (tmp_path / "art").exists()  # nothing ran
+
+
+def test_missing_cifar10_without_archive_says_where_to_put_it(tmp_path):
+    proc = make("cifar10-old", f"DATA_ROOT={tmp_path}", f"ARTIFACTS={tmp_path / 'art'}",
+                f"CIFAR10_ARCHIVE={tmp_path / 'none.tar.gz'}", check=False)
+    assert proc.returncode != 0
+    assert "CIFAR-10 not found" in proc.stderr and "cifar-10-batches-py" in proc.stderr, proc.stderr
+    assert not (tmp_path / "art").exists()

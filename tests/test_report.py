@@ -1,0 +1,129 @@
+"""fct-report: mean and standard deviation over seeds, the compatibility criterion, and the results it refuses
+to average (other settings, the same chain evaluated twice)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import types
+
+import pytest
+
+from fct_lightning.report import main as report_main
+from fct_lightning.report import make_report
+
+META = {"dataset": "digits", "split": "test", "distance": "l2", "n_items": 540}
+
+
+def results(top1: dict[str, float], digests: str, **meta) -> dict:
+    """A results file as fct-eval writes it; every metric of a case equals its top-1 here."""
+    cases = {c: {"top1": v, "top5": v, "map": v, "map@r": v} for c, v in top1.items()}
+    checkpoints = {s: {"path": f"art/digits/{s}/best.ckpt", "digest": f"{digests}-{s}"} for s in ("old", "new")}
+    return {"cases": cases, "missing": {}, "meta": {**META, "checkpoints": checkpoints, **meta}}
+
+
+def write(path, data, mtime: float | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_mean_and_std_over_seeds_and_compatibility(tmp_path):
+    a = write(tmp_path / "seed0.json", results({"old/old": 0.50, "new/old": 0.40, "fct+side/old": 0.70}, "s0"))
+    b = write(tmp_path / "seed1.json", results({"old/old": 0.60, "new/old": 0.50, "fct+side/old": 0.80}, "s1"))
+    files = make_report([a, b], tmp_path / "out", "t")
+    md = files["md"].read_text()
+    assert "| old/old | 55.0 ± 7.1 |" in md  # sample std of 50 and 60
+    assert "2 run(s) (mean ± std)" in md
+    rows = {r["case"]: r for r in csv.DictReader(files["csv"].open())}
+    assert float(rows["fct+side/old"]["top1_mean"]) == pytest.approx(0.75)
+    assert float(rows["fct+side/old"]["top1_std"]) == pytest.approx(0.0707107, abs=1e-6)
+    assert rows["fct+side/old"]["n_runs"] == "2"
+    # compatible when the cross-model metric beats old/old's: 75 > 55 yes, 45 < 55 no
+    assert (rows["fct+side/old"]["compatible_top1"], rows["new/old"]["compatible_top1"]) == ("yes", "no")
+    assert files["png"].is_file()
+
+
+def test_same_chain_evaluated_twice_counts_once(tmp_path, caplog):
+    # make's results/seed0.json and a later fct-eval's results/eval.json of the same checkpoints
+    old = write(tmp_path / "seed0.json", results({"old/old": 0.50}, "s0"), mtime=1_000_000)
+    new = write(tmp_path / "eval.json", results({"old/old": 0.52}, "s0"), mtime=2_000_000)
+    other = write(tmp_path / "seed1.json", results({"old/old": 0.60}, "s1"), mtime=1_500_000)
+    with caplog.at_level(logging.WARNING, logger="fct_lightning.report"):
+        md = make_report([old, new, other], tmp_path / "out", "t")["md"].read_text()
+    assert "| old/old | 56.0 ± 5.7 |" in md  # the newest of the duplicates (52) and seed 1 (60)
+    assert "2 run(s)" in md
+    assert "same checkpoints" in caplog.text and "SEED=N" in caplog.text and str(old) in caplog.text
+
+
+@pytest.mark.parametrize("key,value", [("split", "val"), ("distance", "cosine"), ("n_items", 100),
+                                       ("dataset", "cifar10")])
+def test_results_of_other_settings_are_refused(tmp_path, key, value, capsys):
+    a = write(tmp_path / "r" / "seed0.json", results({"old/old": 0.5}, "s0"))
+    b = write(tmp_path / "r" / "seed1.json", results({"old/old": 0.6}, "s1", **{key: value}))
+    with pytest.raises(SystemExit, match=f"disagree on the evaluation {key}") as err:
+        report_main([str(a), str(b), "--out_dir", str(tmp_path / "out"), "--no_wandb"])
+    assert str(b) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_malformed_results_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist; run fct-eval first"):
+        report_main([str(tmp_path / "none.json"), "--no_wandb"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        report_main([str(bad), "--no_wandb"])
+    with pytest.raises(SystemExit, match="no results files given"):
+        report_main(["--artifacts", str(tmp_path / "empty"), "--no_wandb"])
+
+
+def test_wandb_runs_share_one_project_and_carry_backfill_aucs(tmp_path, monkeypatch):
+    """fct-eval / fct-report log into $FCT_WANDB_PROJECT like fct-fit, with names that tell the runs apart."""
+    calls = []
+
+    class Run:
+        def __init__(self, **kwargs):
+            calls.append(kwargs)
+            self.summary, self.logged = {}, {}
+            calls.append(self)
+
+        def log(self, data):
+            self.logged.update(data)
+
+        def finish(self):
+            pass
+
+    class Table:
+        def __init__(self, columns):
+            self.rows = []
+
+        def add_data(self, *row):
+            self.rows.append(row)
+
+    fake = types.SimpleNamespace(init=lambda **kw: Run(**kw), Table=Table, Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("FCT_WANDB_PROJECT", "my-project")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    from fct_lightning.evaluation import log_to_wandb
+
+    res = results({"old/old": 0.5}, "s0")
+    res["backfill"] = {"fct+side random": {"auc_mean": {"top1": 0.61, "map": 0.42}}}
+    log_to_wandb(res, tmp_path, name="digits-eval-seed3")
+    kwargs, run = calls
+    assert kwargs["project"] == "my-project" and kwargs["name"] == "digits-eval-seed3"
+    assert kwargs["group"] == "digits" and kwargs["job_type"] == "eval"
+    assert run.summary["old/old/top1"] == 0.5
+    assert run.summary["backfill/fct+side random/auc/top1"] == 0.61
+
+    calls.clear()
+    write(tmp_path / "art" / "digits" / "results" / "seed0.json", results({"old/old": 0.5}, "s0"))
+    report_main(["--artifacts", str(tmp_path / "art")])
+    kwargs, run = calls
+    assert kwargs["project"] == "my-project" and kwargs["name"] == "digits-report" and kwargs["job_type"] == "report"
+    assert kwargs["config"]["n_runs"] == 1
