@@ -2,7 +2,9 @@
 # `make demo` and `make test` set themselves up (a virtual environment in $(VENV)) and work offline.
 # Reproduction: `make <dataset>` runs the whole chain (old, side_info, new, transformation with and without
 # side-info, bct, fct-eval, fct-report); `make <dataset>-<stage>` runs one stage and what it needs.
-# Stages depend on their upstream checkpoints as files, so re-running skips finished stages.
+# A stage's target is its done.json, which fct-fit writes when the run completes (best.ckpt already exists after
+# the first validation): re-running skips finished stages, runs interrupted ones again, and re-runs a stage
+# whose upstream stage was re-trained after it.
 
 PYTHON    ?= python3
 VENV      ?= .venv
@@ -69,7 +71,8 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 
 # ----------------------------------------------------------------------------- reproduction chains
 # $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
-fit_opts = --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
+# --overwrite: make runs a stage only when its checkpoint is missing or older than an upstream one
+fit_opts = --overwrite --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
 	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
 	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
 data_opts = $(if $(DATA_ROOT),--data_root $(DATA_ROOT))
@@ -77,28 +80,28 @@ data_opts = $(if $(DATA_ROOT),--data_root $(DATA_ROOT))
 define CHAIN
 $(1)_DIR := $(RUNS)/$(1)
 $(1)_OUT := $(ARTIFACTS)/$(1)
-$$($(1)_DIR)/old/best.ckpt: | $(SETUP) $(1)-data
+$$($(1)_DIR)/old/done.json: | $(SETUP) $(1)-data
 	$(FIT) --stage old $(call fit_opts,$(1),old)
-$$($(1)_DIR)/side_info/best.ckpt: | $(SETUP) $(1)-data
+$$($(1)_DIR)/side_info/done.json: | $(SETUP) $(1)-data
 	$(FIT) --stage side_info $(call fit_opts,$(1),side_info)
-$$($(1)_DIR)/new/best.ckpt: | $(SETUP) $(1)-data
+$$($(1)_DIR)/new/done.json: | $(SETUP) $(1)-data
 	$(FIT) --stage new $(call fit_opts,$(1),new)
-$$($(1)_DIR)/transformation/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/side_info/best.ckpt $$($(1)_DIR)/new/best.ckpt
+$$($(1)_DIR)/transformation/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
 	$(FIT) --stage transformation $(call fit_opts,$(1),transformation)
-$$($(1)_DIR)/transformation_noside/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/new/best.ckpt
+$$($(1)_DIR)/transformation_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
 	$(FIT) --stage transformation --model.use_side_info false $(call fit_opts,$(1),transformation)
-$$($(1)_DIR)/fastfill/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/side_info/best.ckpt $$($(1)_DIR)/new/best.ckpt
+$$($(1)_DIR)/fastfill/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
 	$(FIT) --stage transformation --model.uncertainty true $(call fit_opts,$(1),transformation)
-$$($(1)_DIR)/fastfill_noside/best.ckpt: $$($(1)_DIR)/old/best.ckpt $$($(1)_DIR)/new/best.ckpt
+$$($(1)_DIR)/fastfill_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
 	$(FIT) --stage transformation --model.uncertainty true --model.use_side_info false $(call fit_opts,$(1),transformation)
-$$($(1)_DIR)/bct/best.ckpt: $$($(1)_DIR)/old/best.ckpt
+$$($(1)_DIR)/bct/done.json: $$($(1)_DIR)/old/done.json
 	$(FIT) --stage bct $(call fit_opts,$(1),bct)
-$$($(1)_OUT)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/best.ckpt)
+$$($(1)_OUT)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/done.json)
 	$(EVAL) --dataset $(1) --artifacts $(RUNS) $(data_opts) --backfill random,uncertainty,distance --points $(POINTS) --out $$@
 $$($(1)_OUT)/report.md: $$($(1)_OUT)/results/seed$(SEED).json
 	$(REPORT) --dataset $(1) --artifacts $(ARTIFACTS)
 $(1): $$($(1)_OUT)/report.md
-$(foreach s,$(STAGES),$(1)-$(s): $$($(1)_DIR)/$(s)/best.ckpt
+$(foreach s,$(STAGES),$(1)-$(s): $$($(1)_DIR)/$(s)/done.json
 )
 $(1)-eval: $$($(1)_OUT)/results/seed$(SEED).json
 $(1)-report: $$($(1)_OUT)/report.md

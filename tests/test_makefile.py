@@ -92,7 +92,7 @@ def test_dataset_target_runs_the_whole_chain_then_eval_and_report(dataset, tmp_p
 def test_finished_stages_are_not_retrained(tmp_path):
     for stage in ("old", "side_info", "new"):
         (tmp_path / "digits" / stage).mkdir(parents=True)
-        (tmp_path / "digits" / stage / "best.ckpt").touch()
+        (tmp_path / "digits" / stage / "done.json").touch()
     out = make("-n", "digits-transformation", f"ARTIFACTS={tmp_path}").stdout
     assert [variant(c)[0] for c in commands(out, "fct-fit")] == ["transformation"]
 
@@ -101,7 +101,7 @@ def test_each_seed_trains_its_own_chain(tmp_path):
     # seed 0 is complete; SEED=1 must train every stage again (in its own folder), not evaluate seed 0's models
     for stage in STAGES:
         (tmp_path / "digits" / stage).mkdir(parents=True)
-        (tmp_path / "digits" / stage / "best.ckpt").touch()
+        (tmp_path / "digits" / stage / "done.json").touch()
     out = make("-n", "digits", f"ARTIFACTS={tmp_path}", "SEED=1").stdout
     fits = commands(out, "fct-fit")
     assert len(fits) == len(STAGES)
@@ -149,3 +149,13 @@ def test_missing_cifar10_without_archive_says_where_to_put_it(tmp_path):
     assert proc.returncode != 0
     assert "CIFAR-10 not found" in proc.stderr and "cifar-10-batches-py" in proc.stderr, proc.stderr
     assert not (tmp_path / "art").exists()
+
+
+def test_interrupted_stage_runs_again(tmp_path):
+    """best.ckpt exists after the first validation; without done.json the stage did not finish."""
+    (tmp_path / "digits" / "old").mkdir(parents=True)
+    for name in ("best.ckpt", "last.ckpt"):
+        (tmp_path / "digits" / "old" / name).touch()
+    out = make("-n", "digits-old", f"ARTIFACTS={tmp_path}").stdout
+    (cmd,) = commands(out, "fct-fit")
+    assert option(cmd, "--stage") == "old" and "--overwrite" in cmd  # make decided: replace the partial run

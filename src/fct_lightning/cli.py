@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import sys
 import time
@@ -46,6 +47,11 @@ def stage_config(dataset: str, stage: str) -> Path:
         have = sorted(p.stem for p in (CONFIG_DIR / dataset).glob("*.yaml"))
         raise SystemExit(f"fct-fit: no packaged config {path} for --dataset {dataset} --stage {stage} (it has: {have}).")
     return path
+
+
+# Written into a stage's folder when its fct-fit run has completed (best.ckpt appears at the first validation,
+# so it alone does not tell a finished stage from an interrupted one); the Makefile's targets.
+DONE_FILE = "done.json"
 
 
 def stage_dir(artifacts: str | Path, dataset: str, stage: str) -> Path:
@@ -121,6 +127,7 @@ def _pre_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--ckpt_path", default=None)
     p.add_argument("--seed", type=int, default=0, help="run seed; each stage derives its own from it")
+    p.add_argument("--overwrite", action="store_true", help="replace a stage's existing checkpoints")
     return p
 
 
@@ -134,6 +141,47 @@ def _default_args(stage_cls: type, artifacts: Path, dataset: str) -> list[str]:
         if name == "cache_dir":
             args += ["--model.cache_dir", str(Path(artifacts) / dataset / "cache")]
     return args
+
+
+def _check_overwrite(out: Path, stage: str, resuming: bool, overwrite: bool) -> list[Path]:
+    """A fresh run must not silently replace a stage's checkpoints (later stages were trained from them).
+
+    Returns the files that ``--overwrite`` will move aside (see :class:`_KeepReplaced`).
+    """
+    found = [out / name for name in ("best.ckpt", "last.ckpt") if (out / name).is_file()]
+    if resuming or not found:
+        return []
+    if not overwrite:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in found)))
+        raise SystemExit(
+            f"fct-fit: {out} already holds checkpoints of the {stage} stage ({', '.join(f.name for f in found)}, "
+            f"written {when}); a new run would replace them. Continue that run with --ckpt_path last, train into "
+            "another folder with --artifacts DIR (one per seed, as `make SEED=N` does), or replace them with "
+            "--overwrite (the old files are kept as *.replaced.ckpt; stages trained from them must then be "
+            "re-trained, and fct-eval refuses them until they are)."
+        )
+    return found
+
+
+class _StartRun(Callback):
+    """What rank 0 changes in the stage's folder, once set-up has succeeded (frozen models loaded, caches built):
+    ``--overwrite`` moves the previous checkpoints to ``*.replaced.ckpt``, ``done.json`` is removed until this run
+    completes, and the resolved config is written. A run that fails before training leaves the folder as it was."""
+
+    def __init__(self, cli: FCTCLI, replaced: list[Path]) -> None:
+        self.cli, self.replaced = cli, replaced
+
+    def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        for f in self.replaced:
+            if f.is_file():
+                f.replace(f.with_name(f.stem + ".replaced.ckpt"))
+        if self.replaced:
+            rank_zero_info(f"fct-fit: --overwrite: the previous {', '.join(f.name for f in self.replaced)} of "
+                           f"{self.cli.out_dir} are kept as *.replaced.ckpt")
+        (self.cli.out_dir / DONE_FILE).unlink(missing_ok=True)
+        _save_config(self.cli)
 
 
 def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
@@ -156,7 +204,7 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
         stages, datasets = ",".join(sorted(STAGES)), ",".join(sorted(DATAMODULES))
         usage = (
             f"usage: fct-fit --stage {{{stages}}} [--dataset {{{datasets}}}] [--artifacts DIR] [--seed N] "
-            "[--ckpt_path last|PATH] [LightningCLI options, see fct-fit --stage S --help]"
+            "[--ckpt_path last|PATH] [--overwrite] [LightningCLI options, see fct-fit --stage S --help]"
         )
         raise SystemExit(usage if {"-h", "--help"} & set(rest) else f"fct-fit: --stage is required.\n{usage}")
     stage_cls = STAGES[pre.stage]
@@ -173,6 +221,7 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
         )
     finally:
         sys.argv = saved_argv
+    cli.overwrite = pre.overwrite
     return cli, _resolve_ckpt(pre.ckpt_path, cli.out_dir)
 
 
@@ -190,11 +239,20 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cli, ckpt = build_cli(argv)
     _check_validation_runs(cli.trainer)
-    if cli.trainer.is_global_zero:
-        _save_config(cli)
+    # every rank refuses (under torchrun each rank runs this), before any work
+    replaced = _check_overwrite(cli.out_dir, cli.stage, ckpt is not None, cli.overwrite)
+    cli.trainer.callbacks.append(_StartRun(cli, replaced))
+    done = cli.out_dir / DONE_FILE
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    rank_zero_info(_summary(cli, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    rank_zero_info(_summary(cli, seconds))
+    if cli.trainer.is_global_zero and (cli.out_dir / "best.ckpt").is_file():
+        ckpt_cb = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        score = None if ckpt_cb is None or ckpt_cb.best_model_score is None else float(ckpt_cb.best_model_score)
+        done.write_text(json.dumps({"stage": cli.stage, "dataset": cli.dataset, "epochs": cli.trainer.current_epoch,
+                                    "seconds": round(seconds, 1), "monitor": cli.model.monitor, "best": score,
+                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     return cli
 
 
@@ -211,7 +269,8 @@ def _check_validation_runs(trainer: Trainer) -> None:
 
 def _summary(cli: FCTCLI, seconds: float) -> str:
     """One line per stage for logs: wall time, best monitored value and the last epoch's retrieval metrics."""
-    lines = [(f"fct-fit: stage {cli.stage} on {cli.dataset} done in {seconds:.1f} s "
+    variant = "" if cli.out_dir.name == cli.stage else f" ({cli.out_dir.name})"
+    lines = [(f"fct-fit: stage {cli.stage}{variant} on {cli.dataset} done in {seconds:.1f} s "
               f"({cli.trainer.current_epoch} epochs); checkpoints in {cli.out_dir}")]
     ckpt = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     if ckpt is not None and ckpt.best_model_score is not None:

@@ -67,6 +67,32 @@ def load_spaces(artifacts: Path, dataset: str, spaces: set[str]) -> tuple[dict[s
     return embedders, missing
 
 
+def check_chain(embedders: dict[str, Any]) -> None:
+    """Refuse a chain whose checkpoints do not belong together.
+
+    The transformations and BCT record the content digest of each frozen model they were trained with. When
+    the ``old`` or ``new`` checkpoint on disk is another file (a stage re-trained after the stages built on
+    it), cross-model cases would compare embeddings of models that were never trained together, and e.g.
+    ``fct+side/old`` would pair queries of one new model with a gallery mapped into another's space.
+    """
+    problems = []
+    for space, roles in (("fct+side", ("old", "new")), ("fct", ("old", "new")), ("bct", ("old",))):
+        if space not in embedders:
+            continue
+        meta = embedders[space][2]
+        for role in roles:
+            want, current = meta.get(f"{role}_digest"), embedders.get(role, (None, None, {}))[2]
+            if want and current.get("digest") and current["digest"] != want:
+                problems.append(f"{meta['path']} was trained with the {role} checkpoint {want}, but {current['path']} "
+                                f"is now {current['digest']}")
+    if problems:
+        raise CheckpointError(
+            "the checkpoints of this chain do not belong together: " + "; ".join(problems) + ". A stage was "
+            "re-trained after the stages built on it, so its cross-model numbers would compare embeddings of models "
+            "that were never trained together. Re-train the stages named first (make re-runs them when an upstream "
+            "checkpoint is newer), or restore the upstream checkpoint they were trained with.")
+
+
 def _frozen_parts(space: str, module: Any, meta: dict[str, Any]) -> list[tuple[str | None, Any]]:
     """``(checkpoint digest, embedding function)`` of the image models a space runs; the digest names the
     checkpoint file's content, so two spaces that load the same file (the old model of ``old``, ``fct`` and
@@ -143,6 +169,7 @@ def run_eval(
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     spaces = {s for c in cases for s in CASE_SPACES[c]}
     embedders, missing_spaces = load_spaces(artifacts, dataset, spaces)
+    check_chain(embedders)
     for module, _, _ in embedders.values():
         module.to(dev).eval()
     kwargs = stage_data_config(artifacts, dataset)

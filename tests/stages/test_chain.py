@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from fct_lightning.checkpoints import CheckpointError, read_checkpoint
@@ -17,6 +18,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
         "--trainer.logger", "false", "--trainer.enable_model_summary", "false"]
 SMALL_NET = ["--model.width", "8"]
 SMALL_H = ["--model.mixer_width", "64", "--model.cache_views", "2"]
+REPLACE = ["--overwrite"]  # the module's chain may already hold the stage these runs would write
 
 
 def run(stage: str, artifacts: Path, *extra: str):
@@ -124,13 +126,13 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 def test_wrong_checkpoint_for_role(chain, tmp_path):
     new = chain / "digits" / "new" / "best.ckpt"
     with pytest.raises(CheckpointError, match="'new' checkpoint but the old role needs a old checkpoint"):
-        run("transformation", chain, *SMALL_H, "--model.old_checkpoint", str(new))
+        run("transformation", chain, *SMALL_H, *REPLACE, "--model.old_checkpoint", str(new))
     with pytest.raises(CheckpointError, match="does not exist"):
-        run("transformation", chain, *SMALL_H, "--model.side_info_checkpoint", str(tmp_path / "nope.ckpt"))
+        run("transformation", chain, *SMALL_H, *REPLACE, "--model.side_info_checkpoint", str(tmp_path / "nope.ckpt"))
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
-        run("bct", chain, *SMALL_NET, "--model.old_checkpoint", str(corrupt))
+        run("bct", chain, *SMALL_NET, *REPLACE, "--model.old_checkpoint", str(corrupt))
 
 
 def test_dataset_and_dimension_mismatch(chain, tmp_path):
@@ -139,9 +141,11 @@ def test_dataset_and_dimension_mismatch(chain, tmp_path):
     other = tmp_path / "other.ckpt"
     torch.save(ckpt, other)
     with pytest.raises(CheckpointError, match="trained on dataset 'cifar10' but this run uses 'digits'"):
-        run("transformation", chain, *SMALL_H, "--model.old_checkpoint", str(other))
+        run("transformation", chain, *SMALL_H, *REPLACE, "--model.old_checkpoint", str(other))
     with pytest.raises(CheckpointError, match="dimension mismatch"):
-        run("bct", chain, *SMALL_NET, "--model.embedding_dim", "64")
+        run("bct", chain, *SMALL_NET, *REPLACE, "--model.embedding_dim", "64")
+    # runs that fail in set-up leave the stages' folders as they were, --overwrite or not
+    assert not list((chain / "digits").glob("*/*.replaced.ckpt"))
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
@@ -234,3 +238,50 @@ def test_run_without_any_validation_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="max_epochs 1 is less than --trainer.check_val_every_n_epoch 3"):
         run("old", tmp_path, *SMALL_NET, "--trainer.check_val_every_n_epoch", "3")
     assert not (tmp_path / "digits" / "old" / "last.ckpt").exists()
+
+
+def test_eval_refuses_a_chain_whose_upstream_was_retrained(full_chain, tmp_path):
+    """old re-trained after h and BCT were built on it: fct-eval names the stale stages instead of mixing models."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(full_chain / "digits", art / "digits", ignore=shutil.ignore_patterns("cache", "results"))
+    path = art / "digits" / "old" / "best.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["retrained"] = True  # another file, as a second `fct-fit --stage old` writes
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match="do not belong together") as err:
+        eval_main(["--artifacts", str(art), "--no_wandb"])
+    msg = str(err.value)
+    for stage in ("transformation", "transformation_noside", "bct"):
+        assert f"digits/{stage}/best.ckpt was trained with the old checkpoint" in msg
+    assert "new checkpoint" not in msg and not (art / "digits" / "results").exists()
+    # the cases that do not mix models still run
+    results = eval_main(["--artifacts", str(art), "--no_wandb", "--cases", "old/old,new/new,new/old"])
+    assert set(results["cases"]) == {"old/old", "new/new", "new/old"}
+
+
+class FailInSecondEpoch(pl.Callback):
+    """Stops a run with an error after its first validation wrote best.ckpt (a crash, an OOM kill)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_done_marker_and_no_silent_overwrite(tmp_path):
+    out = tmp_path / "digits" / "old"
+    run("old", tmp_path, *SMALL_NET)
+    done = json.loads((out / "done.json").read_text())
+    assert done["stage"] == "old" and done["epochs"] == 1 and 0 <= done["best"] <= 1
+    first = (out / "best.ckpt").read_bytes()
+    # a second fresh run would replace the checkpoints the later stages were trained from: refused, nothing touched
+    with pytest.raises(SystemExit, match="already holds checkpoints of the old stage.*--ckpt_path last.*--overwrite"):
+        run("old", tmp_path, *SMALL_NET)
+    assert (out / "best.ckpt").read_bytes() == first and (out / "done.json").is_file()
+    # --overwrite: the previous files are kept aside; a crash after the first validation leaves no done.json
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("old", tmp_path, *SMALL_NET, "--overwrite", "--trainer.max_epochs", "2",
+            "--trainer.callbacks+=tests.stages.test_chain.FailInSecondEpoch")
+    assert (out / "best.replaced.ckpt").read_bytes() == first and (out / "last.replaced.ckpt").is_file()
+    assert (out / "best.ckpt").is_file() and not (out / "done.json").exists()
