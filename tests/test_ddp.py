@@ -54,6 +54,7 @@ def test_fct_fit_two_process_ddp_chain(tmp_path):
           "--model.cache_views", "2"], tmp_path)
     for stage in ("old", "side_info", "new", "transformation"):
         assert (tmp_path / "art" / "digits" / stage / "best.ckpt").is_file(), stage
+        assert (tmp_path / "art" / "digits" / stage / "done.json").is_file(), stage  # rank 0 wrote it once
     caches = list((tmp_path / "art" / "digits" / "cache").glob("*/features.pt"))
     assert len(caches) == 1 and not list((tmp_path / "art" / "digits" / "cache").glob("*/part-*"))
 

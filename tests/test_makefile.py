@@ -4,6 +4,7 @@ checkpoints, every seed trains its own chain, and a missing dataset says where t
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import shlex
 import shutil
@@ -36,9 +37,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU 
 
 def make(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     # SETUP= : do not build the virtual environment; FIT/EVAL/REPORT: plain names to match in the output
+    # without the flags of a calling make (`make test -j4` would pass -j on and reorder the printed commands)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     proc = subprocess.run(["make", "--no-print-directory", "SETUP=", "FIT=fct-fit", "EVAL=fct-eval",
                            "REPORT=fct-report", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          check=False, stdin=subprocess.DEVNULL)
+                          check=False, stdin=subprocess.DEVNULL, env=env)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
