@@ -33,7 +33,7 @@ export OMP_NUM_THREADS ?= 2
 # (measured: one small training step 30x slower); passive waiting keeps that cost near zero.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-DATASETS := digits cifar10 cifar100 imagenet places365 vggface2
+DATASETS := digits cifar10 cifar100 imagenet places365 vggface2 folder
 STAGES   := old side_info new transformation transformation_noside fastfill fastfill_noside bct
 
 .PHONY: help install test test-all demo lint bench clean report $(DATASETS) $(foreach d,$(DATASETS),$(addprefix $(d)-,$(STAGES) eval report))
@@ -127,6 +127,7 @@ $(eval $(call FOLDER_CHECK,cifar100,train,test))
 $(eval $(call FOLDER_CHECK,imagenet,train,val))
 $(eval $(call FOLDER_CHECK,places365,train,val))
 $(eval $(call FOLDER_CHECK,vggface2,train,test))
+$(eval $(call FOLDER_CHECK,folder,train,val))
 
 # ----------------------------------------------------------------------------- the main job
 demo: digits  ## the main job on digits (offline, CPU): the whole chain, eval with backfilling curves, report

@@ -29,12 +29,13 @@ import pytest
 import torch
 import yaml
 
+from fct_lightning.checkpoints import read_checkpoint
 from fct_lightning.cli import CONFIG_DIR, build_cli, fit
 from fct_lightning.data.cifar import CIFAR10_CLASSES
 from tests.data.fakes import make_cifar_pickles, make_imagefolder
 
 CHAIN = ("old", "side_info", "new", "transformation", "bct")
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2")
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder")
 RECIPES = {"cifar100_resnet50": "cifar100", "cifar10_cpu": "cifar10"}  # recipe folder -> the dataset it overrides
 RECIPE_TRUNKS = {"cifar100_resnet50": ("ResNet", 2048), "cifar10_cpu": ("SmallConvNet", 32)}  # trunk, feature dim
 # every trainer preset, the four basic ones and any added later (e.g. presets with a data section)
@@ -65,13 +66,16 @@ def _class_names(dataset: str, small: bool = False) -> tuple[list[str], list[str
     if dataset == "places365":
         names = [f"place_{i:03d}" for i in range(365)]
         return names, names
+    if dataset == "folder":  # a user's own images: any class count (the configs take half of it, as a fraction)
+        names = [f"product_{i:02d}" for i in range(41)]
+        return names, names
     # VGGFace2: 8631 training identities, 500 disjoint test identities, interleaved in sorted order
     ids = [f"n{i:06d}" for i in range(1, 27 if small else 9132)]
     test = set(ids[::4][:6] if small else ids[::18][:500])
     return [n for n in ids if n not in test], sorted(test)
 
 
-EVAL_DIR = {"imagenet": "val", "places365": "val", "vggface2": "test"}
+EVAL_DIR = {"imagenet": "val", "places365": "val", "vggface2": "test", "folder": "val"}
 
 
 def make_data(dataset: str, root: Path, images: bool, small: bool = False) -> Path:
@@ -197,6 +201,8 @@ def check_values(cli, *files: Path, overridden: list[str] = ()) -> None:
 def check_classes(cli, dataset: str, stage: str) -> None:
     train_classes = cli.config.as_dict()["data"]["train_classes"]
     n = cli.datamodule.num_classes if train_classes is None else train_classes
+    if isinstance(n, float):  # a fraction of the classes
+        n = int(n * cli.datamodule.num_classes)
     assert cli.datamodule.train_class_ids == list(range(n))
     if stage in ("old", "new", "bct"):
         assert cli.model.classes == list(range(n))
@@ -220,7 +226,7 @@ def test_stage_config_instantiates(dataset, stage, extra, trees, upstream):
 def test_real_dataset_class_counts(trees):
     """The class counts the configs rely on: half of each dataset's training classes for the old model."""
     expect = {"cifar10": (10, 5), "cifar100": (100, 50), "imagenet": (1000, 500), "places365": (365, 182),
-              "vggface2": (9131, 4315)}
+              "vggface2": (9131, 4315), "folder": (41, 20)}
     for dataset, (num_classes, old_classes) in expect.items():
         cli, _ = build_cli(stage_args("old", dataset, trees[dataset].parent / "art", trees[dataset]))
         assert (cli.datamodule.num_classes, len(cli.model.classes)) == (num_classes, old_classes), dataset
@@ -304,6 +310,15 @@ def run_chain(dataset: str, root: Path, art: Path, *extra: str, recipe: str | No
 @pytest.mark.parametrize("dataset", ["cifar10", pytest.param("cifar100", marks=pytest.mark.slow)])
 def test_chain_fits_one_batch(dataset, tmp_path):
     run_chain(dataset, make_data(dataset, tmp_path / "data", images=True), tmp_path / "art")
+
+
+@pytest.mark.slow
+def test_chain_fits_one_batch_own_images(tmp_path):
+    """The `folder` dataset (a user's own ImageFolder tree, 41 classes): the old model takes the first half (20)."""
+    run_chain("folder", make_data("folder", tmp_path / "data", images=True), tmp_path / "art", *SMALL_IMAGES)
+    old = read_checkpoint(tmp_path / "art" / "folder" / "old" / "best.ckpt", "old")["fct"]
+    new = read_checkpoint(tmp_path / "art" / "folder" / "new" / "best.ckpt", "new")["fct"]
+    assert (old["classes"], new["classes"]) == (list(range(20)), list(range(41)))
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2")
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder")
 # make target -> (fct-fit stage, the options that pick its variant)
 STAGES = {
     "old": ("old", ()),
@@ -137,7 +137,8 @@ def test_presets_recipe_devices_and_extra_reach_every_stage(tmp_path):
 
 
 @pytest.mark.parametrize("dataset,layout", [("cifar100", "train/<class>/<image>"), ("imagenet", "val/<class>/<image>"),
-                                            ("places365", "val/<class>/<image>"), ("vggface2", "test/<class>/<image>")])
+                                            ("places365", "val/<class>/<image>"), ("vggface2", "test/<class>/<image>"),
+                                            ("folder", "train/<class>/<image>")])
 def test_missing_dataset_says_where_to_put_it(dataset, layout, tmp_path):
     proc = make(f"{dataset}-old", f"DATA_ROOT={tmp_path}", f"ARTIFACTS={tmp_path / 'art'}", check=False)
     assert proc.returncode != 0

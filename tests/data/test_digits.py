@@ -58,12 +58,20 @@ def test_no_augment_is_eval_transform():
     assert torch.equal(x0, ds[0][0])
 
 
+@pytest.mark.parametrize(("fraction", "first"), [(0.5, 5), (0.35, 3), (1.0, 10), (0.01, 1)])
+def test_train_classes_as_a_fraction(fraction, first):
+    """A fraction takes the first floor(f * num_classes) classes, at least one (for trees of unknown size)."""
+    assert DigitsDataModule(train_classes=fraction).train_class_ids == list(range(first))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"train_classes": 11}, "train_classes=11"),
     ({"train_classes": 0}, "train_classes=0"),
     ({"train_classes": [0, 10]}, r"train_classes=\[0, 10\].*out of range"),
     ({"train_classes": [1, 1]}, "duplicate"),
     ({"train_classes": []}, "train_classes"),
+    ({"train_classes": 1.5}, r"train_classes=1.5: a fraction of the classes must be in \(0, 1\]"),
+    ({"train_classes": 0.0}, "a fraction"),
     ({"views": 0}, "views=0"),
     ({"eval_split": "val"}, r"eval_split='val'.*allowed"),
     ({"batch_size": 0}, "batch_size=0"),

@@ -49,6 +49,7 @@ def test_signatures_parse_with_jsonargparse(name):
     cfg = parser.parse_args(["--data.batch_size=7", "--data.train_classes=[1, 2]", "--data.views=2"])
     assert cfg.data.batch_size == 7 and cfg.data.train_classes == [1, 2] and cfg.data.views == 2
     cfg = parser.parse_args(["--data.train_classes=5"])
-    assert cfg.data.train_classes == 5
+    assert cfg.data.train_classes == 5 and isinstance(cfg.data.train_classes, int)
+    assert parser.parse_args(["--data.train_classes=0.5"]).data.train_classes == 0.5
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_args(["--data.no_such_option=1"])

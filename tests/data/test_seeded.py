@@ -65,9 +65,9 @@ def test_mix_seed_stable():
 
 
 def test_registry():
-    assert set(DATAMODULES) == {"digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2"}
+    assert set(DATAMODULES) == {"digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder"}
     assert get_datamodule_class("digits") is DigitsDataModule
-    with pytest.raises(ValueError, match="dataset='mnist'.*digits, cifar10, cifar100, imagenet, places365, vggface2"):
+    with pytest.raises(ValueError, match="dataset='mnist'.*digits, cifar10, cifar100, imagenet, places365, vggface2, folder"):
         get_datamodule_class("mnist")
     for name, cls in DATAMODULES.items():
         assert cls.name == name

@@ -13,6 +13,7 @@ from fct_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from fct_lightning.data.digits import DigitsDataModule
 from fct_lightning.data.folder import (
     FolderDataModule,
+    ImageFolderDataModule,
     ImageNetDataModule,
     Places365DataModule,
     VGGFace2DataModule,
@@ -27,6 +28,7 @@ DATAMODULES: dict[str, type[RetrievalDataModule]] = {
     "imagenet": ImageNetDataModule,
     "places365": Places365DataModule,
     "vggface2": VGGFace2DataModule,
+    "folder": ImageFolderDataModule,
 }
 
 
@@ -48,6 +50,7 @@ __all__ = [
     "CIFAR100DataModule",
     "DigitsDataModule",
     "FolderDataModule",
+    "ImageFolderDataModule",
     "ImageNetDataModule",
     "InMemoryAugmentedLoader",
     "MultiView",

@@ -144,7 +144,11 @@ class RetrievalDataset(Dataset):
 
 
 def check_class_list(value: Any, num_classes: int, arg: str) -> list[int]:
-    """Resolve ``None`` / int N / list of ints to a sorted list of class indices, or raise ValueError."""
+    """Resolve ``None`` / int N / fraction f / list of ints to a sorted list of class indices, or raise ValueError.
+
+    A fraction ``0 < f <= 1`` means the first ``floor(f * num_classes)`` classes (at least one): ``0.5`` is the
+    first half of a dataset whose class count is not known in advance (e.g. the ``folder`` dataset).
+    """
     if value is None:
         return list(range(num_classes))
     if isinstance(value, bool):  # the API promises ValueError for every bad argument value
@@ -154,6 +158,11 @@ def check_class_list(value: Any, num_classes: int, arg: str) -> list[int]:
         if not 1 <= value <= num_classes:
             raise ValueError(f"{arg}={value} is out of range: an int must be in 1..{num_classes} (num_classes)")
         return list(range(value))
+    if isinstance(value, numbers.Real):
+        if not 0 < value <= 1:
+            raise ValueError(f"{arg}={value}: a fraction of the classes must be in (0, 1], e.g. 0.5 for the first "
+                             f"half; or give an int in 1..{num_classes} or a list of class indices")
+        return list(range(max(1, int(value * num_classes))))
     try:
         items = list(value)
     except TypeError:
@@ -182,8 +191,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         batch_size: training batch size (per device).
         eval_batch_size: batch size of the evaluation loaders; None = ``2 * batch_size``.
         num_workers: DataLoader worker processes.
-        train_classes: classes of the training split: None = all, int N = the first N class indices,
-            list = exactly those class indices. Labels keep their original class index.
+        train_classes: classes of the training split: None = all, int N = the first N class indices, a fraction
+            f in (0, 1] = the first ``floor(f * num_classes)``, list = exactly those class indices. Labels keep
+            their original class index.
         views: images per training item: 1, or V >= 2 contrastive views (a batch is then ``[B, V, C, H, W]``).
         eval_split: split used by the val/test/predict loaders (all classes); one of :attr:`splits`.
         augment: apply training augmentation in ``train_dataloader`` (False = evaluation transform).
@@ -213,7 +223,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
+        train_classes: int | float | list[int] | None = None,  # noqa: PYI041 (int = a count, float = a fraction)
         views: int = 1,
         eval_split: str = "test",
         augment: bool = True,

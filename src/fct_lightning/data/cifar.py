@@ -78,7 +78,7 @@ class CIFARDataModule(RetrievalDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
+        train_classes: int | float | list[int] | None = None,  # noqa: PYI041 (int = a count, float = a fraction)
         views: int = 1,
         eval_split: str = "test",
         augment: bool = True,

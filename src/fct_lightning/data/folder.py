@@ -169,7 +169,8 @@ class FolderDataModule(RetrievalDataModule):
         batch_size: training batch size.
         eval_batch_size: evaluation batch size; None = ``2 * batch_size``.
         num_workers: DataLoader workers (decoding happens there: use several).
-        train_classes: None = all, int N = the first N class indices, list = those class indices.
+        train_classes: None = all, int N = the first N class indices, fraction f in (0, 1] = the first
+            ``floor(f * num_classes)``, list = those class indices.
         views: 1, or V >= 2 contrastive views.
         eval_split: the evaluation split name (``"train"`` or the dataset's evaluation split).
         augment: training augmentation (RandomResizedCrop + flip).
@@ -194,7 +195,7 @@ class FolderDataModule(RetrievalDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
+        train_classes: int | float | list[int] | None = None,  # noqa: PYI041 (int = a count, float = a fraction)
         views: int = 1,
         eval_split: str = "val",
         augment: bool = True,
@@ -265,7 +266,7 @@ class ImageNetDataModule(FolderDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
+        train_classes: int | float | list[int] | None = None,  # noqa: PYI041 (int = a count, float = a fraction)
         views: int = 1,
         eval_split: str = "val",
         augment: bool = True,
@@ -282,6 +283,18 @@ class ImageNetDataModule(FolderDataModule):
             pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
             train_dir=train_dir, eval_dir=eval_dir,
         )
+
+
+class ImageFolderDataModule(ImageNetDataModule):
+    """Your own images: ``<root>/train/<class>/...`` and ``<root>/val/<class>/...`` (other split folder names via
+    ``train_dir`` / ``eval_dir``); evaluation split ``"val"``.
+
+    The class count is whatever the training folder holds, so the shipped configs (``configs/folder``) give
+    ``train_classes`` as a fraction (``0.5``: the old model sees the first half of the classes, in sorted folder
+    order or the order of ``<root>/classes.txt``). Same arguments as :class:`ImageNetDataModule`.
+    """
+
+    name = "folder"
 
 
 class Places365DataModule(ImageNetDataModule):
@@ -308,7 +321,7 @@ class VGGFace2DataModule(FolderDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        train_classes: int | list[int] | None = None,
+        train_classes: int | float | list[int] | None = None,  # noqa: PYI041 (int = a count, float = a fraction)
         views: int = 1,
         eval_split: str = "test",
         augment: bool = True,
