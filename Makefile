@@ -3,8 +3,8 @@
 # Reproduction: `make <dataset>` runs the whole chain (old, side_info, new, transformation with and without
 # side-info, bct, fct-eval, fct-report); `make <dataset>-<stage>` runs one stage and what it needs.
 # A stage's target is its done.json, which fct-fit writes when the run completes (best.ckpt already exists after
-# the first validation): re-running skips finished stages, runs interrupted ones again, and re-runs a stage
-# whose upstream stage was re-trained after it.
+# the first validation): re-running skips finished stages, resumes interrupted ones from their last.ckpt, and
+# trains anew a stage whose upstream stage was re-trained after it.
 
 PYTHON    ?= python3
 VENV      ?= .venv
@@ -71,8 +71,11 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 
 # ----------------------------------------------------------------------------- reproduction chains
 # $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
-# --overwrite: make runs a stage only when its checkpoint is missing or older than an upstream one
-fit_opts = --overwrite --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
+# How a stage starts, decided when its recipe runs ($(1) = the stage's folder): a run that was interrupted (a
+# last.ckpt but no done.json) resumes from last.ckpt; otherwise make runs the stage only because its done.json
+# is missing or older than an upstream one, so the stage is trained anew (--overwrite keeps the old files aside).
+start_opts = $$$$(if [ ! -f $(1)/done.json ] && [ -f $(1)/last.ckpt ]; then echo --ckpt_path last; else echo --overwrite; fi)
+fit_opts = --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
 	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
 	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
 data_opts = $(if $(DATA_ROOT),--data_root $(DATA_ROOT))
@@ -81,21 +84,21 @@ define CHAIN
 $(1)_DIR := $(RUNS)/$(1)
 $(1)_OUT := $(ARTIFACTS)/$(1)
 $$($(1)_DIR)/old/done.json: | $(SETUP) $(1)-data
-	$(FIT) --stage old $(call fit_opts,$(1),old)
+	$(FIT) --stage old $(call fit_opts,$(1),old) $(call start_opts,$$($(1)_DIR)/old)
 $$($(1)_DIR)/side_info/done.json: | $(SETUP) $(1)-data
-	$(FIT) --stage side_info $(call fit_opts,$(1),side_info)
+	$(FIT) --stage side_info $(call fit_opts,$(1),side_info) $(call start_opts,$$($(1)_DIR)/side_info)
 $$($(1)_DIR)/new/done.json: | $(SETUP) $(1)-data
-	$(FIT) --stage new $(call fit_opts,$(1),new)
+	$(FIT) --stage new $(call fit_opts,$(1),new) $(call start_opts,$$($(1)_DIR)/new)
 $$($(1)_DIR)/transformation/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation $(call fit_opts,$(1),transformation)
+	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/transformation)
 $$($(1)_DIR)/transformation_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation --model.use_side_info false $(call fit_opts,$(1),transformation)
+	$(FIT) --stage transformation --model.use_side_info false $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/transformation_noside)
 $$($(1)_DIR)/fastfill/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation --model.uncertainty true $(call fit_opts,$(1),transformation)
+	$(FIT) --stage transformation --model.uncertainty true $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/fastfill)
 $$($(1)_DIR)/fastfill_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation --model.uncertainty true --model.use_side_info false $(call fit_opts,$(1),transformation)
+	$(FIT) --stage transformation --model.uncertainty true --model.use_side_info false $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/fastfill_noside)
 $$($(1)_DIR)/bct/done.json: $$($(1)_DIR)/old/done.json
-	$(FIT) --stage bct $(call fit_opts,$(1),bct)
+	$(FIT) --stage bct $(call fit_opts,$(1),bct) $(call start_opts,$$($(1)_DIR)/bct)
 $$($(1)_OUT)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/done.json)
 	$(EVAL) --dataset $(1) --artifacts $(RUNS) $(data_opts) --backfill random,uncertainty,distance --points $(POINTS) --out $$@
 $$($(1)_OUT)/report.md: $$($(1)_OUT)/results/seed$(SEED).json

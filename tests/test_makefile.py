@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,15 @@ def make(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def commands(out: str, program: str) -> list[list[str]]:
-    return [shlex.split(line) for line in out.splitlines() if line.startswith(program + " ")]
+    """The printed ``program`` command lines, as the shell would run them (``$(...)`` parts evaluated now)."""
+    lines = [line for line in out.splitlines() if line.startswith(program + " ")]
+    return [shell_words(line) if "$(" in line else shlex.split(line) for line in lines]
+
+
+def shell_words(line: str) -> list[str]:
+    proc = subprocess.run(["bash", "-c", f"printf '%s\\n' {line}"], capture_output=True, text=True, check=True,
+                          timeout=30)
+    return proc.stdout.splitlines()
 
 
 def option(cmd: list[str], name: str) -> str:
@@ -155,11 +164,25 @@ def test_missing_cifar10_without_archive_says_where_to_put_it(tmp_path):
     assert not (tmp_path / "art").exists()
 
 
-def test_interrupted_stage_runs_again(tmp_path):
-    """best.ckpt exists after the first validation; without done.json the stage did not finish."""
-    (tmp_path / "digits" / "old").mkdir(parents=True)
+def test_interrupted_stage_resumes_and_outdated_stage_is_trained_anew(tmp_path):
+    """best.ckpt exists after the first validation; without done.json the stage did not finish: make resumes it
+    from last.ckpt. A finished stage older than its upstream is trained anew (its old files kept aside)."""
+    old, new, h = (tmp_path / "digits" / s for s in ("old", "new", "transformation_noside"))
+    for folder in (old, new, h):
+        folder.mkdir(parents=True)
     for name in ("best.ckpt", "last.ckpt"):
-        (tmp_path / "digits" / "old" / name).touch()
+        (old / name).touch()
     out = make("-n", "digits-old", f"ARTIFACTS={tmp_path}").stdout
     (cmd,) = commands(out, "fct-fit")
-    assert option(cmd, "--stage") == "old" and "--overwrite" in cmd  # make decided: replace the partial run
+    assert option(cmd, "--stage") == "old" and option(cmd, "--ckpt_path") == "last" and "--overwrite" not in cmd
+    # old and new finished; h finished before new was re-trained
+    for path, age in ((old / "done.json", 3600), (new / "done.json", 60), (h / "done.json", 600),
+                      (h / "last.ckpt", 600)):
+        path.touch()
+        os.utime(path, (time.time() - age, time.time() - age))
+    out = make("-n", "digits-transformation_noside", f"ARTIFACTS={tmp_path}").stdout
+    (cmd,) = commands(out, "fct-fit")
+    assert option(cmd, "--stage") == "transformation" and "--overwrite" in cmd and "--ckpt_path" not in cmd
+    # a fresh stage starts with --overwrite too (nothing to keep aside; harmless)
+    (cmd,) = commands(make("-n", "digits-bct", f"ARTIFACTS={tmp_path}").stdout, "fct-fit")
+    assert option(cmd, "--stage") == "bct" and "--overwrite" in cmd
