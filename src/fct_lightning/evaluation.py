@@ -2,7 +2,7 @@
 
 Each *space* is one way to embed an image (``old``, ``new``, ``side``, ``bct``, ``fct`` = h(old),
 ``fct+side`` = h(old, side)); each *case* is ``<query space>/<gallery space>`` searched leave-one-out on the
-evaluation split. Images are decoded and embedded once for all spaces (GPU when there is one).
+evaluation split, or from a query split into a gallery split (``--query_split``, ``--gallery_split``). Images are decoded and embedded once for all spaces (GPU when there is one).
 Results JSON: ``{"cases": {case: {top1, top5, map, "map@r"}}, "missing": {case: why}, "meta": {...}}``.
 """
 
@@ -160,11 +160,24 @@ def run_eval(
     data_root: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
+    query_split: str | None = None,
+    gallery_split: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``cases`` on ``dataset``; see the module docstring for the result layout."""
+    """Evaluate ``cases`` on ``dataset``; see the module docstring for the result layout.
+
+    By default query set = gallery set = the evaluation split (``split``), leave-one-out. With ``query_split``
+    and ``gallery_split`` (two different splits, e.g. the ``query/`` and ``gallery/`` folders of a ``folder``
+    dataset), the query spaces embed the query split and the gallery spaces the gallery split, and every query
+    is ranked against the whole gallery.
+    """
     unknown = [c for c in cases if c not in CASE_SPACES]
     if unknown:
         raise ValueError(f"cases {unknown} are not known; choose from {list(CASE_SPACES)}")
+    if (query_split is None) != (gallery_split is None):
+        raise ValueError("give both --query_split and --gallery_split (or neither, for leave-one-out on --split)")
+    separate = query_split is not None and query_split != gallery_split
+    if separate and split is not None:
+        raise ValueError("--split is the leave-one-out split; with --query_split/--gallery_split leave it out")
     artifacts = Path(artifacts)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     spaces = {s for c in cases for s in CASE_SPACES[c]}
@@ -172,23 +185,35 @@ def run_eval(
     check_chain(embedders)
     for module, _, _ in embedders.values():
         module.to(dev).eval()
+    split = gallery_split if query_split is not None else split
     kwargs = stage_data_config(artifacts, dataset)
     kwargs.update({k: v for k, v in (("root", data_root), ("eval_split", split), ("eval_batch_size", batch_size)) if v})
     dm = DATAMODULES[dataset](**kwargs)
     embs, labels, feats = (embed_split(dm.eval_dataloader(dm.eval_split), embedders, dev) if embedders
                            else ({}, None, {}))
+    q_embs, q_labels = embs, labels
+    if separate:
+        if query_split not in dm.splits:
+            raise ValueError(f"query_split={query_split!r} is not a split of {dataset}; allowed: {dm.splits}")
+        queried = {c: s for c, s in embedders.items() if any(CASE_SPACES[case][0] == c for case in cases)}
+        q_embs, q_labels, _ = (embed_split(dm.eval_dataloader(query_split), queried, dev) if queried
+                               else ({}, None, {}))
     results: dict[str, Any] = {"cases": {}, "missing": {}, "meta": {
         "dataset": dataset, "split": dm.eval_split, "distance": distance, "n_items": 0 if labels is None else len(labels),
         "checkpoints": {s: {"path": e[2]["path"], "digest": e[2]["digest"]} for s, e in embedders.items()},
     }}
+    if separate:
+        results["meta"].update(query_split=query_split, n_queries=0 if q_labels is None else len(q_labels))
     for case in cases:
         q, g = CASE_SPACES[case]
         lacking = [missing_spaces[s] for s in (q, g) if s in missing_spaces]
         if lacking:
             results["missing"][case] = "; ".join(dict.fromkeys(lacking))
             continue
-        results["cases"][case] = evaluate(embs[q], labels, embs[g], labels, exclude_self=True, distance=distance)
-    results.update(_embeddings=(embs, labels), _features=feats, _datamodule=dm, _device=dev)
+        results["cases"][case] = evaluate(q_embs[q], q_labels, embs[g], labels, exclude_self=not separate,
+                                          distance=distance)
+    queries = (q_embs["new"], q_labels, embedders["new"][2]["digest"]) if separate and "new" in q_embs else None
+    results.update(_embeddings=(embs, labels), _features=feats, _datamodule=dm, _device=dev, _queries=queries)
     return results
 
 
@@ -198,12 +223,15 @@ BACKFILL_SOURCES = {"fct+side": ("fastfill", "transformation"), "fct": ("fastfil
 def run_backfill(
     artifacts: Path, dm: Any, dev: torch.device, policies: list[str], points: int, seeds: int, distance: str,
     features: dict[str, Tensor] | None = None, labels: Tensor | None = None,
+    queries: tuple[Tensor, Tensor, str] | None = None,
 ) -> dict[str, Any]:
     """Backfilling curves for each transformation variant found (FastFill's head preferred: it has uncertainty).
 
     ``features`` (checkpoint digest -> ``[N, d]``, from :func:`embed_split`) and ``labels``: the frozen models'
     features of the evaluation split; h is applied to them when they cover the variant's old, side-info and
     new models, and the split's images are read again only when they do not.
+    ``queries``: ``(new-model embeddings, labels, new checkpoint digest)`` of a separate query split; None =
+    leave-one-out queries from the gallery split itself.
     Keys of the result are ``"<space> <policy>"``, e.g. ``"fct+side uncertainty"``.
     """
     from fct_lightning.backfill import (
@@ -237,8 +265,14 @@ def run_backfill(
             emb = transform_features(module, features[digest["old"]], side, features[digest["new"]], labels)
         else:
             emb = embed_for_backfill(module, dm.eval_dataloader(dm.eval_split), dev)
+        query: dict[str, Any] = {}
+        if queries is not None:
+            if queries[2] != digest["new"]:
+                raise CheckpointError(f"{path} was trained with the new checkpoint {digest['new']}, but the queries "
+                                      f"come from new checkpoint {queries[2]}; re-train it or restore that checkpoint")
+            query = {"query_new": queries[0], "query_labels": queries[1], "exclude_self": False}
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
-                                 points=points, distance=distance)
+                                 points=points, distance=distance, **query)
         out.update({f"{space} {policy}": dict(curve, checkpoint=str(path)) for policy, curve in curves.items()})
     return out
 
@@ -293,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated, from: " + ",".join(CASE_SPACES))
     p.add_argument("--out", default=None, help="results JSON (default <artifacts>/<dataset>/results/eval.json)")
     p.add_argument("--split", default=None, help="evaluation split (default: the datamodule's eval_split)")
+    p.add_argument("--query_split", default=None,
+                   help="separate query set (e.g. query): queries from it, gallery from --gallery_split")
+    p.add_argument("--gallery_split", default=None, help="separate gallery set (e.g. gallery); with --query_split")
     p.add_argument("--data_root", "--data.root", dest="data_root", default=None)
     p.add_argument("--distance", default="l2", choices=("l2", "cosine"))
     p.add_argument("--device", default="auto")
@@ -306,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     try:
         results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
-                           args.device, args.batch_size)
+                           args.device, args.batch_size, args.query_split, args.gallery_split)
         if args.backfill:
             from fct_lightning.backfill import get_policy
 
@@ -314,12 +351,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in policies:
                 get_policy(name)
             dm = results.pop("_datamodule")
+            if "query_split" in results["meta"] and results["_queries"] is None:
+                raise ValueError("backfilling curves with a separate query split need the new model's queries: "
+                                 "evaluate a case with new as the query model too (e.g. new/new, the default)")
             results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
                                                args.points, args.backfill_seeds, args.distance,
-                                               results.pop("_features"), results["_embeddings"][1])
+                                               results.pop("_features"), results["_embeddings"][1],
+                                               results["_queries"])
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"fct-eval: {err}") from err
-    for key in ("_embeddings", "_features", "_datamodule", "_device"):
+    for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries"):
         results.pop(key, None)
     out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,14 +41,14 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     return runs
 
 
-SETTING = ("dataset", "split", "distance", "n_items")
+SETTING = ("dataset", "split", "query_split", "distance", "n_items")
 
 
 def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[int]:
     """Which runs to average: refuse other evaluation settings, count the same models once.
 
     A mean and standard deviation over seeds is only meaningful when every file is one evaluation setting
-    (dataset, split, distance, number of items) and every file comes from its own trained models. Files whose
+    (dataset, split, query split, distance, number of items) and every file comes from its own trained models. Files whose
     checkpoints have the same content digests are one chain evaluated more than once (e.g. ``fct-eval``'s
     ``results/eval.json`` next to ``make``'s ``results/seed0.json``): only the newest of them is kept, with a
     warning, so the spread is over distinct chains. Returns the indices of the runs to keep.

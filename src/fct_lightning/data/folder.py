@@ -216,7 +216,14 @@ class FolderDataModule(RetrievalDataModule):
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return ("train", self.default_eval_split)
+        """``train``, the evaluation split, and every other folder next to them (e.g. ``query/`` and ``gallery/``
+        for evaluation with separate query and gallery sets: ``fct-eval --query_split query --gallery_split
+        gallery``)."""
+        found = getattr(self, "dataset_dir", None)
+        own = {self.train_dir, self.eval_dir}
+        extra = sorted(d.name for d in found.iterdir() if d.is_dir() and not d.name.startswith(".")
+                       and d.name not in own) if found is not None else []
+        return ("train", self.default_eval_split, *(e for e in extra if e not in ("train", self.default_eval_split)))
 
     def layout_help(self) -> str:
         r = self.root
@@ -237,7 +244,8 @@ class FolderDataModule(RetrievalDataModule):
         self.num_classes = len(self.class_names)
 
     def _split_dir(self, split: str) -> Path:
-        d = self.dataset_dir / (self.train_dir if split == "train" else self.eval_dir)
+        folder = {"train": self.train_dir, self.default_eval_split: self.eval_dir}.get(split, split)
+        d = self.dataset_dir / folder
         if not d.is_dir():
             raise FileNotFoundError(f"{self.name}: split folder {d} is missing; {self.layout_help()}")
         return d
