@@ -146,7 +146,7 @@ def _default_args(stage_cls: type, artifacts: Path, dataset: str) -> list[str]:
 def _check_overwrite(out: Path, stage: str, resuming: bool, overwrite: bool) -> list[Path]:
     """A fresh run must not silently replace a stage's checkpoints (later stages were trained from them).
 
-    Returns the files that ``--overwrite`` will move aside (see :class:`_KeepReplaced`).
+    Returns the files that ``--overwrite`` will move aside (see :class:`_StartRun`).
     """
     found = [out / name for name in ("best.ckpt", "last.ckpt") if (out / name).is_file()]
     if resuming or not found:
