@@ -70,11 +70,11 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 	$(BIN)/python bench/bench_transformation.py
 
 # ----------------------------------------------------------------------------- reproduction chains
-# $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
 # How a stage starts, decided when its recipe runs ($(1) = the stage's folder): a run that was interrupted (a
 # last.ckpt but no done.json) resumes from last.ckpt; otherwise make runs the stage only because its done.json
 # is missing or older than an upstream one, so the stage is trained anew (--overwrite keeps the old files aside).
 start_opts = $$$$(if [ ! -f $(1)/done.json ] && [ -f $(1)/last.ckpt ]; then echo --ckpt_path last; else echo --overwrite; fi)
+# $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
 fit_opts = --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
 	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
 	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
