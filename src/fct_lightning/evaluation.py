@@ -2,7 +2,8 @@
 
 Each *space* is one way to embed an image (``old``, ``new``, ``side``, ``bct``, ``fct`` = h(old),
 ``fct+side`` = h(old, side)); each *case* is ``<query space>/<gallery space>`` searched leave-one-out on the
-evaluation split, or from a query split into a gallery split (``--query_split``, ``--gallery_split``). Images are decoded and embedded once for all spaces (GPU when there is one).
+evaluation split, or from a query split into a gallery split (``--query_split``, ``--gallery_split``).
+Images are decoded and embedded once for all spaces (GPU when there is one).
 Results JSON: ``{"cases": {case: {top1, top5, map, "map@r"}}, "missing": {case: why}, "meta": {...}}``.
 """
 
