@@ -248,7 +248,7 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     seconds = time.perf_counter() - start
     rank_zero_info(_summary(cli, seconds))
     if cli.trainer.is_global_zero and (cli.out_dir / "best.ckpt").is_file():
-        ckpt_cb = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        ckpt_cb = cli.trainer.checkpoint_callback
         score = None if ckpt_cb is None or ckpt_cb.best_model_score is None else float(ckpt_cb.best_model_score)
         done.write_text(json.dumps({"stage": cli.stage, "dataset": cli.dataset, "epochs": cli.trainer.current_epoch,
                                     "seconds": round(seconds, 1), "monitor": cli.model.monitor, "best": score,
@@ -272,7 +272,7 @@ def _summary(cli: FCTCLI, seconds: float) -> str:
     variant = "" if cli.out_dir.name == cli.stage else f" ({cli.out_dir.name})"
     lines = [(f"fct-fit: stage {cli.stage}{variant} on {cli.dataset} done in {seconds:.1f} s "
               f"({cli.trainer.current_epoch} epochs); checkpoints in {cli.out_dir}")]
-    ckpt = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    ckpt = cli.trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_score is not None:
         lines.append(f"  best {ckpt.monitor} = {float(ckpt.best_model_score):.4f}")
     for cb in cli.trainer.callbacks:

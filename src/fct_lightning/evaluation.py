@@ -190,15 +190,16 @@ def run_eval(
     kwargs = stage_data_config(artifacts, dataset)
     kwargs.update({k: v for k, v in (("root", data_root), ("eval_split", split), ("eval_batch_size", batch_size)) if v})
     dm = DATAMODULES[dataset](**kwargs)
-    embs, labels, feats = (embed_split(dm.eval_dataloader(dm.eval_split), embedders, dev) if embedders
-                           else ({}, None, {}))
-    q_embs, q_labels = embs, labels
-    if separate:
-        if query_split not in dm.splits:
-            raise ValueError(f"query_split={query_split!r} is not a split of {dataset}; allowed: {dm.splits}")
-        queried = {c: s for c, s in embedders.items() if any(CASE_SPACES[case][0] == c for case in cases)}
-        q_embs, q_labels, _ = (embed_split(dm.eval_dataloader(query_split), queried, dev) if queried
-                               else ({}, None, {}))
+    if separate and query_split not in dm.splits:
+        raise ValueError(f"query_split={query_split!r} is not a split of {dataset}; allowed: {dm.splits}")
+
+    def embed(split_name: str, roles: set[str]) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
+        used = {space: e for space, e in embedders.items() if space in roles}
+        return embed_split(dm.eval_dataloader(split_name), used, dev) if used else ({}, None, {})
+
+    # leave-one-out: every space on the one split; separate sets: query spaces on the query split only
+    embs, labels, feats = embed(dm.eval_split, {CASE_SPACES[c][1] for c in cases} if separate else spaces)
+    q_embs, q_labels, _ = embed(query_split, {CASE_SPACES[c][0] for c in cases}) if separate else (embs, labels, {})
     results: dict[str, Any] = {"cases": {}, "missing": {}, "meta": {
         "dataset": dataset, "split": dm.eval_split, "distance": distance, "n_items": 0 if labels is None else len(labels),
         "checkpoints": {s: {"path": e[2]["path"], "digest": e[2]["digest"]} for s, e in embedders.items()},
