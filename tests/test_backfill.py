@@ -19,6 +19,7 @@ from fct_lightning.backfill import (
     backfill_count,
     backfill_curve,
     backfill_curves,
+    backfill_masks,
     check_order,
     compute_uncertainty,
     embed_for_backfill,
@@ -296,14 +297,15 @@ def test_transform_features_errors() -> None:
 
 
 def test_curves_evaluate_the_two_end_points_once(synthetic: BackfillContext, monkeypatch) -> None:
-    """Nothing and everything backfilled are the same galleries for every order: evaluated once, same values."""
+    """All orders go through one pass; nothing and everything backfilled are evaluated once, with the same values."""
     import fct_lightning.backfill as bf
 
     calls = []
-    real = bf.evaluate
-    monkeypatch.setattr(bf, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = bf.evaluate_mixtures
+    monkeypatch.setattr(bf, "evaluate_mixtures", lambda *a, **k: calls.append(a[5].shape) or real(*a, **k))
     out = backfill_curves(synthetic, ["random", "distance"], seeds=(0, 1), points=4)
-    assert len(calls) == 3 * 4 - 2 * 2  # three curves of four points; the later two reuse both end points
+    # one call; three curves of four points share the two end points: 2 + 3 * 2 galleries
+    assert calls == [torch.Size([2 + 3 * 2, synthetic.n])]
     for name, seed in (("random", 1), ("distance", 0)):
         order = get_policy(name).order(synthetic, seed)
         alone = backfill_curve(synthetic.gallery_new, synthetic.labels, synthetic.gallery_transformed,
@@ -314,3 +316,22 @@ def test_curves_evaluate_the_two_end_points_once(synthetic: BackfillContext, mon
             for m in METRICS:
                 assert out[name]["curves"][m][0] == alone["curves"][m][0]
                 assert out[name]["curves"][m][-1] == alone["curves"][m][-1]
+
+
+def test_every_point_is_the_mixed_gallery_evaluated_alone(synthetic: BackfillContext) -> None:
+    """The one-pass curves equal evaluate() of each partly backfilled gallery, bit for bit, whatever the chunking."""
+    c = synthetic
+    order = get_policy("random").order(c, 3)
+    out = backfill_curve(c.gallery_new, c.labels, c.gallery_transformed, c.gallery_new, c.labels, order, points=7,
+                         chunk_size=37)
+    for j, f in enumerate(out["fractions"]):
+        mixed = c.gallery_transformed.clone()
+        k = backfill_count(f, c.n)
+        mixed[order[:k]] = c.gallery_new[order[:k]]
+        ref = evaluate(c.gallery_new, c.labels, mixed, c.labels, exclude_self=True)
+        assert {m: out["curves"][m][j] for m in METRICS} == ref, f
+
+
+def test_backfill_masks() -> None:
+    masks = backfill_masks(torch.tensor([2, 0, 1]), [0, 1, 2, 3])
+    assert masks.tolist() == [[False, False, False], [False, False, True], [True, False, True], [True, True, True]]

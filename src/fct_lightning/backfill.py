@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fct_lightning.retrieval import evaluate
+from fct_lightning.retrieval import evaluate_mixtures
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +196,48 @@ def _fractions(points: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, int(points))
 
 
+def backfill_masks(order: Tensor, counts: Sequence[int]) -> Tensor:
+    """Gallery states along one order: ``[len(counts), N]`` bool, row ``j`` True for the first ``counts[j]`` items."""
+    n = order.numel()
+    position = torch.empty(n, dtype=torch.long, device=order.device)
+    position[order] = torch.arange(n, device=order.device)
+    return position.unsqueeze(0) < torch.as_tensor(list(counts), device=order.device).unsqueeze(1)
+
+
+def _curves(query_new: Tensor, query_labels: Tensor, gallery_transformed: Tensor, gallery_new: Tensor,
+            gallery_labels: Tensor, orders: Sequence[Tensor], points: int, **evaluate_kw: Any) -> list[dict[str, Any]]:
+    """One curve per order, all evaluated in a single pass over the queries (:func:`evaluate_mixtures`).
+
+    Nothing and everything backfilled are the same two galleries for every order, so they are evaluated once.
+    """
+    if gallery_transformed.shape != gallery_new.shape:
+        raise ValueError(f"gallery_transformed {tuple(gallery_transformed.shape)} and gallery_new "
+                         f"{tuple(gallery_new.shape)} must have the same shape [N, d].")
+    n = gallery_new.shape[0]
+    fractions = _fractions(points)
+    counts = [backfill_count(float(f), n) for f in fractions]
+    inner = [k for k in counts if 0 < k < n]
+    device = gallery_new.device
+    states = [torch.zeros(1, n, dtype=torch.bool, device=device), torch.ones(1, n, dtype=torch.bool, device=device)]
+    states += [backfill_masks(check_order(o, n).to(device), inner) for o in orders]
+    results = evaluate_mixtures(query_new, query_labels, gallery_transformed.detach(), gallery_new.detach(),
+                                gallery_labels, torch.cat(states), ks=(1, 5), map_at_r=True, **evaluate_kw)
+    ends, rest = {0: results[0], n: results[1]}, iter(results[2:])
+    out = []
+    for _ in orders:
+        runs = [ends[k] if k in ends else next(rest) for k in counts]
+        out.append({"fractions": [float(f) for f in fractions],
+                    "curves": {m: [float(r[m]) for r in runs] for m in METRICS}})
+    return out
+
+
 def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed: Tensor, gallery_new: Tensor,
                    gallery_labels: Tensor, order: Tensor, *, points: int = 22, exclude_self: bool = True,
-                   distance: str = "l2", backend: str = "auto", chunk_size: int | None = None,
-                   endpoints: dict[int, dict[str, float]] | None = None) -> dict[str, Any]:
+                   distance: str = "l2", backend: str = "auto", chunk_size: int | None = None) -> dict[str, Any]:
     """Retrieval metrics at ``points`` evenly spaced backfill fractions in [0, 1] for one order.
+
+    Each point is exactly :func:`~fct_lightning.retrieval.evaluate` of the partly backfilled gallery; the query
+    distances to both galleries are computed once for all points (:func:`evaluate_mixtures`).
 
     Args:
         query_new: New-model query embeddings ``[Q, d]``.
@@ -212,40 +249,14 @@ def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed:
         points: Number of fractions, ``np.linspace(0, 1, points)``.
         exclude_self: Leave-one-out (query ``i`` is gallery item ``i``); see :func:`~fct_lightning.retrieval.evaluate`.
         distance: ``"l2"`` or ``"cosine"``.
-        backend: Passed to ``evaluate``.
-        chunk_size: Passed to ``evaluate``.
-        endpoints: Metrics at 0 and ``N`` items backfilled, keyed by that count; filled by the first curve and
-            reused by the next curves over the same queries and gallery (the two galleries do not depend on the
-            order).
+        backend: Passed to ``evaluate_mixtures``.
+        chunk_size: Passed to ``evaluate_mixtures``.
 
     Returns:
         ``{"fractions": [...], "curves": {metric: [...]}}`` with python floats, metrics as in :data:`METRICS`.
     """
-    if gallery_transformed.shape != gallery_new.shape:
-        raise ValueError(f"gallery_transformed {tuple(gallery_transformed.shape)} and gallery_new "
-                         f"{tuple(gallery_new.shape)} must have the same shape [N, d].")
-    n = gallery_new.shape[0]
-    order = check_order(order, n).to(gallery_new.device)
-    fractions = _fractions(points)
-    mixed = gallery_transformed.detach().to(torch.float32).clone()
-    new = gallery_new.detach().to(torch.float32)
-    curves: dict[str, list[float]] = {m: [] for m in METRICS}
-    done = 0
-    for f in fractions:
-        k = backfill_count(float(f), n)
-        idx = order[done:k]
-        mixed[idx] = new[idx]
-        done = k
-        if endpoints is not None and k in endpoints:
-            r = endpoints[k]
-        else:
-            r = evaluate(query_new, query_labels, mixed, gallery_labels, exclude_self=exclude_self,
-                         distance=distance, ks=(1, 5), backend=backend, chunk_size=chunk_size, map_at_r=True)
-            if endpoints is not None and k in (0, n):
-                endpoints[k] = r
-        for m in METRICS:
-            curves[m].append(float(r[m]))
-    return {"fractions": [float(f) for f in fractions], "curves": curves}
+    return _curves(query_new, query_labels, gallery_transformed, gallery_new, gallery_labels, [order], points,
+                   exclude_self=exclude_self, distance=distance, backend=backend, chunk_size=chunk_size)[0]
 
 
 def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "uncertainty", "distance"), *,
@@ -264,8 +275,8 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
         points: Number of evenly spaced fractions in [0, 1].
         exclude_self: Leave-one-out; None = True exactly when the queries are the gallery itself.
         distance: ``"l2"`` or ``"cosine"``.
-        backend: Passed to ``evaluate``.
-        chunk_size: Passed to ``evaluate``.
+        backend: Passed to ``evaluate_mixtures``.
+        chunk_size: Passed to ``evaluate_mixtures``.
 
     Returns:
         ``{policy: {"fractions", "curves": {metric: [...]}, "auc_mean": {metric}, "auc_trapz": {metric},
@@ -282,15 +293,18 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
     own = query_new is None
     q, ql = (ctx.gallery_new, ctx.labels) if own else (query_new, query_labels)
     exclude_self = own if exclude_self is None else exclude_self
-    out: dict[str, Any] = {}
-    endpoints: dict[int, dict[str, float]] = {}  # nothing and everything backfilled: the same for every order
+    orders: list[Tensor] = []  # every (policy, seed) order, evaluated together in one pass
+    spans = []
     for name, policy in zip(policies, instances):
-        runs = []
+        start = len(orders)
         for seed in (seeds if policy.stochastic else seeds[:1]):
-            order = check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order")
-            runs.append(backfill_curve(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, order,
-                                       points=points, exclude_self=exclude_self, distance=distance,
-                                       backend=backend, chunk_size=chunk_size, endpoints=endpoints))
+            orders.append(check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order"))
+        spans.append((start, len(orders)))
+    all_runs = _curves(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, orders, points,
+                       exclude_self=exclude_self, distance=distance, backend=backend, chunk_size=chunk_size)
+    out: dict[str, Any] = {}
+    for name, policy, (start, end) in zip(policies, instances, spans):
+        runs = all_runs[start:end]
         fractions = runs[0]["fractions"]
         curves = {m: [float(v) for v in np.mean([r["curves"][m] for r in runs], axis=0)] for m in METRICS}
         out[name] = {"fractions": fractions, "curves": curves,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fct_lightning.retrieval import CASES, evaluate
+from fct_lightning.retrieval import CASES, evaluate, evaluate_mixtures
 
 
 @pytest.fixture
@@ -110,3 +110,38 @@ def test_numpy_and_list_labels() -> None:
     x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     r = evaluate(x, [0, 1] * 5, x, np.array([0, 1] * 5), exclude_self=True)
     assert set(r) == {"top1", "top5", "map", "map@r"}
+
+
+# ----------------------------------------------------------------------------- evaluate_mixtures
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize(("classes", "exclude_self"), [(3, True), (40, True), (40, False)])
+def test_mixtures_equal_each_mixed_gallery(distance: str, classes: int, exclude_self: bool) -> None:
+    """Every mixed gallery's metrics equal evaluate() of that gallery built by hand (dense and sparse paths,
+    several chunks, duplicate embeddings for ties, queries other than the gallery)."""
+    gen = torch.Generator().manual_seed(classes)
+    n, d = 150, 6
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    a = torch.randn(classes, d, generator=gen)[labels] + torch.randn(n, d, generator=gen)
+    b = a + 0.7 * torch.randn(n, d, generator=gen)
+    b[:10] = a[:10]  # items whose two embeddings coincide
+    a[20:25] = a[30]  # exact ties inside one gallery
+    q = b if exclude_self else b[:60] + 0.2
+    ql = labels if exclude_self else labels[:60]
+    masks = torch.rand(5, n, generator=gen) < torch.tensor([[0.0], [0.2], [0.5], [0.9], [1.0]])
+    got = evaluate_mixtures(q, ql, a, b, labels, masks, exclude_self=exclude_self, distance=distance, chunk_size=23)
+    assert len(got) == 5
+    for row, r in zip(masks, got):
+        mixed = torch.where(row.unsqueeze(1), b, a)
+        assert r == evaluate(q, ql, mixed, labels, exclude_self=exclude_self, distance=distance), row.float().mean()
+    assert got[0] != got[-1]
+
+
+def test_mixtures_reject_bad_masks_and_galleries(clustered) -> None:
+    x, y = clustered
+    with pytest.raises(ValueError, match="masks must be a boolean"):
+        evaluate_mixtures(x, y, x, x, y, torch.zeros(2, len(x)), exclude_self=True)
+    with pytest.raises(ValueError, match="masks must be a boolean"):
+        evaluate_mixtures(x, y, x, x, y, torch.zeros(2, len(x) - 1, dtype=torch.bool), exclude_self=True)
+    with pytest.raises(ValueError, match="same items"):
+        evaluate_mixtures(x, y, x, x[:-1], y, torch.zeros(2, len(x), dtype=torch.bool), exclude_self=True)
+    assert evaluate_mixtures(x, y, x, x, y, torch.zeros(0, len(x), dtype=torch.bool), exclude_self=True) == []

@@ -1,6 +1,6 @@
 """Retrieval evaluation: neighbour search (search.py), metrics (metrics.py) and the evaluate entry point."""
 
-from .evaluate import auto_chunk_size, evaluate
+from .evaluate import auto_chunk_size, evaluate, evaluate_mixtures
 from .metrics import QueryMetrics, build_class_index, query_metrics, summarize
 from .search import BACKENDS, DISTANCES, canonical_distances, search
 
@@ -9,4 +9,4 @@ CASES: tuple[str, ...] = ("old/old", "new/new", "new/old", "bct/old", "bct/bct",
 """The evaluation case vocabulary (``<query model>/<gallery model>``), used in code, logs and tables."""
 
 __all__ = ["BACKENDS", "CASES", "DISTANCES", "QueryMetrics", "auto_chunk_size", "build_class_index",
-           "canonical_distances", "evaluate", "query_metrics", "search", "summarize"]
+           "canonical_distances", "evaluate", "evaluate_mixtures", "query_metrics", "search", "summarize"]

@@ -114,10 +114,14 @@ def canonical_distances(query: Tensor, gallery: Tensor, gallery_sqnorms: Tensor 
     d = torch.addmm(gn.unsqueeze(0), q64, g64.T, beta=1.0, alpha=-2.0)
     d.add_(qn.unsqueeze(1))
     # The expansion cancels badly for near-coincident pairs; recompute those from the difference, so the
-    # float32 rounding below does not depend on the device's summation order.
-    near = d < (_NEAR * (qn + gn.max())).unsqueeze(1)
+    # float32 rounding below does not depend on the device's summation order. The test looks at the pair's own
+    # norms only: a pair's distance must not depend on what else is in the gallery (backfilling evaluates
+    # galleries that mix two embeddings of each item, and relies on that).
+    near = d < (_NEAR * (qn.max() + gn)).unsqueeze(0)  # a superset, without a [c, G] float64 temporary
     if bool(near.any()):
         r, c = near.nonzero(as_tuple=True)
+        keep = d[r, c] < _NEAR * (qn[r] + gn[c])
+        r, c = r[keep], c[keep]
         step = 1 << 16
         for s in range(0, r.numel(), step):
             rs, cs = r[s:s + step], c[s:s + step]
