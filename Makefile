@@ -67,6 +67,7 @@ lint: $(SETUP)  ## static checks
 
 bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementations run in the same process)
 	$(BIN)/python bench/bench_retrieval.py
+	$(BIN)/python bench/bench_backfill.py
 	$(BIN)/python bench/bench_transformation.py
 
 # ----------------------------------------------------------------------------- reproduction chains

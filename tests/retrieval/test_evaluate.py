@@ -145,3 +145,14 @@ def test_mixtures_reject_bad_masks_and_galleries(clustered) -> None:
     with pytest.raises(ValueError, match="same items"):
         evaluate_mixtures(x, y, x, x[:-1], y, torch.zeros(2, len(x), dtype=torch.bool), exclude_self=True)
     assert evaluate_mixtures(x, y, x, x, y, torch.zeros(0, len(x), dtype=torch.bool), exclude_self=True) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixtures_cuda_match_cpu(clustered) -> None:
+    x, y = clustered
+    b = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    masks = torch.rand(4, len(x), generator=torch.Generator().manual_seed(2)) < 0.5
+    cpu = evaluate_mixtures(b, y, x, b, y, masks, exclude_self=True)
+    gpu = evaluate_mixtures(b.cuda(), y.cuda(), x.cuda(), b.cuda(), y.cuda(), masks.cuda(), exclude_self=True)
+    for c, g in zip(cpu, gpu):
+        assert g == pytest.approx(c, abs=1e-12)
