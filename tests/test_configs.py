@@ -36,8 +36,9 @@ from tests.data.fakes import make_cifar_pickles, make_imagefolder
 
 CHAIN = ("old", "side_info", "new", "transformation", "bct")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder")
-RECIPES = {"cifar100_resnet50": "cifar100", "cifar10_cpu": "cifar10"}  # recipe folder -> the dataset it overrides
-RECIPE_TRUNKS = {"cifar100_resnet50": ("ResNet", 2048), "cifar10_cpu": ("SmallConvNet", 32)}  # trunk, feature dim
+RECIPES = {"cifar100_resnet50": "cifar100", "cifar10_cpu": "cifar10", "folder_cpu": "folder"}  # recipe -> dataset
+RECIPE_TRUNKS = {"cifar100_resnet50": ("ResNet", 2048), "cifar10_cpu": ("SmallConvNet", 32),
+                 "folder_cpu": ("SmallConvNet", 32)}  # trunk, feature dim
 # every trainer preset, the four basic ones and any added later (e.g. presets with a data section)
 PRESETS = tuple(sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")))
 BASIC_PRESETS = ("cpu", "gpu", "ddp", "bf16")

@@ -142,13 +142,19 @@ def embed_split(loader: Any, embedders: dict[str, Any],
             {d: torch.cat(v)[order] for d, v in feats.items()})
 
 
+# what evaluation takes over from training's data settings: where the data is, which split and folders, the image
+# size, and how fast to load (not the training batch, classes, views or augmentation)
+EVAL_DATA_KEYS = ("root", "image_size", "eval_split", "eval_batch_size", "train_dir", "eval_dir", "num_workers")
+
+
 def stage_data_config(artifacts: Path, dataset: str) -> dict[str, Any]:
-    """The ``data`` section of the first stage config found (so eval uses the same root and image size)."""
+    """The evaluation-relevant ``data`` settings (:data:`EVAL_DATA_KEYS`) of the first stage config found, so eval
+    reads the same folders at the same image size as training (e.g. ``make folder EXTRA="--data.eval_dir test"``)."""
     for folder in ("new", "old", "transformation", "bct", "side_info", "transformation_noside"):
         cfg = artifacts / dataset / folder / "config.yaml"
         if cfg.is_file():
             data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
-            return {k: data[k] for k in ("root", "image_size", "eval_split", "eval_batch_size") if data.get(k) is not None}
+            return {k: data[k] for k in EVAL_DATA_KEYS if data.get(k) is not None}
     return {}
 
 

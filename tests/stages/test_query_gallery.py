@@ -76,3 +76,19 @@ def test_split_arguments_are_checked(chain, tmp_path):
         eval_main([*base, "--query_split", "query"])
     with pytest.raises(SystemExit, match="query_split='nope' is not a split of folder"):
         eval_main([*base, "--query_split", "nope", "--gallery_split", "gallery", "--out", str(tmp_path / "x.json")])
+
+
+def test_eval_reads_the_folders_training_used(tmp_path):
+    """`make folder EXTRA="--data.eval_dir test"` passes the folder name to the trainings only: fct-eval takes it
+    (and the image size) from the stage configs, instead of looking for a val/ folder that is not there."""
+    root = make_imagefolder(tmp_path / "data", 4, {"train": 4, "test": 2}, size=16)
+    art = tmp_path / "art"
+    common = ["--dataset", "folder", "--artifacts", str(art), "--data.root", str(root), "--data.eval_dir", "test",
+              *SMALL, *NET]
+    for stage in ("old", "new"):
+        fit(["--stage", stage, *common])
+    out = tmp_path / "eval.json"
+    eval_main(["--dataset", "folder", "--artifacts", str(art), "--data_root", str(root), "--no_wandb",
+               "--cases", "old/old,new/new,new/old", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["meta"]["n_items"] == 8 and set(res["cases"]) == {"old/old", "new/new", "new/old"}
