@@ -46,7 +46,7 @@ help:  ## list the targets and variables
 	@echo "  <dataset>-eval, <dataset>-report"
 	@echo "variables: ARTIFACTS=$(ARTIFACTS) SEED=$(SEED) (SEED=N>0 trains in ARTIFACTS/seedN/) DATA_ROOT=<dataset root> TRAINER=<presets in configs/trainer, e.g. 'gpu-fast' or 'ddp bf16'>"
 	@echo "           DEVICES=<n> EXTRA='<more fct-fit options>' POINTS=$(POINTS) (backfill curve points)"
-	@echo "           RECIPE=<folder in configs/recipes, one <stage>.yaml each, e.g. cifar10_cpu or cifar100_resnet50>"
+	@echo "           RECIPE=<folder in configs/recipes, one <stage>.yaml each: cifar10_cpu, folder_cpu, cifar100_resnet50>"
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -68,6 +68,37 @@ def load_spaces(artifacts: Path, dataset: str, spaces: set[str]) -> tuple[dict[s
     return embedders, missing
 
 
+def stale_inputs(meta: dict[str, Any], loaded: dict[str, dict[str, Any]]) -> list[str]:
+    """Where a checkpoint was trained with other upstream files than the ones in use now.
+
+    Args:
+        meta: The checkpoint's metadata (:func:`~fct_lightning.checkpoints.load_stage`): its ``path`` and the
+            ``<role>_digest`` of each upstream checkpoint it was trained with.
+        loaded: By role (``old``, ``new``, ``side_info``), the metadata (``path``, ``digest``) of the upstream
+            checkpoint in use now.
+
+    Returns:
+        One sentence per role whose digests differ (empty when the checkpoint belongs with them).
+    """
+    problems = []
+    for role, current in loaded.items():
+        want = meta.get(f"{role}_digest")
+        if want and current and current.get("digest") and current["digest"] != want:
+            problems.append(f"{meta['path']} was trained with the {role} checkpoint {want}, but {current['path']} "
+                            f"is now {current['digest']}")
+    return problems
+
+
+def refuse_stale(problems: list[str]) -> None:
+    """Raise :class:`CheckpointError` naming every stale checkpoint, if there is any."""
+    if problems:
+        raise CheckpointError(
+            "the checkpoints of this chain do not belong together: " + "; ".join(problems) + ". A stage was "
+            "re-trained after the stages built on it, so its cross-model numbers would compare embeddings of models "
+            "that were never trained together. Re-train the stages named first (make re-runs them when an upstream "
+            "checkpoint is newer), or restore the upstream checkpoint they were trained with.")
+
+
 def check_chain(embedders: dict[str, Any]) -> None:
     """Refuse a chain whose checkpoints do not belong together.
 
@@ -78,20 +109,10 @@ def check_chain(embedders: dict[str, Any]) -> None:
     """
     problems = []
     for space, roles in (("fct+side", ("old", "new")), ("fct", ("old", "new")), ("bct", ("old",))):
-        if space not in embedders:
-            continue
-        meta = embedders[space][2]
-        for role in roles:
-            want, current = meta.get(f"{role}_digest"), embedders.get(role, (None, None, {}))[2]
-            if want and current.get("digest") and current["digest"] != want:
-                problems.append(f"{meta['path']} was trained with the {role} checkpoint {want}, but {current['path']} "
-                                f"is now {current['digest']}")
-    if problems:
-        raise CheckpointError(
-            "the checkpoints of this chain do not belong together: " + "; ".join(problems) + ". A stage was "
-            "re-trained after the stages built on it, so its cross-model numbers would compare embeddings of models "
-            "that were never trained together. Re-train the stages named first (make re-runs them when an upstream "
-            "checkpoint is newer), or restore the upstream checkpoint they were trained with.")
+        if space in embedders:
+            loaded = {role: embedders[role][2] for role in roles if role in embedders}
+            problems += stale_inputs(embedders[space][2], loaded)
+    refuse_stale(problems)
 
 
 def _frozen_parts(space: str, module: Any, meta: dict[str, Any]) -> list[tuple[str | None, Any]]:
@@ -221,7 +242,8 @@ def run_eval(
         results["cases"][case] = evaluate(q_embs[q], q_labels, embs[g], labels, exclude_self=not separate,
                                           distance=distance)
     queries = (q_embs["new"], q_labels, embedders["new"][2]["digest"]) if separate and "new" in q_embs else None
-    results.update(_embeddings=(embs, labels), _features=feats, _datamodule=dm, _device=dev, _queries=queries)
+    results.update(_embeddings=(embs, labels), _features=feats, _datamodule=dm, _device=dev, _queries=queries,
+                   _chain={role: embedders[role][2] for role in ("old", "new") if role in embedders})
     return results
 
 
@@ -231,7 +253,7 @@ BACKFILL_SOURCES = {"fct+side": ("fastfill", "transformation"), "fct": ("fastfil
 def run_backfill(
     artifacts: Path, dm: Any, dev: torch.device, policies: list[str], points: int, seeds: int, distance: str,
     features: dict[str, Tensor] | None = None, labels: Tensor | None = None,
-    queries: tuple[Tensor, Tensor, str] | None = None,
+    queries: tuple[Tensor, Tensor, str] | None = None, chain: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Backfilling curves for each transformation variant found (FastFill's head preferred: it has uncertainty).
 
@@ -240,6 +262,8 @@ def run_backfill(
     new models, and the split's images are read again only when they do not.
     ``queries``: ``(new-model embeddings, labels, new checkpoint digest)`` of a separate query split; None =
     leave-one-out queries from the gallery split itself.
+    ``chain``: metadata of the ``old``/``new`` checkpoints the cases used, by role; a transformation trained with
+    other ones is refused (:func:`stale_inputs`), as is one whose frozen models' files changed since training.
     Keys of the result are ``"<space> <policy>"``, e.g. ``"fct+side uncertainty"``.
     """
     from fct_lightning.backfill import (
@@ -259,7 +283,11 @@ def run_backfill(
         if path is None:
             log.warning("backfill: no %s checkpoint under %s; skipping %s", " or ".join(folders), artifacts, space)
             continue
-        module, _ = load_stage(path, path.parent.name, ("transformation",), dataset)
+        module, meta = load_stage(path, path.parent.name, ("transformation",), dataset)
+        # h is only meaningful with the frozen models it was trained with: the files it loads them from now, and
+        # the old/new checkpoints of the chain whose cases these curves sit next to
+        problems = stale_inputs(meta, {"old": module.old_meta, "new": module.new_meta, "side_info": module.side_meta})
+        refuse_stale(list(dict.fromkeys(problems + stale_inputs(meta, chain or {}))))
         module.to(dev)
         usable = [p for p in policies if p != "uncertainty" or module.uncertainty]
         if len(usable) < len(policies):
@@ -365,10 +393,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
                                                args.points, args.backfill_seeds, args.distance,
                                                results.pop("_features"), results["_embeddings"][1],
-                                               results["_queries"])
+                                               results["_queries"], results["_chain"])
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"fct-eval: {err}") from err
-    for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries"):
+    for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries", "_chain"):
         results.pop(key, None)
     out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)

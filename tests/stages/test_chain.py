@@ -285,3 +285,21 @@ def test_done_marker_and_no_silent_overwrite(tmp_path):
             "--trainer.callbacks+=tests.stages.test_chain.FailInSecondEpoch")
     assert (out / "best.replaced.ckpt").read_bytes() == first and (out / "last.replaced.ckpt").is_file()
     assert (out / "best.ckpt").is_file() and not (out / "done.json").exists()
+
+
+def test_backfill_refuses_a_transformation_whose_upstream_was_retrained(full_chain, tmp_path):
+    """The backfilling curves load h and its frozen models from their files: a stale h is refused there too, also
+    when no cross-model case is asked for (those are what check the chain otherwise)."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(full_chain / "digits", art / "digits", ignore=shutil.ignore_patterns("cache", "results"))
+    path = art / "digits" / "new" / "best.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["retrained"] = True
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match="do not belong together") as err:
+        eval_main(["--artifacts", str(art), "--no_wandb", "--cases", "old/old,new/new", "--backfill", "random",
+                   "--points", "3", "--backfill_seeds", "1"])
+    assert "digits/transformation/best.ckpt was trained with the new checkpoint" in str(err.value)
+    assert not (art / "digits" / "results").exists()
