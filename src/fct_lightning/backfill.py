@@ -387,18 +387,8 @@ def transform_features(module: Any, old: Tensor, side: Tensor | None, new: Tenso
     if not len(old) == len(new) == len(labels) or (side is not None and len(side) != len(old)):
         raise ValueError(f"features must describe the same items: old {len(old)}, new {len(new)}, "
                          f"labels {len(labels)}" + ("" if side is None else f", side-info {len(side)}"))
-    preds, unc = [], []
-    with _eval_mode(module):
-        for i in range(0, len(old), batch_size):
-            o, s = old[i:i + batch_size], None if side is None else side[i:i + batch_size]
-            if module.uncertainty:
-                pred, log_var = module.h.forward_with_uncertainty(o, s)
-                unc.append(log_var.float().reshape(len(pred), -1).mean(dim=1))
-            else:
-                pred = module.h(o, s)
-            preds.append(pred.float())
-    return {"transformed": torch.cat(preds), "new": new.float(), "labels": labels.long(),
-            "uncertainty": torch.cat(unc) if unc else None}
+    pred, unc = module.h.transform_stored(old, side, batch_size, uncertainty=bool(module.uncertainty))
+    return {"transformed": pred, "new": new.float(), "labels": labels.long(), "uncertainty": unc}
 
 
 def compute_uncertainty(module: Any, loader: Any, device: torch.device | str) -> Tensor:

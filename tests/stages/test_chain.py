@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -301,5 +302,6 @@ def test_backfill_refuses_a_transformation_whose_upstream_was_retrained(full_cha
     with pytest.raises(SystemExit, match="do not belong together") as err:
         eval_main(["--artifacts", str(art), "--no_wandb", "--cases", "old/old,new/new", "--backfill", "random",
                    "--points", "3", "--backfill_seeds", "1"])
-    assert "digits/transformation/best.ckpt was trained with the new checkpoint" in str(err.value)
+    # the FastFill h when an earlier test of this module trained one into the chain, else the plain one
+    assert re.search(r"digits/(fastfill|transformation)/best\.ckpt was trained with the new checkpoint", str(err.value))
     assert not (art / "digits" / "results").exists()

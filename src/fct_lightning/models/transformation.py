@@ -158,6 +158,38 @@ class Transformation(nn.Module):
         hidden = self._hidden(old, side)
         return self.head(hidden), self.uncertainty_head(hidden)
 
+    @torch.no_grad()
+    def transform_stored(self, old: Tensor, side: Tensor | None = None, batch_size: int = 65536,
+                         uncertainty: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Apply h to stored features in eval mode, ``batch_size`` rows at a time (the mode is restored after).
+
+        Args:
+            old: Stored old embeddings ``[N, old_dim]``, on this module's device.
+            side: Stored side-info ``[N, side_dim]``, or None without side-info.
+            batch_size: Rows per forward pass.
+            uncertainty: Also return each item's FastFill log-variance, averaged over its dims.
+
+        Returns:
+            ``(pred [N, new_dim], log_var [N] or None)``, float32.
+        """
+        if side is not None and len(side) != len(old):
+            raise ValueError(f"stored old features have {len(old)} rows but side-info has {len(side)}; they must align")
+        was_training = self.training
+        self.eval()
+        preds, unc = [], []
+        try:
+            for i in range(0, len(old), batch_size):
+                o, sd = old[i:i + batch_size], None if side is None else side[i:i + batch_size]
+                if uncertainty:
+                    pred, log_var = self.forward_with_uncertainty(o, sd)
+                    unc.append(log_var.float().reshape(len(pred), -1).mean(dim=1))
+                else:
+                    pred = self(o, sd)
+                preds.append(pred.float())
+        finally:
+            self.train(was_training)
+        return torch.cat(preds), torch.cat(unc) if uncertainty else None
+
     def set_bn_eval(self, frozen: bool = True) -> None:
         """Put every BatchNorm layer in eval mode (running statistics frozen), or release them.
 
