@@ -120,3 +120,25 @@ def test_recovers_function_of_old_and_side():
     variance = target_t.var().item()
     assert mse_side < 0.1 * variance
     assert mse_side < 0.25 * mse_plain  # the target depends on side: h(old) alone cannot fit it
+
+
+@pytest.mark.parametrize("side_dim", [6, None])
+def test_transform_stored_batches_in_eval_mode(side_dim):
+    """Stored features through h in batches: the eval-mode forward pass, whatever the batch size; the module's
+    mode (and frozen BatchNorm) is restored afterwards."""
+    torch.manual_seed(0)
+    h = Transformation(8, 5, side_dim, 2, 16, 1, uncertainty=True, uncertainty_dim=3).train()
+    h.set_bn_eval(True)
+    old = torch.randn(23, 8, dtype=torch.float64)  # any float dtype: batches are cast to float32
+    side = None if side_dim is None else torch.randn(23, side_dim)
+    pred, log_var = h.transform_stored(old, side, batch_size=5, uncertainty=True, out_device="cpu")
+    h.eval()
+    want, want_var = h.forward_with_uncertainty(old.float(), side)
+    h.train()
+    torch.testing.assert_close(pred, want.detach())
+    torch.testing.assert_close(log_var, want_var.detach().mean(dim=1))
+    assert h.training and not any(m.training for m in h.modules() if isinstance(m, nn.BatchNorm1d))
+    assert h.transform_stored(old, side, batch_size=100)[1] is None
+    if side_dim is not None:
+        with pytest.raises(ValueError, match="23 rows but side-info has 4"):
+            h.transform_stored(old, side[:4])

@@ -160,32 +160,40 @@ class Transformation(nn.Module):
 
     @torch.no_grad()
     def transform_stored(self, old: Tensor, side: Tensor | None = None, batch_size: int = 65536,
-                         uncertainty: bool = False) -> tuple[Tensor, Tensor | None]:
+                         uncertainty: bool = False,
+                         out_device: torch.device | str | None = None) -> tuple[Tensor, Tensor | None]:
         """Apply h to stored features in eval mode, ``batch_size`` rows at a time (the mode is restored after).
 
+        Each batch moves to this module's device on its own, so a stored gallery larger than the device's memory
+        can stay on the host (with ``out_device="cpu"``).
+
         Args:
-            old: Stored old embeddings ``[N, old_dim]``, on this module's device.
+            old: Stored old embeddings ``[N, old_dim]``, on any device.
             side: Stored side-info ``[N, side_dim]``, or None without side-info.
             batch_size: Rows per forward pass.
             uncertainty: Also return each item's FastFill log-variance, averaged over its dims.
+            out_device: Where the results go; None = this module's device.
 
         Returns:
             ``(pred [N, new_dim], log_var [N] or None)``, float32.
         """
         if side is not None and len(side) != len(old):
             raise ValueError(f"stored old features have {len(old)} rows but side-info has {len(side)}; they must align")
+        dev = next(self.parameters()).device
+        out_device = dev if out_device is None else out_device
         was_training = self.training
         self.eval()
         preds, unc = [], []
         try:
             for i in range(0, len(old), batch_size):
-                o, sd = old[i:i + batch_size], None if side is None else side[i:i + batch_size]
+                o = old[i:i + batch_size].to(dev, torch.float32)
+                sd = None if side is None else side[i:i + batch_size].to(dev, torch.float32)
                 if uncertainty:
                     pred, log_var = self.forward_with_uncertainty(o, sd)
-                    unc.append(log_var.float().reshape(len(pred), -1).mean(dim=1))
+                    unc.append(log_var.float().reshape(len(pred), -1).mean(dim=1).to(out_device))
                 else:
                     pred = self(o, sd)
-                preds.append(pred.float())
+                preds.append(pred.float().to(out_device))
         finally:
             self.train(was_training)
         return torch.cat(preds), torch.cat(unc) if uncertainty else None

@@ -261,11 +261,11 @@ class TransformationModel(RetrievalStage):
     def transform_stored(self, old: Tensor | np.ndarray, side: Tensor | np.ndarray | None = None,
                          batch_size: int = 65536) -> Tensor:
         """Map stored gallery features (no images) into the new space: ``[N, d_old], [N, d_side] -> [N, d_new]``."""
-        old = torch.as_tensor(old, dtype=torch.float32).to(self.device)
+        old = torch.as_tensor(old, dtype=torch.float32)
         side = None if side is None or not self.use_side_info else torch.as_tensor(side, dtype=torch.float32)
         if self.use_side_info and side is None:
             raise ValueError("this transformation uses side-info: pass the stored side-info features too")
-        return self.h.transform_stored(old, None if side is None else side.to(self.device), batch_size)[0].cpu()
+        return self.h.transform_stored(old, side, batch_size, out_device="cpu")[0]  # batches visit the device
 
     def export_gallery(self, old: Any, side: Any, out: str | Path) -> Path:
         """Write ``transform_stored(old, side)`` to ``out`` (``.npy``); inputs may be arrays or ``.npy`` paths."""
