@@ -219,11 +219,7 @@ class FolderDataModule(RetrievalDataModule):
         """``train``, the evaluation split, and every other folder next to them (e.g. ``query/`` and ``gallery/``
         for evaluation with separate query and gallery sets: ``fct-eval --query_split query --gallery_split
         gallery``)."""
-        found = getattr(self, "dataset_dir", None)
-        own = {self.train_dir, self.eval_dir}
-        extra = sorted(d.name for d in found.iterdir() if d.is_dir() and not d.name.startswith(".")
-                       and d.name not in own) if found is not None else []
-        return ("train", self.default_eval_split, *(e for e in extra if e not in ("train", self.default_eval_split)))
+        return ("train", self.default_eval_split, *getattr(self, "_other_splits", ()))
 
     def layout_help(self) -> str:
         r = self.root
@@ -240,6 +236,10 @@ class FolderDataModule(RetrievalDataModule):
             raise FileNotFoundError(f"{self.name}: {found / self.train_dir} has no class folders; "
                                     f"{self.layout_help()}")
         self.dataset_dir = found
+        # the other folders next to the two splits, listed once here (``splits`` is read on every split access)
+        named = {self.train_dir, self.eval_dir, "train", self.default_eval_split}
+        self._other_splits = tuple(sorted(d.name for d in found.iterdir()
+                                          if d.is_dir() and not d.name.startswith(".") and d.name not in named))
         self.class_names = order_classes(names, found / "classes.txt")
         self.num_classes = len(self.class_names)
 
