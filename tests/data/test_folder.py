@@ -78,3 +78,97 @@ def test_errors(tmp_path):
         ImageNetDataModule(root=str(tmp_path / "extra")).setup("validate")
     with pytest.raises(ValueError, match="train_classes=4 is out of range"):
         ImageNetDataModule(root=str(tmp_path / "extra"), train_classes=4)
+
+
+def _nonsquare_tree(root, ext="png"):
+    """Images of assorted shapes (portrait, landscape, square, smaller and larger than the crop)."""
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(37, 50), (50, 37), (64, 64), (120, 81), (81, 121), (20, 33), (73, 74)]
+    for split in ("train", "val"):
+        for c in range(3):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i, (h, w) in enumerate(shapes):
+                img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+                if ext == "png":
+                    write_png(img, str(d / f"{i}.png"))
+                else:  # Pillow-only formats
+                    from PIL import Image
+
+                    Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.{ext}")
+    return root
+
+
+@pytest.mark.parametrize("size", [32, 57, 64])
+def test_in_memory_eval_equals_per_item_eval(tmp_path, size):
+    """The stored squares' centre crop is the per-item Resize + CenterCrop, for any aspect ratio."""
+    from torchvision.transforms import v2
+
+    root = _nonsquare_tree(tmp_path)
+    lazy = ImageNetDataModule(root=str(root), image_size=size, batch_size=5)
+    mem = ImageNetDataModule(root=str(root), image_size=size, batch_size=5, in_memory_gpu=True)
+    side = round(size * 256 / 224)
+    stored = mem.source("val").images
+    assert stored.shape == (21, 3, side, side) and stored.dtype == torch.uint8
+    o = round((side - size) / 2.0)
+    per_item = v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(size)])
+    for i in range(len(stored)):
+        assert torch.equal(stored[i, :, o:o + size, o:o + size], per_item(lazy.source("val")[i][0])), i
+    a = torch.cat([b[0] for b in lazy.eval_dataloader("val")])
+    b = torch.cat([b[0] for b in mem.eval_dataloader("val")])
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    labels = torch.cat([b[1] for b in mem.eval_dataloader("val")])
+    assert labels.tolist() == [c for c in range(3) for _ in range(7)]
+
+
+def test_in_memory_training_batches_and_cache(tmp_path):
+    root = _nonsquare_tree(tmp_path)
+    dm = ImageNetDataModule(root=str(root), image_size=24, batch_size=4, train_classes=[0, 2], seed=3,
+                            in_memory_gpu=True)
+    batches = list(dm.train_dataloader())
+    assert [b[0].shape for b in batches] == [(4, 3, 24, 24)] * 3 + [(2, 3, 24, 24)]
+    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(14))
+    assert set(torch.cat([b[1] for b in batches]).tolist()) == {0, 2}
+    again = list(ImageNetDataModule(root=str(root), image_size=24, batch_size=4, train_classes=[0, 2], seed=3,
+                                    in_memory_gpu=True).train_dataloader())
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(batches, again, strict=True))  # seeded
+    # the second datamodule read the cache; a different image size gets its own file
+    assert len(list((root / ".cache").glob("decoded-*.npy"))) == 1
+    ImageNetDataModule(root=str(root), image_size=16, in_memory_gpu=True).source("train")
+    assert len(list((root / ".cache").glob("decoded-*.npy"))) == 2
+    # contrastive views: colour jitter, grayscale and blur applied per view
+    two = ImageNetDataModule(root=str(root), image_size=24, batch_size=8, views=2, in_memory_gpu=True)
+    x = next(iter(two.train_dataloader()))[0]
+    assert x.shape == (8, 2, 3, 24, 24) and torch.isfinite(x).all() and not torch.equal(x[:, 0], x[:, 1])
+    assert dm.splits == ("train", "val")  # the hidden .cache folder is not a split
+
+
+def test_in_memory_corrupt_cache_and_limits(tmp_path):
+    root = _nonsquare_tree(tmp_path)
+    first = ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True).source("val").images
+    cache = next((root / ".cache").glob("decoded-*.npy"))
+    cache.write_bytes(b"truncated")
+    again = ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True).source("val").images
+    assert torch.equal(first, again)  # decoded again, cache rewritten
+    assert cache.stat().st_size > 100
+    with pytest.raises(ValueError, match=r"21 images as 27x27 squares.*in_memory_max_gb.*in_memory_gpu false"):
+        ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True,
+                           in_memory_max_gb=1e-6).source("val")
+    with pytest.raises(ValueError, match="in_memory_max_gb=0"):
+        ImageNetDataModule(root=str(root), in_memory_gpu=True, in_memory_max_gb=0)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_pillow_formats_and_corrupt_files(tmp_path, in_memory):
+    root = _nonsquare_tree(tmp_path, ext="bmp")
+    dm = ImageNetDataModule(root=str(root), image_size=16, in_memory_gpu=in_memory, batch_size=4)
+    x = next(iter(dm.val_dataloader()))[0]
+    assert x.shape == (8, 3, 16, 16)
+    bad = root / "val" / "c1" / "9.bmp"
+    bad.write_bytes(b"BM not really a bitmap")
+    dm = ImageNetDataModule(root=str(root), image_size=16, in_memory_gpu=in_memory, batch_size=4,
+                            cache_decoded=False)
+    with pytest.raises(ValueError, match=r"cannot decode the image file .*c1/9\.bmp.*remove or replace it"):
+        list(dm.val_dataloader())

@@ -107,3 +107,31 @@ def test_sharding_under_torch_distributed(tmp_path):
     x, y = _images(n=23)
     ref = InMemoryAugmentedLoader(x, y, 4, seed=7, device="cpu", rank=1, world_size=2)
     assert torch.equal(ref.indices(3), got[1].cpu())
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.7])
+def test_batched_blur_matches_torchvision(sigma):
+    from torchvision.transforms.v2 import functional as TF
+
+    from fct_lightning.data.memory import gaussian_blur
+
+    x = torch.rand(3, 3, 20, 17, generator=torch.Generator().manual_seed(0))
+    out = gaussian_blur(x, torch.Generator().manual_seed(1), 5, sigma=(sigma, sigma), p=1.0)
+    for i in range(3):
+        torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [5, 5], [sigma, sigma]), atol=1e-5, rtol=0)
+    assert torch.equal(gaussian_blur(x, torch.Generator().manual_seed(1), 5, p=0.0), x)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_imagenet_family_augmentation(strong):
+    from fct_lightning.data.memory import augment_batch
+
+    x = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = augment_batch(x, "imagenet", strong, 32, torch.Generator().manual_seed(5))
+    b = augment_batch(x, "imagenet", strong, 32, torch.Generator().manual_seed(5))
+    assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1
+    # a random resized crop of a constant image is that constant (inside the image)
+    flat = torch.full((4, 3, 40, 40), 128, dtype=torch.uint8)
+    c = augment_batch(flat, "imagenet", False, 32, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(c, torch.full_like(c, 128 / 255))

@@ -245,7 +245,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             _check_int("image_size", image_size, 1)
         if in_memory_gpu and not self.supports_in_memory:
             raise ValueError(f"in_memory_gpu=True is not supported by the {self.name!r} datamodule "
-                             "(small-image datasets only: digits, cifar10, cifar100)")
+                             "(datasets that support it: digits, cifar10, cifar100 and the folder datasets)")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.num_workers = num_workers

@@ -14,7 +14,9 @@ Class order (class index = position), fixed once from the training split's folde
 
 Class folders of the evaluation split must be known classes; a class may be missing there. Files within a class
 are sorted by name, classes are visited in index order, so item positions are stable. Images are decoded lazily
-(:func:`torchvision.io.decode_image`, forced to RGB) in the DataLoader workers; nothing is cached in memory.
+(:func:`torchvision.io.decode_image`, forced to RGB) in the DataLoader workers; with ``in_memory_gpu=True`` a split
+is instead decoded once into one uint8 tensor and augmented in whole batches (small folders; see
+:class:`FolderDataModule`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.transforms.v2 import functional as TF
 
-from fct_lightning.data.base import RetrievalDataModule
+from fct_lightning.data.base import RetrievalDataModule, TensorImages
+from fct_lightning.data.memory import center_offset
 from fct_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -79,8 +83,12 @@ def list_images(split_dir: Path, class_to_idx: dict[str, int]) -> tuple[list[str
 
 
 def load_image(path: str) -> torch.Tensor:
-    """Decode one image file to a uint8 RGB tensor ``[3, H, W]``."""
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    """Decode one image file to a uint8 RGB tensor ``[3, H, W]``.
+
+    Raises:
+        ValueError: the file cannot be decoded (named in the message).
+    """
+    return _decode_named(path, read_file(path))
 
 
 class ImageFiles(Dataset):
@@ -102,42 +110,90 @@ class ImageFiles(Dataset):
         return load_image(self.paths[i]), int(self.targets[i])
 
 
-def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk: int = 1024) -> torch.Tensor:
+def square_for_eval(img: torch.Tensor, side: int, crop: int) -> torch.Tensor:
+    """``img`` resized (shorter edge to ``side``, antialiased) and cut to a ``side x side`` square.
+
+    The square is placed so that its ``crop`` centre crop is exactly the per-item evaluation transform's
+    (``Resize(side)`` + ``CenterCrop(crop)``), pixel for pixel; it is within a pixel of the centred square.
+    """
+    img = TF.resize(img, [side], antialias=True)
+    h, w = img.shape[-2:]
+    inner = center_offset(side, crop)
+    top = min(max(center_offset(h, crop) - inner, 0), h - side)
+    left = min(max(center_offset(w, crop) - inner, 0), w - side)
+    return img[:, top:top + side, left:left + side]
+
+
+def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk: int = 1024,
+               square_for: int | None = None) -> torch.Tensor:
     """Decode every image into one uint8 tensor ``[N, 3, size, size]``, optionally cached as ``.npy``.
 
-    The cache file name is keyed by the file list (relative paths and byte sizes), so a changed tree is
-    decoded again. A cache that cannot be written (read-only root) is skipped with a warning.
+    Args:
+        paths: image files.
+        size: side of the stored images.
+        cache_dir: where the ``.npy`` cache lives (None = no cache). Its file name is keyed by the file list
+            (relative paths and byte sizes), ``size`` and ``square_for``, so a changed tree is decoded again. A
+            cache that cannot be written (read-only root) is skipped with a warning.
+        chunk: files read per batch.
+        square_for: None = every image must already be ``size x size``; an int ``c`` = images of any shape
+            are stored as :func:`square_for_eval` squares whose ``c`` centre crop is the evaluation view.
 
     Raises:
-        ValueError: an image is not ``size x size``.
+        ValueError: an image is not ``size x size`` (``square_for`` None), or a file cannot be decoded.
     """
     cache_file = None
     if cache_dir is not None:
-        h = hashlib.sha1(f"{size}".encode())
+        h = hashlib.sha1((f"{size}" if square_for is None else f"{size}/{square_for}").encode())
         for p in paths:
             rel = os.path.relpath(p, cache_dir.parent)
             h.update(f"{rel}\0{os.path.getsize(p)}\n".encode())
         cache_file = cache_dir / f"decoded-{len(paths)}-{h.hexdigest()[:20]}.npy"
         if cache_file.is_file():
-            arr = np.load(cache_file)
-            if arr.shape == (len(paths), 3, size, size):
+            try:
+                arr = np.load(cache_file)
+            except (OSError, ValueError) as err:  # truncated or foreign file: decode again and overwrite it
+                log.warning("ignoring the unreadable decoded-image cache %s (%s)", cache_file, err)
+                arr = None
+            if arr is not None and arr.shape == (len(paths), 3, size, size) and arr.dtype == np.uint8:
                 return torch.from_numpy(arr)
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for start in range(0, len(paths), chunk):
         batch = paths[start:start + chunk]
         datas = [read_file(p) for p in batch]
-        if all(p.lower().endswith((".jpg", ".jpeg")) for p in batch):
-            imgs = decode_jpeg(datas, mode=ImageReadMode.RGB)
-        else:
-            imgs = [decode_image(d, mode=ImageReadMode.RGB) for d in datas]
+        try:
+            if all(p.lower().endswith((".jpg", ".jpeg")) for p in batch):
+                imgs = decode_jpeg(datas, mode=ImageReadMode.RGB)
+            else:
+                imgs = [decode_image(d, mode=ImageReadMode.RGB) for d in datas]
+        except RuntimeError:  # find the file that fails, to name it
+            imgs = [_decode_named(p, d) for p, d in zip(batch, datas, strict=True)]
         for j, img in enumerate(imgs):
-            if img.shape[1:] != (size, size):
+            if square_for is not None:
+                img = square_for_eval(img, size, square_for)
+            elif img.shape[1:] != (size, size):
                 raise ValueError(f"{batch[j]} is {tuple(img.shape[1:])} pixels; this dataset expects "
                                  f"{size}x{size} images")
             out[start + j] = img
     if cache_file is not None:
         _save_npy(cache_file, out.numpy())
     return out
+
+
+def _decode_named(path: str, data: torch.Tensor) -> torch.Tensor:
+    """torchvision's decoder (JPEG, PNG, WebP, GIF), else Pillow (BMP, PPM/PGM, TIFF); a clear error otherwise."""
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        first = err
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot decode the image file {path} ({str(first).splitlines()[-1]}; Pillow: {err}); "
+                         f"remove or replace it") from err
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -180,11 +236,20 @@ class FolderDataModule(RetrievalDataModule):
         image_size: crop size (default 224; evaluation resizes to ``image_size * 256 / 224`` first).
         train_dir: training split folder under the dataset directory.
         eval_dir: evaluation split folder under the dataset directory.
+        in_memory_gpu: decode every image of a split once into one uint8 tensor of squares of side
+            ``round(image_size * 256 / 224)`` (the evaluation resize), held on the GPU when there is one, and
+            augment whole batches there (:mod:`fct_lightning.data.memory`): no worker processes, no decoding per
+            epoch. For folders of up to some 10^5 small images; evaluation gives the same pixels as the per-item
+            path, training crops come from the stored square.
+        cache_decoded: with ``in_memory_gpu``, cache the decoded split as ``.npy`` under
+            ``<dataset dir>/.cache`` (keyed by the file list and sizes; a read-only tree skips it).
+        in_memory_max_gb: with ``in_memory_gpu``, refuse a split whose decoded tensor would be larger (GiB).
     """
 
     family = "imagenet"
     in_channels = 3
     default_image_size = 224
+    supports_in_memory = True
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
     default_eval_split = "val"
@@ -205,13 +270,22 @@ class FolderDataModule(RetrievalDataModule):
         image_size: int | None = None,
         train_dir: str = "train",
         eval_dir: str = "val",
+        in_memory_gpu: bool = False,
+        cache_decoded: bool = True,
+        in_memory_max_gb: float = 16.0,
     ) -> None:
         self.train_dir = train_dir
         self.eval_dir = eval_dir
+        self.cache_decoded = cache_decoded
+        if isinstance(in_memory_max_gb, bool) or not isinstance(in_memory_max_gb, int | float) \
+                or not in_memory_max_gb > 0:
+            raise ValueError(f"in_memory_max_gb={in_memory_max_gb!r} is invalid; allowed: a number of GiB > 0")
+        self.in_memory_max_gb = float(in_memory_max_gb)
         super().__init__(
             root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
             train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
             pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
+            in_memory_gpu=in_memory_gpu,
         )
 
     @property
@@ -254,7 +328,20 @@ class FolderDataModule(RetrievalDataModule):
         paths, targets = list_images(self._split_dir(split), {n: i for i, n in enumerate(self.class_names)})
         if not paths:
             raise FileNotFoundError(f"{self.name}: no images in {self._split_dir(split)}; {self.layout_help()}")
-        return ImageFiles(paths, targets)
+        if not self.in_memory_gpu:
+            return ImageFiles(paths, targets)
+        side = round(self.image_size * 256 / 224)
+        gib = len(paths) * 3 * side * side / 2**30
+        if gib > self.in_memory_max_gb:
+            raise ValueError(
+                f"{self.name}: in_memory_gpu=True would hold the {split!r} split ({len(paths)} images as "
+                f"{side}x{side} squares) in {gib:.1f} GiB, more than in_memory_max_gb={self.in_memory_max_gb:g}; "
+                f"set --data.in_memory_gpu false (per-item decoding in --data.num_workers workers), a smaller "
+                f"--data.image_size, or raise --data.in_memory_max_gb if the memory is there")
+        cache = self.dataset_dir / ".cache" if self.cache_decoded else None
+        log.info("%s: decoding the %r split (%d images) to %d px squares in memory", self.name, split,
+                 len(paths), side)
+        return TensorImages(decode_all(paths, side, cache, square_for=self.image_size), torch.as_tensor(targets))
 
 
 
@@ -284,12 +371,16 @@ class ImageNetDataModule(FolderDataModule):
         image_size: int | None = None,
         train_dir: str = "train",
         eval_dir: str = "val",
+        in_memory_gpu: bool = False,
+        cache_decoded: bool = True,
+        in_memory_max_gb: float = 16.0,
     ) -> None:
         super().__init__(
             root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
             train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
             pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
-            train_dir=train_dir, eval_dir=eval_dir,
+            train_dir=train_dir, eval_dir=eval_dir, in_memory_gpu=in_memory_gpu, cache_decoded=cache_decoded,
+            in_memory_max_gb=in_memory_max_gb,
         )
 
 
@@ -339,10 +430,14 @@ class VGGFace2DataModule(FolderDataModule):
         image_size: int | None = None,
         train_dir: str = "train",
         eval_dir: str = "test",
+        in_memory_gpu: bool = False,
+        cache_decoded: bool = True,
+        in_memory_max_gb: float = 16.0,
     ) -> None:
         super().__init__(
             root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
             train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
             pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
-            train_dir=train_dir, eval_dir=eval_dir,
+            train_dir=train_dir, eval_dir=eval_dir, in_memory_gpu=in_memory_gpu, cache_decoded=cache_decoded,
+            in_memory_max_gb=in_memory_max_gb,
         )

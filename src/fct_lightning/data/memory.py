@@ -1,6 +1,6 @@
-"""Fast in-memory data path for small-image datasets (digits, CIFAR): whole-batch augmentation on the device.
+"""Fast in-memory data path (digits, CIFAR, small folders of images): whole-batch augmentation on the device.
 
-:class:`InMemoryAugmentedLoader` holds a split as one tensor (uint8 for CIFAR, float for digits), moved to the
+:class:`InMemoryAugmentedLoader` holds a split as one tensor (uint8 for CIFAR and folders, float for digits), moved to the
 GPU on first use when there is one, and produces ``(images, labels, indices)`` batches by indexing plus batched
 tensor augmentation, so no worker processes, collation or host-to-device copies are involved:
 
@@ -8,6 +8,12 @@ tensor augmentation, so no worker processes, collation or host-to-device copies 
 * ``cifar``, ``views >= 2``: SimCLR-style random resized crop (scale 0.2-1, aspect 3/4-4/3) and flip in one
   ``grid_sample``, colour jitter (brightness/contrast/saturation 0.4, p=0.8; no hue) and grayscale (p=0.2);
 * ``digits``: shift by up to 1 px, rotation/scale (stronger with shear and contrast for ``views >= 2``), noise;
+* ``imagenet`` (folder datasets, stored as squares of side ``round(image_size * 256 / 224)``, see
+  :func:`fct_lightning.data.folder.decode_all`): ``RandomResizedCrop(image_size)`` (scale 0.08-1, aspect
+  3/4-4/3) and flip in one ``grid_sample``; for ``views >= 2`` also colour jitter (0.4/0.4/0.2, p=0.8; no hue),
+  grayscale (p=0.2) and Gaussian blur (p=0.5, sigma 0.1-2). The crop is drawn from the stored square, not from
+  the whole (maybe non-square) photo as the per-item pipeline does. Evaluation is the centre crop, which equals
+  the per-item ``Resize`` + ``CenterCrop`` pixel for pixel;
 * then conversion to float32 and normalisation, on the device.
 
 Sharding follows :class:`torch.utils.data.DistributedSampler`: when ``torch.distributed`` is initialised, every
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from fct_lightning.data.base import mix_seed
+from fct_lightning.data.transforms import blur_kernel
 
 
 class _Items(Dataset):
@@ -70,10 +77,14 @@ def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True
     return xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2)
 
 
-def affine_resample(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resampling of float ``x [B, C, H, W]`` through affine maps ``theta [B, 2, 3]`` (zero fill)."""
+def affine_resample(x: torch.Tensor, theta: torch.Tensor, size: int, padding: str = "zeros") -> torch.Tensor:
+    """Bilinear resampling of float ``x [B, C, H, W]`` through affine maps ``theta [B, 2, 3]``.
+
+    ``padding``: ``"zeros"`` fills outside the image with 0; ``"border"`` repeats the edge pixels (crops: a sample
+    between the last pixel centre and the image edge then keeps the edge's value instead of fading to 0).
+    """
     grid = F.affine_grid(theta.to(x.dtype), [x.shape[0], x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def resized_crop_theta(b: int, gen: torch.Generator, device: torch.device, scale=(0.2, 1.0),
@@ -113,18 +124,48 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, gen: torch.Generator, strength: float = 0.4, p: float = 0.8,
-                 saturation: bool = True) -> torch.Tensor:
-    """Batched brightness/contrast(/saturation) jitter of float ``x`` in ``[0, 1]``, applied with prob. ``p``."""
+                 saturation: bool | float = True) -> torch.Tensor:
+    """Batched brightness/contrast(/saturation) jitter of float ``x`` in ``[0, 1]``, applied with prob. ``p``.
+
+    ``saturation``: True = jitter it by ``strength`` too, a float = by that strength, False/0 = not at all.
+    """
     b, dev = x.shape[0], x.device
     on = (torch.rand(b, 1, 1, 1, generator=gen, device=dev) < p).to(x.dtype)
-    factor = lambda: 1 + on * _uniform(b, -strength, strength, gen, dev).view(b, 1, 1, 1)
-    x = x * factor()
+    factor = lambda s: 1 + on * _uniform(b, -s, s, gen, dev).view(b, 1, 1, 1)
+    x = x * factor(strength)
     mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * factor() + mean
-    if saturation and x.shape[1] == 3:
+    x = (x - mean) * factor(strength) + mean
+    sat = strength if saturation is True else float(saturation)
+    if sat and x.shape[1] == 3:
         g = _gray(x)
-        x = (x - g) * factor() + g
+        x = (x - g) * factor(sat) + g
     return x.clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, gen: torch.Generator, kernel: int, sigma=(0.1, 2.0),
+                  p: float = 0.5) -> torch.Tensor:
+    """Batched Gaussian blur of float ``x [B, C, H, W]`` with a random ``sigma`` per image, applied with prob. ``p``.
+
+    Separable ``kernel``-tap filter (odd), reflect padding, as torchvision's ``GaussianBlur``.
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    s = _uniform(b, *sigma, gen, dev).view(b, 1)
+    on = torch.rand(b, 1, 1, 1, generator=gen, device=dev) < p
+    half = (kernel - 1) / 2
+    t = torch.linspace(-half, half, kernel, device=dev).view(1, kernel)
+    k1 = torch.exp(-0.5 * (t / s) ** 2)
+    k1 = (k1 / k1.sum(1, keepdim=True)).to(x.dtype).repeat_interleave(c, dim=0)  # [B * C, k]
+    pad = kernel // 2
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), k1.view(b * c, 1, 1, kernel), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), k1.view(b * c, 1, kernel, 1), groups=b * c)
+    return torch.where(on, y.view(b, c, h, w), x)
+
+
+def center_offset(stored: int, size: int) -> int:
+    """Top/left offset of a ``size`` centre crop of a ``stored`` side, rounded as torchvision's ``CenterCrop``."""
+    return round((stored - size) / 2.0)
 
 
 def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float = 0.2) -> torch.Tensor:
@@ -143,8 +184,14 @@ def augment_batch(x: torch.Tensor, family: str, strong: bool, size: int, gen: to
     if family == "cifar":
         x = affine_resample(x, resized_crop_theta(b, gen, dev), size)
         return random_grayscale(color_jitter(x, gen), gen)
+    if family == "imagenet":  # RandomResizedCrop(size) + flip (+ jitter, grayscale, blur) on the stored square
+        x = affine_resample(x, resized_crop_theta(b, gen, dev, scale=(0.08, 1.0)), size, padding="border")
+        if not strong:
+            return x
+        x = random_grayscale(color_jitter(x, gen, 0.4, 0.8, saturation=0.2), gen)
+        return gaussian_blur(x, gen, blur_kernel(size))
     if family != "digits":
-        raise ValueError(f"family={family!r} has no batched augmentation; allowed: cifar, digits")
+        raise ValueError(f"family={family!r} has no batched augmentation; allowed: cifar, digits, imagenet")
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     x = crop_flip(x, max(1, round(size / 8)), gen, flip=False)
@@ -302,6 +349,10 @@ class InMemoryAugmentedLoader:
             x = augment_batch(x, self.family, self.views > 1, self.image_size, gen)
         else:
             x = _to_float(x)
-            if x.shape[-1] != self.image_size:
-                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+            side = self.image_size
+            if self.family == "imagenet" and x.shape[-1] > side:  # stored squares: the evaluation centre crop
+                o = center_offset(x.shape[-1], side)
+                x = x[..., o:o + side, o:o + side]
+            elif x.shape[-1] != side:
+                x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
         return (x - mean) / std

@@ -100,12 +100,17 @@ def _cifar(train: bool, strong: bool, size: int) -> list:
     ]
 
 
+def blur_kernel(size: int) -> int:
+    """Gaussian-blur kernel of the ``imagenet`` contrastive pipeline: odd, about 10 % of the side (as SimCLR)."""
+    return max(3, (size // 10) | 1)
+
+
 def _imagenet(train: bool, strong: bool, size: int) -> list:
     if not train:
         return [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
     ops: list = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
     if strong:
-        kernel = max(3, (size // 10) | 1)  # odd, ~10% of the image as in SimCLR
+        kernel = blur_kernel(size)
         ops += [
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
