@@ -234,6 +234,18 @@ def test_cached_mode_trains_on_cached_features_only(chain, tmp_path, monkeypatch
     assert kinds == ["features" if cached else "images"] * 2
 
 
+def test_feature_cache_is_keyed_by_the_data_path(chain, tmp_path):
+    """Views drawn per item and views drawn in memory are different caches; the same settings reuse one."""
+    cache = tmp_path / "cache"
+    common = (*SMALL_H, "--model.cache_dir", str(cache), "--artifacts", str(tmp_path / "out"),
+              "--model.old_checkpoint", str(chain / "digits" / "old" / "best.ckpt"),
+              "--model.new_checkpoint", str(chain / "digits" / "new" / "best.ckpt"),
+              "--model.side_info_checkpoint", str(chain / "digits" / "side_info" / "best.ckpt"))
+    for in_memory in ("true", "false", "true"):
+        run("transformation", chain, *common, "--data.in_memory_gpu", in_memory, "--overwrite")
+    assert len(list(cache.glob("*/features.pt"))) == 2
+
+
 def test_run_without_any_validation_is_refused(tmp_path):
     """best.ckpt is written at validation; a run that would never validate stops before training, saying why."""
     with pytest.raises(SystemExit, match="max_epochs 1 is less than --trainer.check_val_every_n_epoch 3"):

@@ -214,6 +214,9 @@ class TransformationModel(RetrievalStage):
             old=self.old_meta["digest"], new=self.new_meta["digest"], side=self.side_meta.get("digest"),
             dataset=dm.name, classes=dm.train_class_ids, views=self.cache_views, seed=self.cache_seed,
             dtype=str(self.cache_dtype), image_size=getattr(dm, "image_size", None),
+            # which images, and which augmentation pipeline drew the views (per item or batched in memory)
+            images=[str(Path(dm.root).resolve()) if getattr(dm, "root", None) is not None else None,
+                    getattr(dm, "train_dir", None), bool(getattr(dm, "in_memory_gpu", False))],
         )
         rank, world = self.trainer.global_rank, self.trainer.world_size
         features = build_or_load(
