@@ -141,20 +141,3 @@ def test_dense_and_sparse_kernels_agree(exclude_self: bool) -> None:
     assert torch.equal(a.ap, b.ap) and torch.equal(a.ap_at_r, b.ap_at_r)  # one formula on the same ranks
     expected = naive_metrics(sq_dists(x, x), labels.numpy(), labels.numpy(), exclude_self)
     assert float(a.ap[a.num_relevant > 0].mean()) == pytest.approx(expected["map"], abs=1e-12)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_searchsorted_rows_matches_torch(threads):
-    """The row-split search gives torch.searchsorted's answer, duplicates and uneven splits included."""
-    from fct_lightning.retrieval.metrics import searchsorted_rows
-
-    g = torch.Generator().manual_seed(0)
-    ordered = torch.sort(torch.randint(0, 500, (37, 2000), generator=g), dim=1).values  # many equal keys
-    targets = torch.sort(torch.randint(-5, 505, (37, 60), generator=g), dim=1).values
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = searchsorted_rows(ordered, targets)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(got, torch.searchsorted(ordered, targets, side="left"))

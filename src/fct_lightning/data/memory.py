@@ -348,7 +348,8 @@ class InMemoryAugmentedLoader:
         if self.train:
             x = augment_batch(x, self.family, self.views > 1, self.image_size, gen)
         else:
-            x = _to_float(x)
+            # uint8 scaled as torchvision's ToDtype does (x * (1/255)), so evaluation views equal the per-item ones
+            x = x.float().mul_(1.0 / 255) if x.dtype == torch.uint8 else x.float()
             side = self.image_size
             if self.family == "imagenet" and x.shape[-1] > side:  # stored squares: the evaluation centre crop
                 o = center_offset(x.shape[-1], side)

@@ -103,24 +103,6 @@ def sort_rows(x: Tensor, inplace: bool = False) -> Tensor:
     return x if inplace else torch.from_numpy(out)
 
 
-def searchsorted_rows(ordered: Tensor, targets: Tensor) -> Tensor:
-    """``torch.searchsorted(ordered, targets, side="left")`` for row-wise sorted ``ordered [c, G]``.
-
-    On CPU, torch runs a batched binary search on one thread; the rows are split over ``torch.get_num_threads()``
-    threads here (torch releases the GIL inside the op). Identical output either way.
-    """
-    workers = max(1, min(torch.get_num_threads(), ordered.shape[0]))
-    if ordered.device.type != "cpu" or workers == 1 or ordered.numel() < 1 << 16:
-        return torch.searchsorted(ordered, targets, side="left")
-    out = torch.empty(targets.shape, dtype=torch.long)
-    bounds = np.linspace(0, ordered.shape[0], workers + 1).astype(int)
-    jobs = [_pool(workers).submit(torch.searchsorted, ordered[a:b], targets[a:b], side="left", out=out[a:b])
-            for a, b in pairwise(bounds) if b > a]
-    for job in jobs:
-        job.result()
-    return out
-
-
 def _dense_ranks(ordered: Tensor, query_labels: Tensor, class_index: ClassIndex, r_max: int) -> Tensor:
     """1-based ranks ``[c, r_max]`` of each query's relevant items, ascending, padded with ``_LAST``, found by
     scanning fully sorted keys ``[c, G]`` once (cheaper than a binary search per item when there are many)."""
@@ -218,7 +200,7 @@ def key_metrics(keys: Tensor, query_labels: Tensor, class_index: ClassIndex, sel
     targets = sort_rows(targets, inplace=True)
     ordered = sort_rows(keys, inplace=True)
     # keys are unique, so the insertion point of a relevant item's key is the number of items ranked before it
-    return _metrics_from_ranks(searchsorted_rows(ordered, targets) + 1, num_rel)
+    return _metrics_from_ranks(torch.searchsorted(ordered, targets, side="left") + 1, num_rel)
 
 
 def concat_metrics(parts: Sequence[QueryMetrics]) -> QueryMetrics:
