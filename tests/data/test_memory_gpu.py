@@ -73,3 +73,18 @@ def test_throughput_loader_and_resnet18():
     synthetic = [fixed] * 98  # one epoch's worth of batches, no data pipeline
     print(f"resnet18 bf16 channels_last, fixed batch: {_rate(synthetic, 2, step):,.0f} img/s")
     print(f"resnet18 bf16 channels_last, loader:      {_rate(_loader(x, y), 2, step):,.0f} img/s")
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_cuda_imagenet_family_matches_cpu_shapes_and_is_seeded(views):
+    """The folder datasets' batched augmentation (resized crop, jitter, grayscale, blur) on the GPU."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (600, 3, 73, 73), generator=g, dtype=torch.uint8), torch.arange(600) % 6
+    kw = {"family": "imagenet", "image_size": 64, "views": views, "seed": 3, "batch_size": 128}
+    a, b = list(_loader(x, y, **kw)), list(_loader(x, y, **kw))
+    assert a[0][0].is_cuda and a[0][0].shape == ((128, 3, 64, 64) if views == 1 else (128, 2, 3, 64, 64))
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b, strict=True))
+    assert all(torch.isfinite(p[0]).all() for p in a)
+    ev = list(_loader(x, y, family="imagenet", image_size=64, train=False, shuffle=False, device="cuda"))
+    cpu = list(_loader(x, y, family="imagenet", image_size=64, train=False, shuffle=False, device="cpu"))
+    torch.testing.assert_close(ev[0][0].cpu(), cpu[0][0], atol=1e-6, rtol=0)  # crop, scale, normalise only
