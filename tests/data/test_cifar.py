@@ -68,6 +68,11 @@ def test_cifar_imagefolder_canonical_order(tmp_path):
     assert list((tmp_path / "cifar10" / ".cache").glob("decoded-30-*.npy"))
     again = CIFAR10DataModule(root=str(tmp_path / "cifar10")).source("train")  # served from the .npy cache
     assert torch.equal(again.images, src.images)
+    # prepare_data (one process per node under DDP) decodes both splits, so the other ranks only read the cache
+    for f in (tmp_path / "cifar10" / ".cache").iterdir():
+        f.unlink()
+    CIFAR10DataModule(root=str(tmp_path / "cifar10")).prepare_data()
+    assert len(list((tmp_path / "cifar10" / ".cache").glob("decoded-*.npy"))) == 2  # train (30) and test (18)
 
 
 def test_cifar_imagefolder_unknown_class_and_wrong_size(tmp_path):

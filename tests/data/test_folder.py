@@ -172,3 +172,21 @@ def test_pillow_formats_and_corrupt_files(tmp_path, in_memory):
                             cache_decoded=False)
     with pytest.raises(ValueError, match=r"cannot decode the image file .*c1/9\.bmp.*remove or replace it"):
         list(dm.val_dataloader())
+
+
+def test_prepare_data_decodes_once_for_the_other_ranks(tmp_path, monkeypatch):
+    """prepare_data (one process per node) writes the decoded cache; a rank's setup then reads it, decoding nothing."""
+    import fct_lightning.data.folder as folder
+
+    root = _nonsquare_tree(tmp_path)
+    ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True).prepare_data()
+    assert len(list((root / ".cache").glob("decoded-*.npy"))) == 2  # train and val
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(folder, "read_file", no_decoding)
+    other_rank = ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True)
+    other_rank.setup("fit")
+    assert len(other_rank.source("train")) == 21 and len(other_rank.source("val")) == 21
+    ImageNetDataModule(root=str(root), image_size=24).prepare_data()  # per-item path: nothing to prepare

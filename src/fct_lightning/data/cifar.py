@@ -125,7 +125,16 @@ class CIFARDataModule(RetrievalDataModule):
         return None
 
     def prepare_data(self) -> None:
-        if self.locate() is not None or not self.download:
+        """Download when asked and nothing is found; for an ImageFolder tree with ``cache_decoded``, decode the
+        training and evaluation splits here, once per node (Lightning runs this on one process before ``setup``),
+        so the other ranks read the cache instead of decoding too."""
+        found = self.locate()
+        if found is not None:
+            if found[0] == "folder" and self.cache_decoded:
+                for split in ("train", self.eval_split):
+                    self.source(split)
+            return
+        if not self.download:
             return
         import torchvision.datasets as tvd
 

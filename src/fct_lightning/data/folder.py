@@ -317,6 +317,16 @@ class FolderDataModule(RetrievalDataModule):
         self.class_names = order_classes(names, found / "classes.txt")
         self.num_classes = len(self.class_names)
 
+    def prepare_data(self) -> None:
+        """With ``in_memory_gpu`` and ``cache_decoded``, decode the training and evaluation splits here.
+
+        Lightning calls this on one process per node before ``setup`` and makes the other ranks wait, so a split
+        is decoded once per node; the other ranks then read the ``.npy`` cache instead of decoding it too.
+        """
+        if self.in_memory_gpu and self.cache_decoded:
+            for split in ("train", self.eval_split):
+                self.source(split)
+
     def _split_dir(self, split: str) -> Path:
         folder = {"train": self.train_dir, self.default_eval_split: self.eval_dir}.get(split, split)
         d = self.dataset_dir / folder
