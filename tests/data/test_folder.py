@@ -190,3 +190,18 @@ def test_prepare_data_decodes_once_for_the_other_ranks(tmp_path, monkeypatch):
     other_rank.setup("fit")
     assert len(other_rank.source("train")) == 21 and len(other_rank.source("val")) == 21
     ImageNetDataModule(root=str(root), image_size=24).prepare_data()  # per-item path: nothing to prepare
+
+
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    """16-bit PNGs decode to uint16; stored as uint8 they would wrap around instead of being scaled."""
+    import numpy as np
+    from PIL import Image
+
+    from fct_lightning.data.folder import decode_all, load_image
+
+    a = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)  # up to 59,900
+    path = tmp_path / "deep.png"
+    Image.fromarray(a).save(path)
+    want = torch.from_numpy((a >> 8).astype(np.uint8)).expand(3, 20, 30)
+    assert torch.equal(load_image(str(path)), want)
+    assert torch.equal(decode_all([str(path)], 20, square_for=20)[0], want[:, :, 5:25])

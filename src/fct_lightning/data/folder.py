@@ -168,6 +168,7 @@ def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk
         except RuntimeError:  # find the file that fails, to name it
             imgs = [_decode_named(p, d) for p, d in zip(batch, datas, strict=True)]
         for j, img in enumerate(imgs):
+            img = _as_uint8(img)
             if square_for is not None:
                 img = square_for_eval(img, size, square_for)
             elif img.shape[1:] != (size, size):
@@ -179,10 +180,15 @@ def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk
     return out
 
 
+def _as_uint8(img: torch.Tensor) -> torch.Tensor:
+    """8 bits per channel: 16-bit PNGs decode to uint16, which would wrap around when stored as uint8."""
+    return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
+
+
 def _decode_named(path: str, data: torch.Tensor) -> torch.Tensor:
     """torchvision's decoder (JPEG, PNG, WebP, GIF), else Pillow (BMP, PPM/PGM, TIFF); a clear error otherwise."""
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        return _as_uint8(decode_image(data, mode=ImageReadMode.RGB))
     except RuntimeError as err:
         first = err
     try:
