@@ -176,7 +176,7 @@ def test_pillow_formats_and_corrupt_files(tmp_path, in_memory):
 
 def test_prepare_data_decodes_once_for_the_other_ranks(tmp_path, monkeypatch):
     """prepare_data (one process per node) writes the decoded cache; a rank's setup then reads it, decoding nothing."""
-    import fct_lightning.data.folder as folder
+    from fct_lightning.data import folder
 
     root = _nonsquare_tree(tmp_path)
     ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True).prepare_data()
