@@ -138,3 +138,16 @@ def test_imagenet_family_augmentation(strong):
     flat = torch.full((4, 3, 40, 40), 128, dtype=torch.uint8)
     c = augment_batch(flat, "imagenet", False, 32, torch.Generator().manual_seed(5))
     torch.testing.assert_close(c, torch.full_like(c, 128 / 255))
+
+
+@pytest.mark.parametrize("family", ["cifar", "imagenet"])
+def test_resized_crops_do_not_darken_the_edges(family):
+    """Crops reaching the image edge sample up to half a pixel beyond the last pixel centre: with zero padding the
+    border row faded towards black; the crop's pixels must all come from the image."""
+    from fct_lightning.data.memory import augment_batch
+
+    flat = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    out = augment_batch(flat, family, True, 32, torch.Generator().manual_seed(0))
+    # jitter and grayscale change an image's colour, but a constant image stays constant (blur reflects)
+    spread = out.flatten(2).amax(-1) - out.flatten(2).amin(-1)
+    assert float(spread.max()) < 1e-5

@@ -6,7 +6,7 @@ tensor augmentation, so no worker processes, collation or host-to-device copies 
 
 * ``cifar``, ``views == 1``: random crop with ``size / 8`` px zero padding (integer offsets) + horizontal flip;
 * ``cifar``, ``views >= 2``: SimCLR-style random resized crop (scale 0.2-1, aspect 3/4-4/3) and flip in one
-  ``grid_sample``, colour jitter (brightness/contrast/saturation 0.4, p=0.8; no hue) and grayscale (p=0.2);
+  ``grid_sample`` (border padding: samples past the last pixel centre repeat the edge), colour jitter (brightness/contrast/saturation 0.4, p=0.8; no hue) and grayscale (p=0.2);
 * ``digits``: shift by up to 1 px, rotation/scale (stronger with shear and contrast for ``views >= 2``), noise;
 * ``imagenet`` (folder datasets, stored as squares of side ``round(image_size * 256 / 224)``, see
   :func:`fct_lightning.data.folder.decode_all`): ``RandomResizedCrop(image_size)`` (scale 0.08-1, aspect
@@ -182,7 +182,7 @@ def augment_batch(x: torch.Tensor, family: str, strong: bool, size: int, gen: to
         return _to_float(crop_flip(x, max(1, round(size / 8)), gen))
     x = _to_float(x)
     if family == "cifar":
-        x = affine_resample(x, resized_crop_theta(b, gen, dev), size)
+        x = affine_resample(x, resized_crop_theta(b, gen, dev), size, padding="border")
         return random_grayscale(color_jitter(x, gen), gen)
     if family == "imagenet":  # RandomResizedCrop(size) + flip (+ jitter, grayscale, blur) on the stored square
         x = affine_resample(x, resized_crop_theta(b, gen, dev, scale=(0.08, 1.0)), size, padding="border")
