@@ -142,7 +142,7 @@ def test_in_memory_training_batches_and_cache(tmp_path):
     two = ImageNetDataModule(root=str(root), image_size=24, batch_size=8, views=2, in_memory_gpu=True)
     x = next(iter(two.train_dataloader()))[0]
     assert x.shape == (8, 2, 3, 24, 24) and torch.isfinite(x).all() and not torch.equal(x[:, 0], x[:, 1])
-    assert dm.splits == ("train", "val")  # the hidden .cache folder is not a split
+    assert ImageNetDataModule(root=str(root)).splits == ("train", "val")  # the hidden .cache is not a split
 
 
 def test_in_memory_corrupt_cache_and_limits(tmp_path):
