@@ -4,7 +4,8 @@ One pass embeds ``K`` seeded augmented views of every training image with the fr
 models; h then trains on these tensors for as many epochs as it likes. The cache lives in
 ``<cache_dir>/<key>/features.pt`` where ``key`` hashes the three checkpoints' *contents*, the dataset, its
 root and training folder, the data path (per-item or in-memory augmentation), the classes, the image size, ``K``,
-the augmentation seed and the storage dtype: a retrained model gives a new key, so a stale cache is never reused. Under DDP each rank embeds its own share of the items, rank 0 merges the parts.
+the augmentation seed and the storage dtype: a retrained model gives a new key, so a stale cache is never reused.
+Under DDP each rank embeds its own share of the items, rank 0 merges the parts.
 """
 
 from __future__ import annotations

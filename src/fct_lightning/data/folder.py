@@ -21,6 +21,7 @@ is instead decoded once into one uint8 tensor and augmented in whole batches (sm
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -160,15 +161,13 @@ def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk
     for start in range(0, len(paths), chunk):
         batch = paths[start:start + chunk]
         datas = [read_file(p) for p in batch]
-        try:
-            if all(p.lower().endswith((".jpg", ".jpeg")) for p in batch):
+        imgs = None
+        if all(p.lower().endswith((".jpg", ".jpeg")) for p in batch):
+            with contextlib.suppress(RuntimeError):  # a bad file: decode one by one below, to name it
                 imgs = decode_jpeg(datas, mode=ImageReadMode.RGB)
-            else:
-                imgs = [decode_image(d, mode=ImageReadMode.RGB) for d in datas]
-        except RuntimeError:  # find the file that fails, to name it
+        if imgs is None:  # per file: Pillow formats, 16-bit PNGs and unreadable files are handled there
             imgs = [_decode_named(p, d) for p, d in zip(batch, datas, strict=True)]
         for j, img in enumerate(imgs):
-            img = _as_uint8(img)
             if square_for is not None:
                 img = square_for_eval(img, size, square_for)
             elif img.shape[1:] != (size, size):
