@@ -287,7 +287,17 @@ def run_backfill(
         # h is only meaningful with the frozen models it was trained with: the files it loads them from now, and
         # the old/new checkpoints of the chain whose cases these curves sit next to
         problems = stale_inputs(meta, {"old": module.old_meta, "new": module.new_meta, "side_info": module.side_meta})
-        refuse_stale(list(dict.fromkeys(problems + stale_inputs(meta, chain or {}))))
+        problems += stale_inputs(meta, chain or {})
+        # a checkpoint written before the training digests were recorded is judged by the models it loads now: they
+        # must be the ones the cases (and the separate queries) were embedded with
+        digest = {role: d for role, (d, _) in module.frozen_models().items()}
+        used = dict(chain or {})
+        if queries is not None:
+            used.setdefault("new", {"path": "the separate queries' new model", "digest": queries[2]})
+        problems += [f"{path} loads the {role} checkpoint {digest[role]}, but {m.get('path')} is {m['digest']}"
+                     for role, m in used.items() if role in digest and not meta.get(f"{role}_digest")
+                     and m.get("digest") and m["digest"] != digest[role]]
+        refuse_stale(list(dict.fromkeys(problems)))
         module.to(dev)
         usable = [p for p in policies if p != "uncertainty" or module.uncertainty]
         if len(usable) < len(policies):
@@ -295,7 +305,6 @@ def run_backfill(
                         "skipping the uncertainty policy for %s", path, space)
         # on `dev`: the curves evaluate the whole gallery once per point, policy and seed (on an H200, CIFAR-10's
         # evaluations took minutes on the host CPU)
-        digest = {role: d for role, (d, _) in module.frozen_models().items()}
         if labels is not None and all(d in features for d in digest.values()):
             side = features[digest["side"]] if "side" in digest else None
             emb = transform_features(module, features[digest["old"]], side, features[digest["new"]], labels)
@@ -303,9 +312,6 @@ def run_backfill(
             emb = embed_for_backfill(module, dm.eval_dataloader(dm.eval_split), dev)
         query: dict[str, Any] = {}
         if queries is not None:
-            if queries[2] != digest["new"]:
-                raise CheckpointError(f"{path} was trained with the new checkpoint {digest['new']}, but the queries "
-                                      f"come from new checkpoint {queries[2]}; re-train it or restore that checkpoint")
             query = {"query_new": queries[0], "query_labels": queries[1], "exclude_self": False}
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
                                  points=points, distance=distance, **query)

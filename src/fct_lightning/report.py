@@ -204,8 +204,10 @@ def make_report(paths: list[str | Path], out_dir: str | Path, title: str = "Comp
     return write_report(select_runs(paths), out_dir, title)
 
 
-def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str) -> dict[str, Path]:
-    table = aggregate(runs)
+def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str,
+                 table: dict[str, dict[str, tuple[float, float, int]]] | None = None) -> dict[str, Path]:
+    """Write the report files; ``table`` is ``aggregate(runs)`` when the caller already has it."""
+    table = aggregate(runs) if table is None else table
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
@@ -228,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     paths = args.results or sorted((Path(args.artifacts) / args.dataset / "results").glob("*.json"))
     try:
         runs = select_runs(paths)
-        files = write_report(runs, args.out_dir or Path(args.artifacts) / args.dataset, f"{args.dataset}: compatibility")
+        table = aggregate(runs)
+        files = write_report(runs, args.out_dir or Path(args.artifacts) / args.dataset, f"{args.dataset}: compatibility",
+                             table)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fct-report: {err}") from err
     print(files["md"].read_text())
@@ -236,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_wandb:
         from fct_lightning.evaluation import log_to_wandb
 
-        table = aggregate(runs)
         log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in table.items() if not c.startswith("backfill")},
                       "meta": dict(runs[0]["meta"], n_runs=len(runs))},
                      Path(args.artifacts), job_type="report", name=f"{args.dataset}-report")

@@ -253,16 +253,22 @@ def test_run_without_any_validation_is_refused(tmp_path):
     assert not (tmp_path / "digits" / "old" / "last.ckpt").exists()
 
 
-def test_eval_refuses_a_chain_whose_upstream_was_retrained(full_chain, tmp_path):
-    """old re-trained after h and BCT were built on it: fct-eval names the stale stages instead of mixing models."""
+def copy_with_retrained(full_chain: Path, tmp_path: Path, role: str) -> Path:
+    """A copy of the chain whose ``role`` checkpoint is another file, as a second ``fct-fit --stage role`` writes."""
     import shutil
 
     art = tmp_path / "art"
     shutil.copytree(full_chain / "digits", art / "digits", ignore=shutil.ignore_patterns("cache", "results"))
-    path = art / "digits" / "old" / "best.ckpt"
+    path = art / "digits" / role / "best.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    ckpt["retrained"] = True  # another file, as a second `fct-fit --stage old` writes
+    ckpt["retrained"] = True
     torch.save(ckpt, path)
+    return art
+
+
+def test_eval_refuses_a_chain_whose_upstream_was_retrained(full_chain, tmp_path):
+    """old re-trained after h and BCT were built on it: fct-eval names the stale stages instead of mixing models."""
+    art = copy_with_retrained(full_chain, tmp_path, "old")
     with pytest.raises(SystemExit, match="do not belong together") as err:
         eval_main(["--artifacts", str(art), "--no_wandb"])
     msg = str(err.value)
@@ -303,17 +309,29 @@ def test_done_marker_and_no_silent_overwrite(tmp_path):
 def test_backfill_refuses_a_transformation_whose_upstream_was_retrained(full_chain, tmp_path):
     """The backfilling curves load h and its frozen models from their files: a stale h is refused there too, also
     when no cross-model case is asked for (those are what check the chain otherwise)."""
-    import shutil
-
-    art = tmp_path / "art"
-    shutil.copytree(full_chain / "digits", art / "digits", ignore=shutil.ignore_patterns("cache", "results"))
-    path = art / "digits" / "new" / "best.ckpt"
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    ckpt["retrained"] = True
-    torch.save(ckpt, path)
+    art = copy_with_retrained(full_chain, tmp_path, "new")
     with pytest.raises(SystemExit, match="do not belong together") as err:
         eval_main(["--artifacts", str(art), "--no_wandb", "--cases", "old/old,new/new", "--backfill", "random",
                    "--points", "3", "--backfill_seeds", "1"])
     # the FastFill h when an earlier test of this module trained one into the chain, else the plain one
     assert re.search(r"digits/(fastfill|transformation)/best\.ckpt was trained with the new checkpoint", str(err.value))
+    assert not (art / "digits" / "results").exists()
+
+
+def test_backfill_judges_a_legacy_transformation_by_the_models_it_loads(full_chain, tmp_path):
+    """A transformation written before the training digests were recorded cannot say what it was trained with; its
+    curves are still refused when the frozen models it loads are not the chain's (here: h points at the original
+    chain's new model, while the cases use a copy whose new model was re-trained)."""
+    art = copy_with_retrained(full_chain, tmp_path, "new")
+    for folder in ("fastfill", "fastfill_noside", "transformation", "transformation_noside"):
+        path = art / "digits" / folder / "best.ckpt"
+        if path.is_file():
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            for role in ("old", "new", "side_info"):
+                ckpt["fct"].pop(f"{role}_digest", None)
+            torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match="do not belong together") as err:
+        eval_main(["--artifacts", str(art), "--no_wandb", "--cases", "old/old,new/new", "--backfill", "random",
+                   "--points", "3", "--backfill_seeds", "1"])
+    assert re.search(r"digits/(fastfill|transformation)/best\.ckpt loads the new checkpoint", str(err.value))
     assert not (art / "digits" / "results").exists()
