@@ -125,6 +125,39 @@ def test_batched_blur_matches_torchvision(sigma):
     assert torch.equal(gaussian_blur(x, torch.Generator().manual_seed(1), 5, p=0.0), x)
 
 
+def test_blur_filters_the_drawn_images_only():
+    """Half the images drawn: those are blurred as torchvision does, the others come back untouched."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from fct_lightning.data.memory import gaussian_blur
+
+    x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    out = gaussian_blur(x, torch.Generator().manual_seed(2), 5, sigma=(0.8, 0.8), p=0.5)
+    same = [bool(torch.equal(out[i], x[i])) for i in range(16)]
+    assert 0 < sum(same) < 16
+    for i in (i for i in range(16) if not same[i]):
+        torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [5, 5], [0.8, 0.8]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folded_jitter_matches_torchvision_steps(channels):
+    """The one-pass jitter equals torchvision's brightness, contrast, saturation steps wherever those do not clip."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from fct_lightning.data.memory import jitter
+
+    x = 0.35 + 0.3 * torch.rand(4, channels, 9, 7, generator=torch.Generator().manual_seed(0))  # no clipping
+    f = lambda lo, hi: torch.linspace(lo, hi, 4).view(4, 1, 1, 1)
+    b, c, s = f(0.8, 1.2), f(1.15, 0.85), f(0.9, 1.1)
+    out = jitter(x, b, c, s)
+    for i in range(4):
+        ref = TF.adjust_contrast(TF.adjust_brightness(x[i], b[i].item()), c[i].item())
+        if channels == 3:
+            ref = TF.adjust_saturation(ref, s[i].item())
+        torch.testing.assert_close(out[i], ref, atol=2e-4, rtol=0)  # grey weights 0.299 vs torchvision's 0.2989
+    assert jitter(torch.ones(1, channels, 2, 2), f(1.5, 1.5)[:1], f(1, 1)[:1]).max() == 1.0  # clamped
+
+
 @pytest.mark.parametrize("strong", [False, True])
 def test_imagenet_family_augmentation(strong):
     from fct_lightning.data.memory import augment_batch
