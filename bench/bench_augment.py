@@ -11,6 +11,7 @@ difference between their outputs is printed too.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for name, mod in impls.items():
                 gen = torch.Generator(device=dev).manual_seed(0)
-                times[name].append(time_ms(lambda mod=mod, gen=gen: mod.augment_batch(x, family, strong, out, gen),
-                                           args.repeats))
+                call = functools.partial(mod.augment_batch, x, family, strong, out, gen)
+                times[name].append(time_ms(call, args.repeats))
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         row = f"| {family} | {strong} | {stored} -> {out} | {med['current']:.2f} |"
         if ref:
