@@ -46,11 +46,14 @@ def load_revision(rev: str):
     return module
 
 
-def time_ms(fn, repeats: int) -> float:
+def time_ms(fn, repeats: int, dev: torch.device) -> float:
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     fn()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats * 1e3
 
 
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, mod in impls.items():
                 gen = torch.Generator(device=dev).manual_seed(0)
                 call = functools.partial(mod.augment_batch, x, family, strong, out, gen)
-                times[name].append(time_ms(call, args.repeats))
+                times[name].append(time_ms(call, args.repeats, dev))
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         row = f"| {family} | {strong} | {stored} -> {out} | {med['current']:.2f} |"
         if ref:

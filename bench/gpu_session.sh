@@ -8,7 +8,8 @@
 #                                                                          -> $OUT/throughput_compiled.txt
 #   3. h training per epoch, cached vs on the fly, same process            -> $OUT/h.txt
 #   4. backfilling curves in one pass vs one evaluate() per state, N=10k   -> $OUT/backfill.txt
-#   5. h trained on the fly at full length (accuracy vs the cached run)    -> $OUT/onthefly.txt
+#   5. the in-memory augmentation pipelines, batch 512                     -> $OUT/augment.txt
+#   6. h trained on the fly at full length (accuracy vs the cached run)    -> $OUT/onthefly.txt
 # Everything else (results json, configs, metrics) ends in $OUT/res.tgz; the timeline in $OUT/summary.txt.
 # Expects the wheels of ../shared/wheels/gpu-py312 in .whl/ and the CIFAR-10 archive in .gpu/.
 # Dry run on CPU (the laptop recipe: ResNet-18 feature caches take hours on a CPU):
@@ -100,6 +101,10 @@ fi
 if [ "$(left)" -gt 100 ]; then
   stamp "backfill bench"
   timeout $(($(left) - 15 < 90 ? $(left) - 15 : 90)) python3 bench/bench_backfill.py --n 10000 > "$OUT/backfill.txt" 2>&1
+fi
+if [ "$(left)" -gt 40 ]; then
+  stamp "augmentation bench"  # the in-memory pipelines, batch 512, on the GPU (seconds)
+  timeout 30 python3 bench/bench_augment.py --device cuda --batch 512 > "$OUT/augment.txt" 2>&1
 fi
 if [ "$(left)" -gt 60 ] && [ -f $ART/cifar10/new/best.ckpt ]; then
   stamp "h on the fly, full length"
