@@ -287,13 +287,12 @@ def run_backfill(
         # h is only meaningful with the frozen models it was trained with: the files it loads them from now, and
         # the old/new checkpoints of the chain whose cases these curves sit next to
         problems = stale_inputs(meta, {"old": module.old_meta, "new": module.new_meta, "side_info": module.side_meta})
-        problems += stale_inputs(meta, chain or {})
-        # a checkpoint written before the training digests were recorded is judged by the models it loads now: they
-        # must be the ones the cases (and the separate queries) were embedded with
+        used = dict(chain or {})  # the models the cases (and the separate queries) were embedded with
+        if queries is not None and "new" not in used:
+            used["new"] = {"path": "the separate queries' new model", "digest": queries[2]}
+        problems += stale_inputs(meta, used)
+        # a checkpoint written before the training digests were recorded is judged by the models it loads now
         digest = {role: d for role, (d, _) in module.frozen_models().items()}
-        used = dict(chain or {})
-        if queries is not None:
-            used.setdefault("new", {"path": "the separate queries' new model", "digest": queries[2]})
         problems += [f"{path} loads the {role} checkpoint {digest[role]}, but {m.get('path')} is {m['digest']}"
                      for role, m in used.items() if role in digest and not meta.get(f"{role}_digest")
                      and m.get("digest") and m["digest"] != digest[role]]

@@ -98,6 +98,11 @@ def test_eval_shares_image_models_between_spaces(full_chain):
     for key, curve in shared.items():
         for metric, values in curve["curves"].items():
             assert values == pytest.approx(again[key]["curves"][metric], abs=1e-3)
+    # separate queries embedded by another new model than the one h was trained with: refused, also without the
+    # chain's metadata to compare with
+    new_emb = embs["new"]
+    with pytest.raises(CheckpointError, match="separate queries' new model is now 0123456789abcdef"):
+        evaluation.run_backfill(full_chain, dm, dev, **kwargs, queries=(new_emb, labels, "0123456789abcdef"))
 
 
 def test_eval_reports_missing_cases(tmp_path, capsys):
