@@ -121,7 +121,8 @@ class FCTCLI(LightningCLI):
 
 
 def _pre_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, add_help=False)
+    # no abbreviations: LightningCLI's own `--data FILE` / `--data=...` must not be read as `--dataset`
+    p = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     p.add_argument("--stage", choices=sorted(STAGES))
     p.add_argument("--dataset", default="digits", choices=sorted(DATAMODULES))
     p.add_argument("--artifacts", default="artifacts")
@@ -129,6 +130,18 @@ def _pre_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="run seed; each stage derives its own from it")
     p.add_argument("--overwrite", action="store_true", help="replace a stage's existing checkpoints")
     return p
+
+
+def _run_seed_args(stage_cls: type, seed: int) -> list[str]:
+    """What else ``--seed N`` seeds: the data order and augmentation (``data.seed``) and the transformation's cached
+    augmentations (``model.cache_seed``), so that seeds differ in everything random, not only in initial weights.
+    Seed 0 leaves the configs' values; an explicit ``--data.seed`` / ``--model.cache_seed`` (later) wins."""
+    if seed == 0:
+        return []
+    args = ["--data.seed", str(seed)]
+    if "cache_seed" in _init_params(stage_cls):
+        args += ["--model.cache_seed", str(seed)]
+    return args
 
 
 def _default_args(stage_cls: type, artifacts: Path, dataset: str) -> list[str]:
@@ -210,7 +223,8 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
     stage_cls = STAGES[pre.stage]
     artifacts = Path(pre.artifacts)
     seed = ["--seed_everything", str(1000 * pre.seed + STAGE_SEED_OFFSETS.get(pre.stage, 0))]
-    args = ["--config", str(stage_config(pre.dataset, pre.stage)), *seed, *_default_args(stage_cls, artifacts, pre.dataset), *rest]
+    args = ["--config", str(stage_config(pre.dataset, pre.stage)), *seed, *_run_seed_args(stage_cls, pre.seed),
+            *_default_args(stage_cls, artifacts, pre.dataset), *rest]
     saved_argv = sys.argv
     sys.argv = sys.argv[:1]  # the arguments come from `args`; the DDP launcher later re-runs the real sys.argv
     try:

@@ -340,3 +340,25 @@ def test_backfill_judges_a_legacy_transformation_by_the_models_it_loads(full_cha
                    "--points", "3", "--backfill_seeds", "1"])
     assert re.search(r"digits/(fastfill|transformation)/best\.ckpt loads the new checkpoint", str(err.value))
     assert not (art / "digits" / "results").exists()
+
+
+@pytest.mark.parametrize(("stage", "upstream"), [("bct", "old"), ("transformation", "new")])
+def test_resume_refuses_an_upstream_changed_since_the_start(chain, tmp_path, stage, upstream):
+    """BCT's synthesised old-classifier rows and h come back from last.ckpt: resuming them with another upstream model
+    would mix two models, so it is refused and the checkpoint is left as it was."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(chain / "digits", art / "digits", ignore=shutil.ignore_patterns(
+        "cache", "results", "bct", "transformation*", "fastfill*"))
+    extra = SMALL_NET if stage == "bct" else SMALL_H
+    run(stage, art, *extra)
+    path = art / "digits" / upstream / "best.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["retrained"] = True
+    torch.save(ckpt, path)
+    last = art / "digits" / stage / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=f"the {upstream} checkpoint .* changed since this {stage} run"):
+        run(stage, art, *extra, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert last.read_bytes() == before

@@ -184,8 +184,26 @@ class RetrievalStage(pl.LightningModule):
         for key in [k for k in state if k.split(".")[0] in self.frozen_prefixes]:
             del state[key]
 
+    def frozen_inputs(self) -> dict[str, dict[str, Any]]:
+        """By role, the metadata (``path``, ``digest``) of the upstream checkpoints this module loaded."""
+        return {}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the frozen upstream weights this module already holds back into the state to load."""
+        """Refuse to resume with upstream checkpoints other than the ones the run started with (their content
+        digests are in the checkpoint's metadata), then put the frozen upstream weights this module already holds
+        back into the state to load."""
+        from fct_lightning.checkpoints import CheckpointError
+
+        saved = checkpoint.get("fct", {})
+        for role, mine in self.frozen_inputs().items():
+            want = saved.get(f"{role}_digest")
+            if want and mine and mine.get("digest") and want != mine["digest"]:
+                raise CheckpointError(
+                    f"the {role} checkpoint {mine['path']} changed since this {self.stage} run was started (content "
+                    f"{mine['digest']} != {want}): this checkpoint belongs with another {role} model. To resume, "
+                    f"start a new run instead (--overwrite); to evaluate, re-train the {self.stage} stage or restore "
+                    f"the {role} checkpoint it was trained with."
+                )
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.split(".")[0] in self.frozen_prefixes})
 

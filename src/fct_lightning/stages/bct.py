@@ -62,6 +62,10 @@ class BCTModel(EmbeddingModel):
     def fct_metadata(self) -> dict[str, Any]:
         return {**super().fct_metadata(), "old_digest": self.old_meta.get("digest")}
 
+    def frozen_inputs(self) -> dict[str, dict[str, Any]]:
+        # the old classifier rows built at fit start come back from a resumed checkpoint: they must be this old model's
+        return {"old": self.old_meta}
+
     @torch.no_grad()
     def on_fit_start(self) -> None:
         if bool(self.old_weight_ready):

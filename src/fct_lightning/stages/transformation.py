@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fct_lightning.checkpoints import CheckpointError, load_stage
+from fct_lightning.checkpoints import load_stage
 from fct_lightning.data.features import (
     FeatureBatches,
     build_or_load,
@@ -139,16 +139,8 @@ class TransformationModel(RetrievalStage):
     def gallery_space(self) -> str:
         return "fct+side" if self.use_side_info else "fct"
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("fct", {})
-        for role, mine in (("old", self.old_meta), ("new", self.new_meta), ("side_info", self.side_meta)):
-            saved = meta.get(f"{role}_digest")
-            if saved and mine and saved != mine["digest"]:
-                raise CheckpointError(
-                    f"the {role} checkpoint {mine['path']} changed since this transformation was trained "
-                    f"(content {mine['digest']} != {saved}); start a new run instead of resuming."
-                )
-        super().on_load_checkpoint(checkpoint)
+    def frozen_inputs(self) -> dict[str, dict[str, Any]]:
+        return {"old": self.old_meta, "new": self.new_meta, "side_info": self.side_meta}
 
     def fct_metadata(self) -> dict[str, Any]:
         meta = super().fct_metadata()
