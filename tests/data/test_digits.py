@@ -64,6 +64,14 @@ def test_train_classes_as_a_fraction(fraction, first):
     assert DigitsDataModule(train_classes=fraction).train_class_ids == list(range(first))
 
 
+@pytest.mark.parametrize(("fraction", "first"), [(0.29, 29), (0.57, 57), (0.58, 58), (0.999, 99)])
+def test_fraction_is_floored_as_a_decimal(fraction, first):
+    """0.29 * 100 is 28.999999999999996 in binary floating point: still the first 29 of 100 classes."""
+    from fct_lightning.data.base import check_class_list
+
+    assert check_class_list(fraction, 100, "train_classes") == list(range(first))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"train_classes": 11}, "train_classes=11"),
     ({"train_classes": 0}, "train_classes=0"),

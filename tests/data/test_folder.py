@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fct_lightning.data import (
+    DigitsDataModule,
     ImageNetDataModule,
     Places365DataModule,
     VGGFace2DataModule,
@@ -158,6 +159,33 @@ def test_in_memory_corrupt_cache_and_limits(tmp_path):
                            in_memory_max_gb=1e-6).source("val")
     with pytest.raises(ValueError, match="in_memory_max_gb=0"):
         ImageNetDataModule(root=str(root), in_memory_gpu=True, in_memory_max_gb=0)
+
+
+def test_in_memory_cache_sees_same_size_edits_and_empty_files(tmp_path):
+    """A BMP keeps its byte size when its pixels change: the cache (and the split's content key) must still change;
+    an empty cache file is decoded again, like a truncated one."""
+    import os
+
+    from PIL import Image
+
+    root = _nonsquare_tree(tmp_path, ext="bmp")
+    dm = ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True)
+    first, key = dm.source("val").images.clone(), dm.content_key("val")
+    path = root / "val" / "c0" / "0.bmp"
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    Image.new("RGB", Image.open(path).size, (200, 200, 200)).save(path)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # also on file systems with coarse timestamps
+    assert path.stat().st_size == size
+    again = ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True)
+    assert again.content_key("val") != key and again.source("val").images[0].float().mean() == 200
+    assert torch.equal(again.source("val").images[1:], first[1:])
+    per_item = ImageNetDataModule(root=str(root), image_size=24)  # per-item split: fingerprinted on request
+    assert per_item.content_key("val") == again.content_key("val")
+    for cache in (root / ".cache").glob("decoded-*.npy"):
+        cache.write_bytes(b"")
+    assert torch.equal(ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True).source("val").images,
+                       again.source("val").images)
+    assert DigitsDataModule().content_key("train") is None  # built-in arrays: fixed content
 
 
 @pytest.mark.parametrize("in_memory", [False, True])

@@ -184,3 +184,17 @@ def test_resized_crops_do_not_darken_the_edges(family):
     # jitter and grayscale change an image's colour, but a constant image stays constant (blur reflects)
     spread = out.flatten(2).amax(-1) - out.flatten(2).amin(-1)
     assert float(spread.max()) < 1e-5
+
+
+def test_eval_loader_for_all_ranks_is_not_sharded(monkeypatch):
+    """Under DDP the in-memory eval loader shards itself (Lightning's validation); ``all_ranks=True`` (BCT's old
+    classifier rows for the new classes) gives every rank the whole split, as the per-item loader does."""
+    from fct_lightning.data import DigitsDataModule, memory
+
+    monkeypatch.setattr(memory, "_dist_info", lambda: (1, 2))  # rank 1 of 2
+    dm = DigitsDataModule(in_memory_gpu=True)
+    n = len(dm.dataset("train"))
+    count = lambda loader: sum(len(b[1]) for b in loader)
+    assert count(dm.eval_dataloader("train")) == (n + 1) // 2
+    assert count(dm.eval_dataloader("train", all_ranks=True)) == n
+    assert count(DigitsDataModule(in_memory_gpu=False).eval_dataloader("train", all_ranks=True)) == n

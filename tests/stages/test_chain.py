@@ -362,3 +362,15 @@ def test_resume_refuses_an_upstream_changed_since_the_start(chain, tmp_path, sta
     with pytest.raises(CheckpointError, match=f"the {upstream} checkpoint .* changed since this {stage} run"):
         run(stage, art, *extra, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert last.read_bytes() == before
+
+
+def test_fastfill_refuses_classes_the_new_classifier_does_not_know(chain, tmp_path):
+    """FastFill's discriminative term looks labels up in the new model's classifier: a new model trained on fewer
+    classes than h's split is refused before any feature is cached, with the options that fix it."""
+    art = tmp_path / "art"
+    run("new", art, *SMALL_NET, "--data.train_classes", "5")
+    with pytest.raises(ValueError, match=r"also has the classes \[5, 6, 7, 8, 9\].*fastfill_discriminative false"):
+        run("transformation", art, *SMALL_H, "--model.uncertainty", "true",
+            "--model.old_checkpoint", str(chain / "digits" / "old" / "best.ckpt"),
+            "--model.side_info_checkpoint", str(chain / "digits" / "side_info" / "best.ckpt"))
+    assert not (art / "digits" / "cache").exists()

@@ -15,6 +15,7 @@ a *source* dataset (``source[i] -> (image tensor, label)`` with a ``targets`` at
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 from collections.abc import Callable, Sequence
@@ -49,6 +50,22 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     if root is None:
         root = os.environ.get("FCT_DATA_ROOT") or "data"
     return Path(root).expanduser()
+
+
+def files_fingerprint(paths: Sequence[str], base: str | Path) -> str:
+    """Hash of a list of files: their paths relative to ``base``, byte sizes and modification times.
+
+    Caches derived from the files (decoded images, embedded features) are keyed by it, so an edited, added,
+    removed or replaced file makes them be built again, also when the edit keeps the file's size (uncompressed
+    formats). Moving the tree keeps it (relative paths; ``mv`` and ``cp -p`` keep the times).
+    """
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.relpath(p, base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 class TensorImages(Dataset):
@@ -162,7 +179,8 @@ def check_class_list(value: Any, num_classes: int, arg: str) -> list[int]:
         if not 0 < value <= 1:
             raise ValueError(f"{arg}={value}: a fraction of the classes must be in (0, 1], e.g. 0.5 for the first "
                              f"half; or give an int in 1..{num_classes} or a list of class indices")
-        return list(range(max(1, int(value * num_classes))))
+        # floor of the decimal product: 0.29 * 100 is 28.999999999999996 in binary floating point, and means 29
+        return list(range(max(1, math.floor(round(value * num_classes, 9)))))
     try:
         items = list(value)
     except TypeError:
@@ -257,6 +275,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.image_size = image_size or self.default_image_size
         self.in_memory_gpu = in_memory_gpu
         self._sources: dict[str, Dataset] = {}
+        self._fingerprints: dict[str, str | None] = {}
         self._scan()
         if eval_split not in self.splits:
             raise ValueError(f"eval_split={eval_split!r} is not a split of {self.name}; allowed: {self.splits}")
@@ -289,6 +308,16 @@ class RetrievalDataModule(pl.LightningDataModule):
         if split not in self._sources:
             self._sources[split] = self._load_split(split)
         return self._sources[split]
+
+    def content_key(self, split: str) -> str | None:
+        """Fingerprint of the files behind ``split`` (:func:`files_fingerprint`), for caches derived from them;
+        None for a split that is not read from image files (built-in arrays, pickles: fixed content)."""
+        src = self.source(split)  # a split decoded into memory records its fingerprint while loading
+        if split not in self._fingerprints:
+            paths = getattr(src, "paths", None)
+            base = getattr(self, "dataset_dir", None) or os.path.commonpath(paths) if paths else None
+            self._fingerprints[split] = files_fingerprint(paths, base) if paths else None
+        return self._fingerprints[split]
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ["train", self.eval_split], "validate": [self.eval_split]}.get(
@@ -344,6 +373,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         augment: bool = False,
         views: int = 1,
         seed: int | None = None,
+        all_ranks: bool = False,
     ) -> Any:
         """An in-order loader over any split, e.g. to embed the training split for cached features.
 
@@ -355,13 +385,17 @@ class RetrievalDataModule(pl.LightningDataModule):
             seed: None = ordinary randomness; an int makes the augmentation a function of
                 ``(seed, epoch, item, view)``: call ``loader.dataset.set_epoch(e)`` (or ``loader.set_epoch(e)``
                 for the in-memory loader) to pick the epoch.
+            all_ranks: under DDP the in-memory loader gives each rank its own shard of the split (as Lightning's
+                sampler does for the per-item loaders it manages); True = every rank gets the whole split, as from
+                a per-item loader called directly.
 
         Returns:
             A DataLoader (or an :class:`~fct_lightning.data.memory.InMemoryAugmentedLoader` when
             ``in_memory_gpu``) yielding ``(images, labels, indices)`` with ``eval_batch_size``.
         """
         if self.in_memory_gpu:
-            return self._memory_loader(split, classes, augment, views, False, self.eval_batch_size, seed)
+            return self._memory_loader(split, classes, augment, views, False, self.eval_batch_size, seed,
+                                       whole=all_ranks)
         ds = self.dataset(split, classes, augment, views, seed)
         return self._dataloader(ds, self.eval_batch_size, shuffle=False)
 
@@ -378,7 +412,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         )
 
     def _memory_loader(self, split: str, classes: list[int] | None, augment: bool, views: int,
-                       shuffle: bool, batch_size: int, seed: int | None) -> Any:
+                       shuffle: bool, batch_size: int, seed: int | None, whole: bool = False) -> Any:
         from fct_lightning.data.memory import InMemoryAugmentedLoader
 
         self._check_split(split)
@@ -391,6 +425,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         return InMemoryAugmentedLoader(
             src.images, src.targets, batch_size, classes=ids, family=self.family, train=augment, views=views,
             image_size=self.image_size, mean=self.mean, std=self.std, shuffle=shuffle, seed=seed,
+            **({"rank": 0, "world_size": 1} if whole else {}),
         )
 
     def _check_split(self, split: str) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fct_lightning.data.base import RetrievalDataModule, TensorImages
+from fct_lightning.data.base import RetrievalDataModule, TensorImages, files_fingerprint
 from fct_lightning.data.folder import ImageFiles, decode_all, list_images
 from fct_lightning.data.transforms import (
     CIFAR10_MEAN,
@@ -180,7 +180,8 @@ class CIFARDataModule(RetrievalDataModule):
         if len(paths) > MAX_IN_MEMORY:
             return ImageFiles(paths, targets)
         cache = where / ".cache" if self.cache_decoded else None
-        return TensorImages(decode_all(paths, 32, cache), torch.as_tensor(targets))
+        self._fingerprints[split] = fp = files_fingerprint(paths, where)
+        return TensorImages(decode_all(paths, 32, cache, fingerprint=fp), torch.as_tensor(targets))
 
 
 _CIFAR_ARGS = """

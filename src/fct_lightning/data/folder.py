@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
-from fct_lightning.data.base import RetrievalDataModule, TensorImages
+from fct_lightning.data.base import RetrievalDataModule, TensorImages, files_fingerprint
 from fct_lightning.data.memory import center_offset
 from fct_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -126,18 +126,20 @@ def square_for_eval(img: torch.Tensor, side: int, crop: int) -> torch.Tensor:
 
 
 def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk: int = 1024,
-               square_for: int | None = None) -> torch.Tensor:
+               square_for: int | None = None, fingerprint: str | None = None) -> torch.Tensor:
     """Decode every image into one uint8 tensor ``[N, 3, size, size]``, optionally cached as ``.npy``.
 
     Args:
         paths: image files.
         size: side of the stored images.
-        cache_dir: where the ``.npy`` cache lives (None = no cache). Its file name is keyed by the file list
-            (relative paths and byte sizes), ``size`` and ``square_for``, so a changed tree is decoded again. A
-            cache that cannot be written (read-only root) is skipped with a warning.
+        cache_dir: where the ``.npy`` cache lives (None = no cache). Its file name is keyed by the files
+            (:func:`~fct_lightning.data.base.files_fingerprint` relative to ``cache_dir``'s parent: paths, sizes,
+            modification times), ``size`` and ``square_for``, so a changed tree is decoded again. A cache that
+            cannot be written (read-only root) is skipped with a warning.
         chunk: files read per batch.
         square_for: None = every image must already be ``size x size``; an int ``c`` = images of any shape
             are stored as :func:`square_for_eval` squares whose ``c`` centre crop is the evaluation view.
+        fingerprint: the files' fingerprint relative to ``cache_dir``'s parent, when the caller has it.
 
     Raises:
         ValueError: an image is not ``size x size`` (``square_for`` None), or a file cannot be decoded.
@@ -145,14 +147,12 @@ def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk
     cache_file = None
     if cache_dir is not None:
         h = hashlib.sha1((f"{size}" if square_for is None else f"{size}/{square_for}").encode())
-        for p in paths:
-            rel = os.path.relpath(p, cache_dir.parent)
-            h.update(f"{rel}\0{os.path.getsize(p)}\n".encode())
+        h.update((fingerprint or files_fingerprint(paths, cache_dir.parent)).encode())
         cache_file = cache_dir / f"decoded-{len(paths)}-{h.hexdigest()[:20]}.npy"
         if cache_file.is_file():
             try:
                 arr = np.load(cache_file)
-            except (OSError, ValueError) as err:  # truncated or foreign file: decode again and overwrite it
+            except (OSError, ValueError, EOFError) as err:  # empty, truncated or foreign: decode again, overwrite
                 log.warning("ignoring the unreadable decoded-image cache %s (%s)", cache_file, err)
                 arr = None
             if arr is not None and arr.shape == (len(paths), 3, size, size) and arr.dtype == np.uint8:
@@ -354,9 +354,11 @@ class FolderDataModule(RetrievalDataModule):
                 f"set --data.in_memory_gpu false (per-item decoding in --data.num_workers workers), a smaller "
                 f"--data.image_size, or raise --data.in_memory_max_gb if the memory is there")
         cache = self.dataset_dir / ".cache" if self.cache_decoded else None
+        self._fingerprints[split] = fp = files_fingerprint(paths, self.dataset_dir)
         log.info("%s: decoding the %r split (%d images) to %d px squares in memory", self.name, split,
                  len(paths), side)
-        return TensorImages(decode_all(paths, side, cache, square_for=self.image_size), torch.as_tensor(targets))
+        return TensorImages(decode_all(paths, side, cache, square_for=self.image_size, fingerprint=fp),
+                            torch.as_tensor(targets))
 
 
 

@@ -72,11 +72,11 @@ class BCTModel(EmbeddingModel):
             return
         dm = self.trainer.datamodule
         embs, labels = [], []
-        for images, y, _ in dm.eval_dataloader("train", classes=self.classes):
+        for images, y, _ in dm.eval_dataloader("train", classes=self.classes, all_ranks=True):
             embs.append(self.old_net(images.to(self.device)))
             labels.append(y.to(self.device))
         emb, lab = torch.cat(embs), torch.cat(labels)
-        # under DDP every rank computes the same full table; it is small (classes x dim)
+        # under DDP every rank computes the same full table from the whole split; it is small (classes x dim)
         full = synthesize_classifier_rows(
             self.old_classifier.weight.to(self.device), self._old_classes, emb, lab, len(self.old_weight)
         )

@@ -114,6 +114,7 @@ class TransformationModel(RetrievalStage):
         new, self.new_meta = load_stage(new_checkpoint, "new", ("new",), dataset)
         self.old_net, self.new_net = freeze(old.net), freeze(new.net)
         self.new_classifier = freeze(new.classifier)
+        self.new_classes = list(new.classes)
         self.register_buffer("new_class_to_row", new.class_to_row.clone(), persistent=False)
         side_dim = None
         self.side_meta: dict[str, Any] = {}
@@ -197,6 +198,14 @@ class TransformationModel(RetrievalStage):
         (to count the steps of the learning-rate schedule) and keeps that first loader: swapping it later
         would leave h training on images through the frozen models, i.e. on the fly.
         """
+        if stage == "fit" and self.uncertainty and self.fastfill_terms[1]:
+            unknown = sorted(set(self.trainer.datamodule.train_class_ids) - set(self.new_classes))
+            if unknown:
+                raise ValueError(
+                    f"FastFill's discriminative term classifies h's outputs with the new model's classifier, which "
+                    f"knows the classes {self.new_classes}, but h's training split also has the classes {unknown}. "
+                    "Train h on the new model's classes (--data.train_classes), use a new model trained on all of "
+                    "them, or turn the term off (--model.fastfill_discriminative false).")
         if stage != "fit" or not self.cached:
             return
         dm = self.trainer.datamodule
@@ -209,6 +218,8 @@ class TransformationModel(RetrievalStage):
             # which images, and which augmentation pipeline drew the views (per item or batched in memory)
             images=[str(Path(dm.root).resolve()) if getattr(dm, "root", None) is not None else None,
                     getattr(dm, "train_dir", None), bool(getattr(dm, "in_memory_gpu", False))],
+            # and what the files hold: an image added, removed or edited in a folder dataset is a new cache
+            content=dm.content_key("train") if hasattr(dm, "content_key") else None,
         )
         rank, world = self.trainer.global_rank, self.trainer.world_size
         features = build_or_load(
