@@ -69,3 +69,15 @@ def test_callback_names_diverged_embeddings():
     gathered = {"index": torch.arange(6), "labels": torch.zeros(6, dtype=torch.long), "emb:bct": emb}
     with pytest.raises(FloatingPointError, match="1 of 6 validation embeddings of space 'bct' are NaN"):
         RetrievalEvaluation().compute(gathered, {"bct/bct": ("bct", "bct")})
+
+
+def test_an_evaluation_error_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 computes the metrics; when it fails (here: a NaN embedding), every rank stops with the same clear
+    error. Before, the other ranks waited in the broadcast: with gloo they died of "connection closed by peer",
+    with NCCL they could wait until the process-group timeout."""
+    cmd = [sys.executable, str(SCRIPTS / "ddp_validate.py"), "--devices", "2", "--out", str(tmp_path / "m.json"),
+           "--nan_item", "50"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("validation embeddings of space 'b' are NaN") >= 2, proc.stderr[-3000:]
+

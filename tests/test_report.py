@@ -61,6 +61,26 @@ def test_same_chain_evaluated_twice_counts_once(tmp_path, caplog):
     assert "same checkpoints" in caplog.text and "SEED=N" in caplog.text and str(old) in caplog.text
 
 
+def test_a_partial_re_evaluation_counts_its_cases_once(tmp_path, caplog):
+    """`fct-eval --cases new/new` of the chain behind seed0.json: its one case replaces seed 0's, nothing is
+    counted twice, and the cases it did not evaluate still come from seed 0; backfilling curves likewise."""
+    full = results({"old/old": 0.50, "new/new": 0.90}, "s0")
+    full["backfill"] = {"fct+side random": {"checkpoint": "art/digits/fastfill/best.ckpt",
+                                            "auc_mean": {"top1": 0.8}, "auc_trapz": {"top1": 0.8}}}
+    seed0 = write(tmp_path / "seed0.json", full, mtime=1_000_000)
+    again = results({"new/new": 0.91}, "s0")
+    again["backfill"] = dict(full["backfill"])
+    evaluated = write(tmp_path / "eval.json", again, mtime=2_000_000)
+    with caplog.at_level(logging.WARNING, logger="fct_lightning.report"):
+        files = make_report([seed0, evaluated], tmp_path / "out", "t")
+    rows = {r["case"]: r for r in csv.DictReader(files["csv"].open())}
+    assert rows["new/new"]["n_runs"] == "1" and float(rows["new/new"]["top1_mean"]) == pytest.approx(0.91)
+    assert rows["old/old"]["n_runs"] == "1" and float(rows["old/old"]["top1_mean"]) == pytest.approx(0.50)
+    assert rows["backfill fct+side random (mean AUC)"]["n_runs"] == "1"
+    assert "1 run(s)." in files["md"].read_text()
+    assert "new/new (as in" in caplog.text and str(seed0) in caplog.text
+
+
 @pytest.mark.parametrize("key,value", [("split", "val"), ("distance", "cosine"), ("n_items", 100),
                                        ("dataset", "cifar10")])
 def test_results_of_other_settings_are_refused(tmp_path, key, value, capsys):

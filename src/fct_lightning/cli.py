@@ -187,14 +187,22 @@ class _StartRun(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        for f in self.replaced:
-            if f.is_file():
-                f.replace(f.with_name(f.stem + ".replaced.ckpt"))
-        if self.replaced:
+        kept = [f.replace(_aside(f)).name for f in self.replaced if f.is_file()]
+        if kept:
             rank_zero_info(f"fct-fit: --overwrite: the previous {', '.join(f.name for f in self.replaced)} of "
-                           f"{self.cli.out_dir} are kept as *.replaced.ckpt")
+                           f"{self.cli.out_dir} are kept as {', '.join(kept)}")
         (self.cli.out_dir / DONE_FILE).unlink(missing_ok=True)
         _save_config(self.cli)
+
+
+def _aside(f: Path) -> Path:
+    """Where ``--overwrite`` keeps a previous checkpoint: ``best.replaced.ckpt``, then ``best.replaced-2.ckpt`` and
+    so on, so that a second overwrite (e.g. after a failed run) does not destroy the first one's files."""
+    n, path = 1, f.with_name(f"{f.stem}.replaced.ckpt")
+    while path.exists():
+        n += 1
+        path = f.with_name(f"{f.stem}.replaced-{n}.ckpt")
+    return path
 
 
 def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:

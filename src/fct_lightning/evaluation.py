@@ -302,6 +302,8 @@ def run_backfill(
         if len(usable) < len(policies):
             log.warning("backfill: %s has no uncertainty head (train it with --model.uncertainty true); "
                         "skipping the uncertainty policy for %s", path, space)
+        if not usable:
+            continue
         # on `dev`: the curves evaluate the whole gallery once per point, policy and seed (on an H200, CIFAR-10's
         # evaluations took minutes on the host CPU)
         if labels is not None and all(d in features for d in digest.values()):

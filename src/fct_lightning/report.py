@@ -44,15 +44,27 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
 SETTING = ("dataset", "split", "query_split", "distance", "n_items")
 
 
-def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[int]:
-    """Which runs to average: refuse other evaluation settings, count the same models once.
+def _case_models(run: dict[str, Any], case: str, spaces: tuple[str, ...] | None) -> tuple | None:
+    """The content digests a case's numbers come from (None when the file does not record them all)."""
+    checkpoints = run.get("meta", {}).get("checkpoints", {})
+    if spaces is None:
+        return None
+    ids = tuple((space, checkpoints.get(space, {}).get("digest")) for space in dict.fromkeys(spaces))
+    return (case, *ids) if all(d for _, d in ids) else None
+
+
+def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict[str, Any]]:
+    """The runs to average: refuse other evaluation settings, count each case of the same models once.
 
     A mean and standard deviation over seeds is only meaningful when every file is one evaluation setting
-    (dataset, split, query split, distance, number of items) and every file comes from its own trained models. Files whose
-    checkpoints have the same content digests are one chain evaluated more than once (e.g. ``fct-eval``'s
-    ``results/eval.json`` next to ``make``'s ``results/seed0.json``): only the newest of them is kept, with a
-    warning, so the spread is over distinct chains. Returns the indices of the runs to keep.
+    (dataset, split, query split, distance, number of items) and every number comes from its own trained models.
+    A case (or backfilling curve) whose models have the same content digests in two files is one chain evaluated
+    more than once (e.g. ``fct-eval --cases new/new``'s ``results/eval.json`` next to ``make``'s
+    ``results/seed0.json``): only the newest file's numbers are kept, with a warning, so the spread is over
+    distinct chains. Returns the runs, each with the cases it contributes (a run left with none is dropped).
     """
+    from fct_lightning.evaluation import CASE_SPACES
+
     names = [str(p) for p in paths]
     for key in SETTING:
         values = [run.get("meta", {}).get(key) for run in runs]
@@ -60,27 +72,37 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[int]
             listed = ", ".join(f"{n}: {v}" for n, v in zip(names, values))
             raise ValueError(f"results files disagree on the evaluation {key} ({listed}); a report averages runs of "
                              "one setting: pass only the files of one setting (fct-report FILE [FILE ...])")
-    groups: dict[tuple, list[int]] = {}
-    for i, run in enumerate(runs):
-        checkpoints = run.get("meta", {}).get("checkpoints", {})
-        models = tuple(sorted((space, c.get("digest")) for space, c in checkpoints.items()))
-        groups.setdefault(models or ("file", i), []).append(i)
 
     def age(i: int) -> tuple[float, str]:
         path = Path(paths[i])
         return (path.stat().st_mtime if path.is_file() else 0.0), names[i]
 
-    keep = []
-    for members in groups.values():
-        newest = max(members, key=age)
-        keep.append(newest)
-        if len(members) > 1:
-            log.warning(
-                "results files %s come from the same checkpoints (same content digests): one trained chain "
-                "evaluated %d times, counted once (%s). For a mean and standard deviation over seeds, train each "
-                "seed in its own artifacts folder: `make <dataset> SEED=N` trains in <ARTIFACTS>/seedN/.",
-                ", ".join(names[i] for i in members), len(members), names[newest])
-    return sorted(keep)
+    seen: dict[tuple, int] = {}  # (case, digests...) -> the newest file that has it
+    dropped: dict[int, list[str]] = {}
+    kept: dict[int, dict[str, Any]] = {}
+    for i in sorted(range(len(runs)), key=age, reverse=True):
+        run = dict(runs[i], cases=dict(runs[i]["cases"]), backfill=dict(runs[i].get("backfill", {})))
+        new_digest = run.get("meta", {}).get("checkpoints", {}).get("new", {}).get("digest")
+        entries = [("cases", c, _case_models(run, c, CASE_SPACES.get(c))) for c in run["cases"]]
+        entries += [("backfill", b, (f"backfill {b}", curve.get("checkpoint"), new_digest)
+                     if curve.get("checkpoint") and new_digest else None) for b, curve in run["backfill"].items()]
+        for part, name, ident in entries:
+            if ident is None:
+                continue
+            if ident in seen:
+                del run[part][name]
+                dropped.setdefault(i, []).append(f"{name} (as in {names[seen[ident]]})")
+            else:
+                seen[ident] = i
+        if run["cases"] or run["backfill"]:
+            kept[i] = run
+    for i, what in dropped.items():
+        log.warning(
+            "results file %s repeats numbers of the same checkpoints (same content digests) as a newer file: "
+            "one trained chain evaluated more than once, counted once: %s. For a mean and standard deviation over "
+            "seeds, train each seed in its own artifacts folder: `make <dataset> SEED=N` trains in "
+            "<ARTIFACTS>/seedN/.", names[i], ", ".join(what))
+    return [kept[i] for i in sorted(kept)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -195,8 +217,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 def select_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
     """The results files' runs to average (see :func:`check_runs`)."""
-    runs = load_results(paths)
-    return [runs[i] for i in check_runs(runs, paths)]
+    return check_runs(load_results(paths), paths)
 
 
 def make_report(paths: list[str | Path], out_dir: str | Path, title: str = "Compatibility report") -> dict[str, Path]:

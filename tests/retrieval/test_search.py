@@ -102,3 +102,29 @@ def test_errors(kwargs: dict, match: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         search(args.pop("query"), args.pop("gallery"), **args)
+
+
+def test_faiss_matches_torch_on_exactly_tied_near_duplicates() -> None:
+    """Near-duplicates whose exact distances tie: both backends give the same distances and break the tie by
+    gallery index (the FAISS re-ranking recomputes near-coincident pairs from their difference, as torch does)."""
+    gen = torch.Generator().manual_seed(0)
+    ulp = 2.0**-14  # the float32 spacing of values in [512, 1024)
+    for _ in range(20):
+        q = 512 + 400 * torch.rand(1, 64, generator=gen)
+        offsets = torch.zeros(8, 64)
+        for i in range(8):  # the same multiset of ulp steps in other coordinates: exactly equal distances
+            offsets[i, torch.randperm(64, generator=gen)[:4]] = torch.tensor([3.0, -2.0, 5.0, 1.0])
+        g = torch.cat([q + offsets * ulp, 500 * torch.randn(100, 64, generator=gen)])
+        dt, it = search(q, g, 6, backend="torch")
+        df, i_f = search(q, g, 6, backend="faiss")
+        assert it.tolist() == [[0, 1, 2, 3, 4, 5]]
+        assert torch.equal(i_f, it) and torch.equal(df, dt)
+
+
+def test_auto_backend_switch_counts_the_faiss_gpu_candidates() -> None:
+    """auto leaves FAISS-GPU exactly when its candidate count would pass the 2,048 limit (self-match included)."""
+    from fct_lightning.retrieval.search import FAISS_GPU_MAX_K, _faiss_candidates
+
+    assert _faiss_candidates(10_000, 1024, exclude_self=False) == FAISS_GPU_MAX_K
+    assert _faiss_candidates(10_000, 1024, exclude_self=True) == FAISS_GPU_MAX_K + 1  # was let through
+    assert _faiss_candidates(100, 1024, exclude_self=True) == 100

@@ -29,8 +29,9 @@ class Items(Dataset):
 class Toy(RetrievalStage):
     stage = "toy"
 
-    def __init__(self) -> None:
+    def __init__(self, nan_item: int | None = None) -> None:
         super().__init__(dataset="toy")
+        self.nan_item = nan_item
         g = torch.Generator().manual_seed(1)
         self.register_buffer("a", torch.randn(16, 8, generator=g))
         self.register_buffer("b", torch.randn(16, 8, generator=g))
@@ -40,20 +41,28 @@ class Toy(RetrievalStage):
         return {"b/a": ("b", "a"), "a/a": ("a", "a")}
 
     def eval_embeddings(self, x):
-        return {"a": x @ self.a, "b": x @ self.b + 0.5 * x @ self.a}
+        b = x @ self.b + 0.5 * x @ self.a
+        if self.nan_item is not None:  # a diverged model: NaN in one item's embedding (on whichever rank holds it)
+            b = torch.where((x == self._nan_x).all(1, keepdim=True), torch.full_like(b, float("nan")), b)
+        return {"a": x @ self.a, "b": b}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--nan_item", type=int, default=None, help="make this item's 'b' embedding NaN")
     args = p.parse_args()
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
         callbacks=[RetrievalEvaluation(backend="torch")], logger=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
-    metrics = trainer.validate(Toy(), DataLoader(Items(), batch_size=8))[0]
+    items = Items()
+    toy = Toy(args.nan_item)
+    if args.nan_item is not None:
+        toy._nan_x = items.x[args.nan_item]
+    metrics = trainer.validate(toy, DataLoader(items, batch_size=8))[0]
     if trainer.is_global_zero:
         with open(args.out, "w") as f:
             json.dump({k: float(v) for k, v in metrics.items()}, f)

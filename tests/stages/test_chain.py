@@ -216,6 +216,12 @@ def test_fastfill_stage_and_backfill_curves(full_chain, capsys):
     report_main([str(out), "--out_dir", str(chain / "report_bf"), "--no_wandb"])
     assert (chain / "report_bf" / "backfill.png").is_file()
     assert "backfill fct+side uncertainty (mean AUC)" in capsys.readouterr().out
+    # the uncertainty policy alone: the variant without a head is skipped, the cases and the other curve written
+    only = chain / "digits" / "results" / "uncertainty.json"
+    results = eval_main(["--artifacts", str(chain), "--no_wandb", "--cases", "new/new", "--backfill", "uncertainty",
+                         "--points", "3", "--backfill_seeds", "1", "--out", str(only)])
+    assert set(results["backfill"]) == {"fct+side uncertainty"} and only.is_file()
+    only.unlink()
 
 
 @pytest.mark.parametrize("cached", [True, False])
@@ -309,6 +315,11 @@ def test_done_marker_and_no_silent_overwrite(tmp_path):
             "--trainer.callbacks+=tests.stages.test_chain.FailInSecondEpoch")
     assert (out / "best.replaced.ckpt").read_bytes() == first and (out / "last.replaced.ckpt").is_file()
     assert (out / "best.ckpt").is_file() and not (out / "done.json").exists()
+    # a second --overwrite keeps the first one's files too: nothing written by a run is ever deleted
+    crashed = (out / "best.ckpt").read_bytes()
+    run("old", tmp_path, *SMALL_NET, "--overwrite")
+    assert (out / "best.replaced.ckpt").read_bytes() == first
+    assert (out / "best.replaced-2.ckpt").read_bytes() == crashed and (out / "last.replaced-2.ckpt").is_file()
 
 
 def test_backfill_refuses_a_transformation_whose_upstream_was_retrained(full_chain, tmp_path):

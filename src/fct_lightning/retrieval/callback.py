@@ -41,8 +41,9 @@ class RetrievalEvaluation(pl.Callback):
 
     Validation steps return ``{"embeddings": {space: [B, D]}, "labels": [B], "index": [B]}``. At the end of
     the epoch the callback gathers them from all ranks, removes DistributedSampler's padding duplicates by
-    item index, computes the metrics once (on rank 0, on its device: FAISS on GPU when available), broadcasts
-    them and logs ``val/<case>/<metric>`` on every rank so ModelCheckpoint and EarlyStopping can monitor them.
+    item index, computes the metrics once (on rank 0, on its device, i.e. the GPU when there is one: exact
+    distances with the default backend, FAISS's with ``backend="faiss"``), broadcasts them (or rank 0's error,
+    which every rank then raises) and logs ``val/<case>/<metric>`` on every rank so ModelCheckpoint and EarlyStopping can monitor them.
     The query set equals the gallery set (leave-one-out). The sanity check is skipped.
 
     Args:
@@ -86,10 +87,16 @@ class RetrievalEvaluation(pl.Callback):
             local = torch.cat(self._buffers[key])
             gathered[key] = flatten_gathered(pl_module.all_gather(local), trainer.world_size)
         self._buffers = {}
-        results: dict[str, dict[str, float]] | None = None
+        outcome: tuple[str, Any] | None = None
         if trainer.is_global_zero:
-            results = self.compute(gathered, pl_module.eval_cases)
-        results = trainer.strategy.broadcast(results, src=0)
+            try:
+                outcome = ("ok", self.compute(gathered, pl_module.eval_cases))
+            except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then all raise it
+                outcome = ("error", err)
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if outcome[0] == "error":  # raised on every rank: the others would otherwise wait in the next collective
+            raise outcome[1]
+        results = outcome[1]
         self.results = results
         for case, metrics in results.items():
             for name, value in metrics.items():

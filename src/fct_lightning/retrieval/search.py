@@ -247,16 +247,31 @@ def _torch_topk(q: Tensor, g: Tensor, k: int, self_offset: int | None, chunk_siz
 
 
 def _rescore(q: Tensor, g: Tensor, idx: Tensor) -> Tensor:
-    """Canonical squared L2 distances for given (query row, gallery index) pairs: ``[c, m]`` float32."""
+    """Canonical squared L2 distances for given (query row, gallery index) pairs: ``[c, m]`` float32.
+
+    The same rule as :func:`canonical_distances`, pair by pair: the expansion, except for near-coincident pairs,
+    which are recomputed from their difference (else near-duplicates get other distances than the torch
+    backend gives them, and exact ties break by rounding noise instead of by gallery index).
+    """
     q64 = q.to(torch.float64)
     cand = g.to(torch.float64)[idx]  # [c, m, d]
-    d = (q64 * q64).sum(1, keepdim=True) + (cand * cand).sum(2) - 2.0 * torch.einsum("cd,cmd->cm", q64, cand)
-    return d.clamp_(min=0.0).abs_().to(torch.float32)
+    qn, cn = squared_norms(q64).unsqueeze(1), (cand * cand).sum(2)
+    d = (cn - 2.0 * torch.einsum("cd,cmd->cm", q64, cand)).add_(qn)
+    near = d < _NEAR * (qn + cn)
+    if bool(near.any()):
+        r, c = near.nonzero(as_tuple=True)
+        d[r, c] = (q64[r] - cand[r, c]).pow_(2).sum(1)
+    return d.clamp_(min=0.0).to(torch.float32).abs_()
+
+
+def _faiss_candidates(num_gallery: int, k: int, exclude_self: bool) -> int:
+    """How many candidates the FAISS path asks for, to re-rank exactly and certify the top ``k``."""
+    return min(num_gallery, k + max(k, 32) + int(exclude_self))
 
 
 def _faiss_topk(q: Tensor, g: Tensor, k: int, distance: str, exclude_self: bool) -> tuple[Tensor, Tensor]:
     num_g = g.shape[0]
-    m = min(num_g, k + max(k, 32) + int(exclude_self))
+    m = _faiss_candidates(num_g, k, exclude_self)
     if q.device.type == "cuda" and faiss_num_gpus() > 0 and m > FAISS_GPU_MAX_K:
         raise ValueError(f"k={k} needs {m} FAISS-GPU candidates, above FAISS-GPU's limit of {FAISS_GPU_MAX_K}; "
                          "use backend='torch' for such large k.")
@@ -337,7 +352,7 @@ def search(query: Tensor | np.ndarray, gallery: Tensor | np.ndarray, k: int, dis
         empty = torch.empty(q.shape[0], 0, device=q.device)
         return empty, empty.long()
     gpu_faiss = engine == "faiss" and q.device.type == "cuda" and faiss_num_gpus() > 0
-    if backend == "auto" and gpu_faiss and k_eff > FAISS_GPU_MAX_K // 2:
+    if backend == "auto" and gpu_faiss and _faiss_candidates(g.shape[0], k_eff, exclude_self) > FAISS_GPU_MAX_K:
         engine = "torch"  # FAISS-GPU caps k at 2048 candidates
     log.debug("search: backend=%s k=%d distance=%s", engine, k_eff, distance)
     chunk = chunk_size or _default_chunk(g.shape[0], q.device)
