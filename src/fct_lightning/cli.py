@@ -230,6 +230,9 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
         raise SystemExit(usage if {"-h", "--help"} & set(rest) else f"fct-fit: --stage is required.\n{usage}")
     stage_cls = STAGES[pre.stage]
     artifacts = Path(pre.artifacts)
+    if any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in rest):
+        log.warning("fct-fit: --seed_everything replaces the seed this stage derives from --seed; stages given the "
+                    "same value start from the same initial weights (e.g. old and new). Prefer --seed N.")
     seed = ["--seed_everything", str(1000 * pre.seed + STAGE_SEED_OFFSETS.get(pre.stage, 0))]
     args = ["--config", str(stage_config(pre.dataset, pre.stage)), *seed, *_run_seed_args(stage_cls, pre.seed),
             *_default_args(stage_cls, artifacts, pre.dataset), *rest]

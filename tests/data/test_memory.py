@@ -198,3 +198,20 @@ def test_eval_loader_for_all_ranks_is_not_sharded(monkeypatch):
     assert count(dm.eval_dataloader("train")) == (n + 1) // 2
     assert count(dm.eval_dataloader("train", all_ranks=True)) == n
     assert count(DigitsDataModule(in_memory_gpu=False).eval_dataloader("train", all_ranks=True)) == n
+
+
+def test_batched_random_erasing():
+    """p=1: every image gets one zeroed rectangle of 2-12 % of its area (up to rounding); p=0: untouched."""
+    from fct_lightning.data.memory import random_erasing
+
+    x = torch.ones(200, 1, 32, 32)
+    out = random_erasing(x, torch.Generator().manual_seed(0), p=1.0)
+    for img in out[:, 0]:
+        rows, cols = (img == 0).any(1).nonzero().flatten(), (img == 0).any(0).nonzero().flatten()
+        n = int((img == 0).sum())
+        assert n == len(rows) * len(cols)  # a rectangle
+        assert rows.tolist() == list(range(rows[0], rows[-1] + 1))
+        assert 0.01 * 1024 <= n <= 0.14 * 1024
+    assert torch.equal(random_erasing(x, torch.Generator().manual_seed(0), p=0.0), x)
+    some = random_erasing(x, torch.Generator().manual_seed(1), p=0.3)
+    assert 0.15 < float((some == 0).flatten(1).any(1).float().mean()) < 0.45

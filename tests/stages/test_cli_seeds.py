@@ -27,3 +27,11 @@ def test_run_seed_seeds_the_data_and_the_cached_views(tmp_path, seed):
 def test_lightning_group_options_are_not_read_as_dataset():
     pre, rest = _pre_parser("fct-fit").parse_known_args(["--stage", "old", "--data=cifar10", "--data", "d.yaml"])
     assert pre.dataset == "digits" and rest == ["--data=cifar10", "--data", "d.yaml"]
+
+
+def test_an_explicit_seed_everything_is_warned_about(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fct_lightning.cli"):
+        cli, _ = build_cli(["--stage", "old", "--artifacts", str(tmp_path), *BASE, "--seed_everything", "7"])
+    assert cli.config["seed_everything"] == 7 and "same initial weights" in caplog.text

@@ -7,7 +7,8 @@ tensor augmentation, so no worker processes, collation or host-to-device copies 
 * ``cifar``, ``views == 1``: random crop with ``size / 8`` px zero padding (integer offsets) + horizontal flip;
 * ``cifar``, ``views >= 2``: SimCLR-style random resized crop (scale 0.2-1, aspect 3/4-4/3) and flip in one
   ``grid_sample`` (border padding: samples past the last pixel centre repeat the edge), colour jitter (brightness/contrast/saturation 0.4, p=0.8; no hue) and grayscale (p=0.2);
-* ``digits``: shift by up to 1 px, rotation/scale (stronger with shear and contrast for ``views >= 2``), noise;
+* ``digits``: shift by up to 1 px, rotation/scale (stronger with shear and contrast for ``views >= 2``), noise,
+  and for ``views >= 2`` random erasing (p=0.3), as the per-item pipeline;
 * ``imagenet`` (folder datasets, stored as squares of side ``round(image_size * 256 / 224)``, see
   :func:`fct_lightning.data.folder.decode_all`): ``RandomResizedCrop(image_size)`` (scale 0.08-1, aspect
   3/4-4/3) and flip in one ``grid_sample``; for ``views >= 2`` also colour jitter (0.4/0.4/0.2, p=0.8; no hue),
@@ -189,6 +190,27 @@ def _separable(x: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
     return y.view(b, c, h, w)
 
 
+def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float = 0.3, scale=(0.02, 0.12),
+                   ratio=(0.3, 3.3), value: float = 0.0) -> torch.Tensor:
+    """Batched ``RandomErasing``: with prob. ``p`` per image, a rectangle of ``scale`` of the area and aspect ratio
+    in ``ratio`` (log-uniform) is set to ``value``. Sides are clamped to the image (torchvision draws again
+    instead, up to 10 times, then leaves the image as it is)."""
+    b, _, h, w = x.shape
+    dev = x.device
+    on = torch.rand(b, generator=gen, device=dev) < p
+    area = _uniform(b, *scale, gen, dev) * (h * w)
+    aspect = torch.exp(_uniform(b, math.log(ratio[0]), math.log(ratio[1]), gen, dev))
+    eh = torch.sqrt(area * aspect).round().clamp(1, h)
+    ew = torch.sqrt(area / aspect).round().clamp(1, w)
+    top = (torch.rand(b, generator=gen, device=dev) * (h - eh + 1)).floor()
+    left = (torch.rand(b, generator=gen, device=dev) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
+              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)) & on.view(b, 1, 1))
+    return x.masked_fill(inside.unsqueeze(1), value)
+
+
 def center_offset(stored: int, size: int) -> int:
     """Top/left offset of a ``size`` centre crop of a ``stored`` side, rounded as torchvision's ``CenterCrop``."""
     return round((stored - size) / 2.0)
@@ -227,7 +249,8 @@ def augment_batch(x: torch.Tensor, family: str, strong: bool, size: int, gen: to
     else:
         x = affine_resample(x, similarity_theta(b, gen, dev, 10, (0.9, 1.1)), size)
     sigma = 0.1 if strong else 0.05
-    return (x + sigma * torch.randn(x.shape, generator=gen, device=dev)).clamp(0, 1)
+    x = (x + sigma * torch.randn(x.shape, generator=gen, device=dev)).clamp(0, 1)
+    return random_erasing(x, gen) if strong else x
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
