@@ -61,12 +61,30 @@ def test_same_chain_evaluated_twice_counts_once(tmp_path, caplog):
     assert "same checkpoints" in caplog.text and "SEED=N" in caplog.text and str(old) in caplog.text
 
 
+def test_backfill_plot_averages_the_seeds(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", lambda self, x, lo, hi, **kw: drawn.append((lo, hi)))
+    paths = []
+    for seed, top1 in ((0, [0.5, 0.9]), (1, [0.7, 0.9])):
+        data = results({"old/old": 0.5}, f"s{seed}")
+        data["backfill"] = {"fct random": {"checkpoint": f"art/seed{seed}/fct.ckpt", "auc_mean": {"top1": 0.8},
+                                           "auc_trapz": {"top1": 0.8}, "fractions": [0.0, 1.0],
+                                           "curves": {"top1": top1, "map": top1}}}
+        paths.append(write(tmp_path / f"seed{seed}.json", data))
+    files = make_report(paths, tmp_path / "out", "t")
+    assert files["backfill"].is_file()
+    assert drawn[0] == ([50.0, 90.0], [70.0, 90.0])  # the range of the two seeds' curves
+
+
 def test_a_partial_re_evaluation_counts_its_cases_once(tmp_path, caplog):
     """`fct-eval --cases new/new` of the chain behind seed0.json: its one case replaces seed 0's, nothing is
     counted twice, and the cases it did not evaluate still come from seed 0; backfilling curves likewise."""
     full = results({"old/old": 0.50, "new/new": 0.90}, "s0")
     full["backfill"] = {"fct+side random": {"checkpoint": "art/digits/fastfill/best.ckpt",
-                                            "auc_mean": {"top1": 0.8}, "auc_trapz": {"top1": 0.8}}}
+                                            "auc_mean": {"top1": 0.8}, "auc_trapz": {"top1": 0.8},
+                                            "fractions": [0.0, 1.0], "curves": {"top1": [0.7, 0.9], "map": [0.6, 0.9]}}}
     seed0 = write(tmp_path / "seed0.json", full, mtime=1_000_000)
     again = results({"new/new": 0.91}, "s0")
     again["backfill"] = dict(full["backfill"])
@@ -77,7 +95,7 @@ def test_a_partial_re_evaluation_counts_its_cases_once(tmp_path, caplog):
     assert rows["new/new"]["n_runs"] == "1" and float(rows["new/new"]["top1_mean"]) == pytest.approx(0.91)
     assert rows["old/old"]["n_runs"] == "1" and float(rows["old/old"]["top1_mean"]) == pytest.approx(0.50)
     assert rows["backfill fct+side random (mean AUC)"]["n_runs"] == "1"
-    assert "1 run(s)." in files["md"].read_text()
+    assert "1 run(s)." in files["md"].read_text() and files["backfill"].is_file()
     assert "new/new (as in" in caplog.text and str(seed0) in caplog.text
 
 

@@ -191,9 +191,17 @@ def plot_bars(table: dict[str, dict[str, tuple[float, float, int]]], path: Path,
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Backfilling curves (top-1 and mAP vs fraction backfilled) of every policy; False if there are none."""
-    curves = [(p, c) for run in runs[:1] for p, c in run.get("backfill", {}).items()]
-    if not curves:
+    """Backfilling curves (top-1 and mAP vs fraction backfilled) of every policy; False if there are none.
+
+    Over several runs (seeds), each policy's line is the mean of the runs' curves, with their range shaded, as
+    the table averages them (curves of other backfilling points than the first run's are left out).
+    """
+    by_policy: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        for policy, curve in run.get("backfill", {}).items():
+            if "fractions" in curve and "curves" in curve:
+                by_policy.setdefault(policy, []).append(curve)
+    if not by_policy:
         return False
     import matplotlib
 
@@ -202,8 +210,14 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("top1", "map")):
-        for policy, curve in curves:
-            ax.plot([100 * f for f in curve["fractions"]], [100 * v for v in curve["curves"][metric]], label=policy)
+        for policy, curves in by_policy.items():
+            x = [100 * f for f in curves[0]["fractions"]]
+            ys = [[100 * v for v in c["curves"][metric]] for c in curves if c["fractions"] == curves[0]["fractions"]]
+            mean = [sum(col) / len(col) for col in zip(*ys)]
+            line = ax.plot(x, mean, label=policy if len(ys) == 1 else f"{policy} (mean of {len(ys)})")[0]
+            if len(ys) > 1:
+                ax.fill_between(x, [min(col) for col in zip(*ys)], [max(col) for col in zip(*ys)],
+                                color=line.get_color(), alpha=0.2)
         ax.set_xlabel("gallery backfilled (%)")
         ax.set_ylabel(HEADERS[metric] + " (%)")
         ax.grid(alpha=0.3)
