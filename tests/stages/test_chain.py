@@ -245,15 +245,32 @@ def test_cached_mode_trains_on_cached_features_only(chain, tmp_path, monkeypatch
     assert kinds == ["features" if cached else "images"] * 2
 
 
+def h_into(cache: Path, out: Path, chain: Path) -> tuple[str, ...]:
+    """Options of a transformation run that writes into ``out`` and ``cache`` from the chain's frozen models."""
+    return (*SMALL_H, "--model.cache_dir", str(cache), "--artifacts", str(out),
+            *(arg for role in ("old", "new", "side_info")
+              for arg in (f"--model.{role}_checkpoint", str(chain / "digits" / role / "best.ckpt"))))
+
+
 def test_feature_cache_is_keyed_by_the_data_path(chain, tmp_path):
     """Views drawn per item and views drawn in memory are different caches; the same settings reuse one."""
     cache = tmp_path / "cache"
-    common = (*SMALL_H, "--model.cache_dir", str(cache), "--artifacts", str(tmp_path / "out"),
-              "--model.old_checkpoint", str(chain / "digits" / "old" / "best.ckpt"),
-              "--model.new_checkpoint", str(chain / "digits" / "new" / "best.ckpt"),
-              "--model.side_info_checkpoint", str(chain / "digits" / "side_info" / "best.ckpt"))
+    common = h_into(cache, tmp_path / "out", chain)
     for in_memory in ("true", "false", "true"):
         run("transformation", chain, *common, "--data.in_memory_gpu", in_memory, "--overwrite")
+    assert len(list(cache.glob("*/features.pt"))) == 2
+
+
+def test_feature_cache_is_keyed_by_the_split_content(chain, tmp_path, monkeypatch):
+    """Files added to, removed from or edited in a folder split change its content key, and so h's feature cache
+    (digits' arrays never change: the key is stood in for here)."""
+    from fct_lightning.data import DigitsDataModule
+
+    cache = tmp_path / "cache"
+    common = h_into(cache, tmp_path / "out", chain)
+    for content in ("before", "after", "before"):
+        monkeypatch.setattr(DigitsDataModule, "content_key", lambda self, split, c=content: f"{split}:{c}")
+        run("transformation", chain, *common, "--overwrite")
     assert len(list(cache.glob("*/features.pt"))) == 2
 
 
