@@ -283,14 +283,14 @@ def run_backfill(
         if path is None:
             log.warning("backfill: no %s checkpoint under %s; skipping %s", " or ".join(folders), artifacts, space)
             continue
+        # h is only meaningful with the frozen models it was trained with. The files it loads them from now were
+        # compared with its training digests while loading (RetrievalStage.on_load_checkpoint); here they are
+        # compared with the old/new checkpoints of the chain whose cases these curves sit next to
         module, meta = load_stage(path, path.parent.name, ("transformation",), dataset)
-        # h is only meaningful with the frozen models it was trained with: the files it loads them from now, and
-        # the old/new checkpoints of the chain whose cases these curves sit next to
-        problems = stale_inputs(meta, {"old": module.old_meta, "new": module.new_meta, "side_info": module.side_meta})
         used = dict(chain or {})  # the models the cases (and the separate queries) were embedded with
         if queries is not None and "new" not in used:
             used["new"] = {"path": "the separate queries' new model", "digest": queries[2]}
-        problems += stale_inputs(meta, used)
+        problems = stale_inputs(meta, used)
         # a checkpoint written before the training digests were recorded is judged by the models it loads now
         digest = {role: d for role, (d, _) in module.frozen_models().items()}
         problems += [f"{path} loads the {role} checkpoint {digest[role]}, but {m.get('path')} is {m['digest']}"
