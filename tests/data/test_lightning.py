@@ -53,3 +53,76 @@ def test_signatures_parse_with_jsonargparse(name):
     assert parser.parse_args(["--data.train_classes=0.5"]).data.train_classes == 0.5
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_args(["--data.no_such_option=1"])
+
+
+def _fit_probe(dm, epochs, **kwargs):
+    model = _Probe()
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                         num_sanity_val_steps=0, **kwargs)
+    return model, trainer
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_resumed_run_continues_the_shuffle_order(tmp_path, in_memory):
+    """Epoch 2 after a resume from epoch 1's checkpoint sees epoch 2's order, not a replay of epoch 0's."""
+    def dm():
+        return DigitsDataModule(batch_size=32, train_classes=5, in_memory_gpu=in_memory, seed=3)
+
+    whole, trainer = _fit_probe(dm(), 3, enable_checkpointing=False)
+    trainer.fit(whole, datamodule=dm())
+    order = {e: [] for e in range(3)}
+    for e, idx in whole.seen:
+        order[e] += idx
+    assert order[0] != order[1] != order[2]
+
+    first, trainer = _fit_probe(dm(), 2, default_root_dir=tmp_path)
+    trainer.fit(first, datamodule=dm())
+    assert [i for e, idx in first.seen if e == 1 for i in idx] == order[1]
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    resumed, trainer = _fit_probe(dm(), 3, default_root_dir=tmp_path)
+    trainer.fit(resumed, datamodule=dm(), ckpt_path=str(ckpt))
+    assert [e for e, _ in resumed.seen] == [2, 2]
+    assert [i for _, idx in resumed.seen for i in idx] == order[2]
+
+
+def test_per_item_training_loader_reads_as_shuffled_for_ddp():
+    """Lightning gives DDP a shuffling DistributedSampler only when it reads the training loader as shuffled."""
+    from lightning_fabric.utilities.data import _replace_dunder_methods
+    from pytorch_lightning.utilities.data import _is_dataloader_shuffled
+    from torch.utils.data import DataLoader
+
+    dm = DigitsDataModule(batch_size=32, train_classes=5)
+    dm.setup("fit")
+    with _replace_dunder_methods(DataLoader, "dataset"):  # what Lightning wraps train_dataloader() in
+        train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert _is_dataloader_shuffled(train)
+    assert not _is_dataloader_shuffled(val)
+
+
+def test_hand_loop_without_set_epoch_reshuffles_each_pass():
+    dm = DigitsDataModule(batch_size=400, train_classes=5, seed=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    first, second = (next(iter(loader))[2].tolist() for _ in range(2))
+    assert first != second
+    again = DigitsDataModule(batch_size=400, train_classes=5, seed=1)
+    again.setup("fit")
+    assert next(iter(again.train_dataloader()))[2].tolist() == first  # the seed fixes the order
+
+
+def test_set_epoch_also_fixes_the_worker_base_seed():
+    """Worker processes are seeded from a draw on the loader's generator: a resumed epoch draws that epoch's."""
+    def loader():
+        dm = DigitsDataModule(batch_size=32, train_classes=5, seed=2)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    straight = loader()
+    seeds = []
+    for epoch in range(3):
+        straight.sampler.set_epoch(epoch)
+        seeds.append(iter(straight)._base_seed)
+    resumed = loader()
+    resumed.sampler.set_epoch(2)
+    assert iter(resumed)._base_seed == seeds[2] and len(set(seeds)) == 3

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from fct_lightning.data.transforms import MultiView, build_transforms
 
@@ -160,6 +160,40 @@ class RetrievalDataset(Dataset):
         return self._augment(image, src), int(label), int(index)
 
 
+class EpochShuffleSampler(RandomSampler):
+    """A shuffling sampler whose order is a function of ``(seed, epoch)``, so a resumed run continues it.
+
+    A plain ``RandomSampler`` with a seeded generator draws every epoch's order from one stream: a run resumed
+    at epoch ``e`` re-creates the stream from the seed and replays epoch 0's order instead of epoch ``e``'s.
+    Here Lightning's per-epoch :meth:`set_epoch` call (the one it makes for a ``DistributedSampler``) picks the
+    epoch, and the order is drawn from its own generator seeded by ``mix_seed(seed, epoch)``. Iterated
+    without :meth:`set_epoch` (a hand-written loop), each pass moves on to the next epoch's order.
+
+    ``loader_generator`` (the ``DataLoader``'s ``generator``, which draws the worker processes' base seed each
+    time an iterator is created) is re-seeded by :meth:`set_epoch` too, so a resumed epoch's workers get that
+    epoch's seeds rather than epoch 0's (exactly so without ``persistent_workers``, whose workers are seeded
+    once, at the first epoch they serve).
+
+    It is a ``RandomSampler``, so under DDP Lightning still replaces it with its ``DistributedSampler``.
+    """
+
+    def __init__(self, data_source: Any, seed: int, loader_generator: torch.Generator | None = None) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.loader_generator = loader_generator
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.loader_generator is not None:
+            self.loader_generator.manual_seed(mix_seed(self.seed, self.epoch, 1))
+
+    def __iter__(self) -> Any:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0))
+        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
+
+
 def check_class_list(value: Any, num_classes: int, arg: str) -> list[int]:
     """Resolve ``None`` / int N / fraction f / list of ints to a sorted list of class indices, or raise ValueError.
 
@@ -215,8 +249,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         views: images per training item: 1, or V >= 2 contrastive views (a batch is then ``[B, V, C, H, W]``).
         eval_split: split used by the val/test/predict loaders (all classes); one of :attr:`splits`.
         augment: apply training augmentation in ``train_dataloader`` (False = evaluation transform).
-        seed: seeds the training shuffle order (single process; under DDP Lightning's DistributedSampler
-            shuffles) and the in-memory loader. Training augmentation itself uses ordinary randomness; use
+        seed: seeds the training shuffle order, a function of ``(seed, epoch)`` so that ``--ckpt_path last``
+            continues it (single process; under DDP Lightning's DistributedSampler shuffles) and the in-memory
+            loader. Training augmentation itself uses ordinary randomness; use
             :meth:`eval_dataloader` with ``seed=`` for reproducible augmentation.
         pin_memory: DataLoader ``pin_memory``; None = True when CUDA is available.
         persistent_workers: keep workers alive between epochs (only used when ``num_workers > 0``).
@@ -353,8 +388,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             return self._memory_loader("train", self.train_class_ids, self.augment, self.views, True,
                                        self.batch_size, self.seed)
         ds = self.dataset("train", self.train_class_ids, self.augment, self.views)
-        gen = torch.Generator().manual_seed(self.seed)
-        return self._dataloader(ds, self.batch_size, shuffle=True, generator=gen)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, 0, 1))
+        return self._dataloader(ds, self.batch_size, sampler=EpochShuffleSampler(ds, self.seed, gen), generator=gen)
 
     def val_dataloader(self) -> Any:
         """Evaluation split, all classes, evaluation transform, in order."""
@@ -397,13 +432,16 @@ class RetrievalDataModule(pl.LightningDataModule):
             return self._memory_loader(split, classes, augment, views, False, self.eval_batch_size, seed,
                                        whole=all_ranks)
         ds = self.dataset(split, classes, augment, views, seed)
-        return self._dataloader(ds, self.eval_batch_size, shuffle=False)
+        return self._dataloader(ds, self.eval_batch_size)
 
-    def _dataloader(self, ds: Dataset, batch_size: int, shuffle: bool, generator: Any = None) -> DataLoader:
+    def _dataloader(self, ds: Dataset, batch_size: int, sampler: Any = None, generator: Any = None) -> DataLoader:
+        # no shuffle= keyword: Lightning reads a saved ``shuffle=False`` as "not shuffled" and would give DDP an
+        # unshuffled DistributedSampler; it tells from the sampler's type (RandomSampler or not) instead
+        order = {} if sampler is None else {"sampler": sampler}
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            **order,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
