@@ -1,8 +1,8 @@
-"""Retrieval evaluation: neighbour search (search.py), metrics (metrics.py) and the evaluate entry point."""
+"""Retrieval evaluation: neighbour search (neighbors.py; the function `search` is exported here), metrics (metrics.py) and the evaluate entry point."""
 
 from .evaluate import auto_chunk_size, evaluate, evaluate_mixtures
 from .metrics import QueryMetrics, build_class_index, query_metrics, summarize
-from .search import BACKENDS, DISTANCES, canonical_distances, search
+from .neighbors import BACKENDS, DISTANCES, canonical_distances, search
 
 CASES: tuple[str, ...] = ("old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old",
                           "side/side")

@@ -22,7 +22,7 @@ from .metrics import (
     ranking_keys,
     summarize,
 )
-from .search import (
+from .neighbors import (
     BACKENDS,
     DISTANCES,
     as_embeddings,

@@ -12,7 +12,7 @@ Conventions (shared by every function here):
   relevant item, mAP and mAP@R are 0.0.
 
 Kernel: each distance is packed with its gallery index into a unique int64 key (see
-:func:`~fct_lightning.retrieval.search.ordering_keys`), each row of keys is sorted (values only, numpy SIMD sort on
+:func:`~fct_lightning.retrieval.neighbors.ordering_keys`), each row of keys is sorted (values only, numpy SIMD sort on
 CPU), and the rank of every relevant item is its key's insertion point, found by binary search. No argsort, no
 [c, G] relevance or precision matrices, and ties are exact by construction.
 """
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .search import ordering_keys
+from .neighbors import ordering_keys
 
 _LAST = torch.iinfo(torch.int64).max  # key that ranks after every real item
 
@@ -141,7 +141,7 @@ def ranking_keys(distances: Tensor, self_index: Tensor | None = None) -> Tensor:
         self_index: Optional int64 ``[c]``: the gallery index of each query itself.
 
     Returns:
-        A new int64 tensor ``[c, G]`` (see :func:`~fct_lightning.retrieval.search.ordering_keys`).
+        A new int64 tensor ``[c, G]`` (see :func:`~fct_lightning.retrieval.neighbors.ordering_keys`).
     """
     keys = ordering_keys(distances, torch.arange(distances.shape[1], device=distances.device))
     if self_index is not None:

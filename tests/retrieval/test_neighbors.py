@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fct_lightning.retrieval import search
-from fct_lightning.retrieval.search import canonical_distances, resolve_backend
+from fct_lightning.retrieval.neighbors import canonical_distances, resolve_backend
 
 faiss = pytest.importorskip("faiss")
 
@@ -123,7 +123,7 @@ def test_faiss_matches_torch_on_exactly_tied_near_duplicates() -> None:
 
 def test_auto_backend_switch_counts_the_faiss_gpu_candidates() -> None:
     """auto leaves FAISS-GPU exactly when its candidate count would pass the 2,048 limit (self-match included)."""
-    from fct_lightning.retrieval.search import FAISS_GPU_MAX_K, _faiss_candidates
+    from fct_lightning.retrieval.neighbors import FAISS_GPU_MAX_K, _faiss_candidates
 
     assert _faiss_candidates(10_000, 1024, exclude_self=False) == FAISS_GPU_MAX_K
     assert _faiss_candidates(10_000, 1024, exclude_self=True) == FAISS_GPU_MAX_K + 1  # was let through
