@@ -233,3 +233,33 @@ def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
     want = torch.from_numpy((a >> 8).astype(np.uint8)).expand(3, 20, 30)
     assert torch.equal(load_image(str(path)), want)
     assert torch.equal(decode_all([str(path)], 20, square_for=20)[0], want[:, :, 5:25])
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_file_stats_go_to_threads_only_on_slow_storage(tmp_path, monkeypatch, slow):
+    """content_key stats every training file: on network storage (each stat a round trip) that is done by
+    threads, on a local disk serially; the fingerprint is the same either way."""
+    import os
+    import threading
+    import time
+
+    from fct_lightning.data.base import files_fingerprint, stat_all
+
+    paths = []
+    for i in range(700):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(b"x" * (i % 7))
+        paths.append(str(p))
+    expected = files_fingerprint(paths, tmp_path)
+    real_stat, threads = os.stat, set()
+
+    def stat(path, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        if slow:
+            time.sleep(2e-4)  # a network file system's round trip
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert [s.st_size for s in stat_all(paths)] == [i % 7 for i in range(700)]
+    assert files_fingerprint(paths, tmp_path) == expected
+    assert any(name.startswith("fct-stat") for name in threads) == slow
