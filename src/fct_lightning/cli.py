@@ -284,6 +284,11 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
 def _check_validation_runs(trainer: Trainer) -> None:
     """best.ckpt, which later stages read, is written at validation: refuse a run in which none would happen."""
     every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    if epochs == -1 and trainer.max_steps == -1:
+        raise SystemExit(
+            "fct-fit: --trainer.max_epochs -1 without --trainer.max_steps makes the run endless, but every stage's "
+            "warm-up + cosine learning-rate schedule needs its length; set --trainer.max_epochs N or "
+            "--trainer.max_steps N.")
     if every and epochs is not None and 0 < epochs < every and trainer.limit_val_batches != 0:
         raise SystemExit(
             f"fct-fit: --trainer.max_epochs {epochs} is less than --trainer.check_val_every_n_epoch {every}, so no "

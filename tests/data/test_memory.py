@@ -215,3 +215,21 @@ def test_batched_random_erasing():
     assert torch.equal(random_erasing(x, torch.Generator().manual_seed(0), p=0.0), x)
     some = random_erasing(x, torch.Generator().manual_seed(1), p=0.3)
     assert 0.15 < float((some == 0).flatten(1).any(1).float().mean()) < 0.45
+
+
+def test_training_loaders_leave_out_a_one_item_tail():
+    """The datamodules' training loaders (in memory and per item) drop a last batch of one item, which BatchNorm
+    cannot train on; evaluation loaders keep every item."""
+    x, y = _images(n=9)
+    train = InMemoryAugmentedLoader(x, y, 4, device="cpu", drop_single_tail=True)
+    assert [len(b[1]) for b in train] == [4, 4] and len(train) == 2
+    full = InMemoryAugmentedLoader(x, y, 4, device="cpu", shuffle=False, train=False)
+    assert [len(b[1]) for b in full] == [4, 4, 1] and len(full) == 3
+    ranks = [InMemoryAugmentedLoader(x, y, 4, device="cpu", drop_single_tail=True, rank=r, world_size=2)
+             for r in range(2)]
+    assert [[len(b[1]) for b in r] for r in ranks] == [[4], [4]]
+    for in_memory in (True, False):  # digits: 1257 training items = 8 * 157 + 1
+        dm = DigitsDataModule(batch_size=157, in_memory_gpu=in_memory)
+        dm.setup("fit")
+        assert [len(b[1]) for b in dm.train_dataloader()] == [157] * 8
+        assert sum(len(b[1]) for b in dm.val_dataloader()) == len(dm.dataset(dm.eval_split))

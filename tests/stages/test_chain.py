@@ -281,6 +281,12 @@ def test_run_without_any_validation_is_refused(tmp_path):
     assert not (tmp_path / "digits" / "old" / "last.ckpt").exists()
 
 
+def test_endless_run_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="max_epochs -1 without --trainer.max_steps makes the run endless"):
+        fit(["--stage", "old", "--artifacts", str(tmp_path), "--trainer.max_epochs", "-1", *SMALL_NET])
+    assert not (tmp_path / "digits" / "old").exists()
+
+
 def copy_with_retrained(full_chain: Path, tmp_path: Path, role: str) -> Path:
     """A copy of the chain whose ``role`` checkpoint is another file, as a second ``fct-fit --stage role`` writes."""
     import shutil
@@ -402,3 +408,60 @@ def test_fastfill_refuses_classes_the_new_classifier_does_not_know(chain, tmp_pa
             "--model.old_checkpoint", str(chain / "digits" / "old" / "best.ckpt"),
             "--model.side_info_checkpoint", str(chain / "digits" / "side_info" / "best.ckpt"))
     assert not (art / "digits" / "cache").exists()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_h_trains_when_the_last_batch_would_hold_one_item(chain, tmp_path, cached):
+    """digits' training split has 1257 = 8 * 157 + 1 items: a one-item last batch would stop h's BatchNorm1d
+    ("Expected more than 1 value per channel"); the training loaders leave it out."""
+    from fct_lightning.stages import TransformationModel
+
+    steps: list[int] = []
+    original = TransformationModel.training_step
+
+    def spy(self, batch, batch_idx):
+        steps.append(len(batch["labels"] if isinstance(batch, dict) else batch[1]))
+        return original(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TransformationModel, "training_step", spy)
+        run("transformation", chain, *h_into(tmp_path / "cache", tmp_path / "out", chain), "--data.batch_size", "157",
+            "--trainer.limit_train_batches", "1.0", "--model.cached", str(cached).lower())
+    assert steps == [157] * 8
+
+
+@pytest.mark.parametrize(("max_epochs", "max_steps"), [(-1, 12), (50, 12), (3, -1)])
+def test_warmup_and_bn_switch_follow_the_runs_length(chain, tmp_path, max_epochs, max_steps):
+    """Warm-up is warmup_epochs epochs of the training loader, and h's BatchNorm freezes after bn_eval_after of
+    the run, also when max_steps ends the run (or max_epochs is -1); before, -1 froze it from step 0 and
+    warm-up took total / max_epochs steps."""
+    import pytorch_lightning as pl
+
+    class Probe(pl.Callback):
+        def __init__(self):
+            self.lrs, self.bn = [], {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            bn = [m.training for m in module.h.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+            self.bn.setdefault(trainer.current_epoch, all(bn))
+
+    probe = Probe()
+    from fct_lightning.stages import TransformationModel
+
+    with pytest.MonkeyPatch.context() as mp:  # 1257 items at batch 316: 4 steps per epoch (the last has 309)
+        original = TransformationModel.configure_optimizers
+        mp.setattr(TransformationModel, "configure_optimizers",
+                   lambda self: (self.trainer.callbacks.append(probe) if probe not in self.trainer.callbacks else None)
+                   or original(self))
+        fit(["--stage", "transformation", "--artifacts", str(tmp_path / "out"),
+             *h_into(tmp_path / "cache", tmp_path / "out", chain)[len(SMALL_H):], *SMALL_H,
+             "--data.batch_size", "316", "--model.warmup_epochs", "1", "--model.bn_eval_after", "0.5",
+             "--trainer.max_epochs", str(max_epochs), "--trainer.max_steps", str(max_steps),
+             "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+             "--trainer.enable_model_summary", "false"])
+    lrs = probe.lrs
+    assert len(lrs) == 12  # 3 epochs of 4 steps in every case
+    # linear warm-up over the 4 steps of one epoch to the peak, then the cosine decay
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] == max(lrs) > lrs[5] > lrs[-1], lrs
+    assert probe.bn == {0: True, 1: True, 2: False}  # frozen from epoch 1.5 of 3, i.e. from epoch 2

@@ -143,3 +143,14 @@ def test_non_finite_frozen_features_are_a_clear_error():
     models["new"] = _Scaled(models["new"], float("nan"))
     with pytest.raises(ValueError, match="the frozen new model gives NaN or infinite embeddings .* retrain that stage"):
         embed_views(dm, models, split="train", classes=[0], views=1, seed=0, device=torch.device("cpu"))
+
+
+def test_feature_batches_leave_out_a_one_item_tail():
+    """A rank's last batch of one item is left out (h's BatchNorm1d cannot train on it); a bigger tail stays."""
+    feats = {"old": torch.randn(1, 9, 4), "new": torch.randn(1, 9, 4), "labels": torch.arange(9)}
+    fb = FeatureBatches(feats, batch_size=4)  # 9 = 2 * 4 + 1
+    assert [len(b["labels"]) for b in fb] == [4, 4] and len(fb) == 2
+    shards = [FeatureBatches(feats, batch_size=4, rank=r, world_size=2) for r in range(2)]  # 5 per rank
+    assert [[len(b["labels"]) for b in s] for s in shards] == [[4], [4]] and len(shards[0]) == 1
+    assert [len(b["labels"]) for b in FeatureBatches(feats, batch_size=3)] == [3, 3, 3]
+    assert [len(b["labels"]) for b in FeatureBatches(feats, batch_size=5)] == [5, 4]

@@ -184,6 +184,12 @@ class RetrievalDataset(Dataset):
         return self._augment(image, src), int(label), int(index)
 
 
+def single_item_tail(per_rank: int, batch_size: int) -> bool:
+    """Whether a rank's last training batch would hold a single item. The training loaders drop such a batch:
+    BatchNorm cannot normalise one item in training mode (h's BatchNorm1d layers raise on it)."""
+    return per_rank > 1 and per_rank % batch_size == 1
+
+
 class EpochShuffleSampler(RandomSampler):
     """A shuffling sampler whose order is a function of ``(seed, epoch)``, so a resumed run continues it.
 
@@ -413,7 +419,9 @@ class RetrievalDataModule(pl.LightningDataModule):
                                        self.batch_size, self.seed)
         ds = self.dataset("train", self.train_class_ids, self.augment, self.views)
         gen = torch.Generator().manual_seed(mix_seed(self.seed, 0, 1))
-        return self._dataloader(ds, self.batch_size, sampler=EpochShuffleSampler(ds, self.seed, gen), generator=gen)
+        world = self.trainer.world_size if self.trainer is not None else 1  # DistributedSampler: ceil(N / world)
+        return self._dataloader(ds, self.batch_size, sampler=EpochShuffleSampler(ds, self.seed, gen), generator=gen,
+                                drop_last=single_item_tail(math.ceil(len(ds) / world), self.batch_size))
 
     def val_dataloader(self) -> Any:
         """Evaluation split, all classes, evaluation transform, in order."""
@@ -458,7 +466,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         ds = self.dataset(split, classes, augment, views, seed)
         return self._dataloader(ds, self.eval_batch_size)
 
-    def _dataloader(self, ds: Dataset, batch_size: int, sampler: Any = None, generator: Any = None) -> DataLoader:
+    def _dataloader(self, ds: Dataset, batch_size: int, sampler: Any = None, generator: Any = None,
+                    drop_last: bool = False) -> DataLoader:
         # no shuffle= keyword: Lightning reads a saved ``shuffle=False`` as "not shuffled" and would give DDP an
         # unshuffled DistributedSampler; it tells from the sampler's type (RandomSampler or not) instead
         order = {} if sampler is None else {"sampler": sampler}
@@ -466,7 +475,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             ds,
             batch_size=batch_size,
             **order,
-            drop_last=False,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -487,6 +496,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         return InMemoryAugmentedLoader(
             src.images, src.targets, batch_size, classes=ids, family=self.family, train=augment, views=views,
             image_size=self.image_size, mean=self.mean, std=self.std, shuffle=shuffle, seed=seed,
+            drop_single_tail=shuffle,
             **({"rank": 0, "world_size": 1} if whole else {}),
         )
 

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from fct_lightning.data.base import single_item_tail
+
 log = logging.getLogger(__name__)
 
 SPACES = ("old", "side", "new")
@@ -201,17 +203,20 @@ class FeatureBatches:
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.epoch = 0
         self.per_rank = -(-self.n // world_size)
+        # a one-item last batch is left out of each epoch: h's BatchNorm1d cannot train on one item
+        self.served = self.per_rank - int(single_item_tail(self.per_rank, batch_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (self.per_rank + self.batch_size - 1) // self.batch_size
+        return (self.served + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=gen)
         perm = torch.cat([perm, perm[: self.per_rank * self.world_size - self.n]])[self.rank :: self.world_size]
+        perm = perm[: self.served]
         view = torch.randint(self.views, (self.n,), generator=gen)
         perm, view = perm.to(self.device), view.to(self.device)
         for start in range(0, len(perm), self.batch_size):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fct_lightning.data.base import mix_seed
+from fct_lightning.data.base import mix_seed, single_item_tail
 from fct_lightning.data.transforms import blur_kernel
 
 
@@ -276,6 +276,8 @@ class InMemoryAugmentedLoader:
         device: where images live and batches are built; None = the current CUDA device if any, else CPU.
         rank: shard index; None = from ``torch.distributed`` (0 when not initialised).
         world_size: number of shards; None = from ``torch.distributed`` (1 when not initialised).
+        drop_single_tail: leave out a rank's last batch when it would hold one item (training loaders: BatchNorm
+            cannot train on one item).
     """
 
     def __init__(
@@ -295,6 +297,7 @@ class InMemoryAugmentedLoader:
         device: str | torch.device | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        drop_single_tail: bool = False,
     ) -> None:
         if len(labels) == 0:
             raise ValueError("the in-memory loader got an empty split")
@@ -315,6 +318,7 @@ class InMemoryAugmentedLoader:
         self.shuffle, self.seed = shuffle, seed
         self._device = torch.device(device) if device is not None else None
         self._rank, self._world = rank, world_size
+        self.drop_single_tail = drop_single_tail
         self.epoch = 0
         self._drawn: tuple[int, int] | None = None
         self._on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
@@ -341,9 +345,14 @@ class InMemoryAugmentedLoader:
         rank, world = _dist_info()
         return (self._rank if self._rank is not None else rank), (self._world or world)
 
-    def __len__(self) -> int:
+    def _per_rank(self) -> int:
+        """Items this rank serves per epoch (padded like DistributedSampler, less a dropped one-item tail)."""
         _, world = self._shard()
-        return math.ceil(math.ceil(len(self.labels) / world) / self.batch_size)
+        n = math.ceil(len(self.labels) / world)
+        return n - 1 if self.drop_single_tail and single_item_tail(n, self.batch_size) else n
+
+    def __len__(self) -> int:
+        return math.ceil(self._per_rank() / self.batch_size)
 
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's item indices (CPU, int64) for ``epoch``, padded like DistributedSampler."""
@@ -379,7 +388,7 @@ class InMemoryAugmentedLoader:
         rank, world = self._shard()
         images, labels, positions = self._tensors()
         dev = images.device
-        order = self.indices(epoch).to(dev)
+        order = self.indices(epoch)[:self._per_rank()].to(dev)
         gen = torch.Generator(device=dev).manual_seed(mix_seed(self._base_seed(epoch), 2, rank, world))
         mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)

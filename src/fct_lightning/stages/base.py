@@ -233,13 +233,31 @@ class RetrievalStage(pl.LightningModule):
             )
         else:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = round(self.warmup_epochs * total / epochs)
+        total, per_epoch = self.schedule_length()
+        warmup = min(total, round(self.warmup_epochs * per_epoch))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def schedule_length(self) -> tuple[int, int]:
+        """``(optimizer steps of the whole run, optimizer steps per epoch)``, from the trainer's limits.
+
+        The run may end at ``max_steps`` before ``max_epochs`` (or have ``max_epochs = -1``): warm-up and the
+        other epoch-based settings are then measured in epochs of the training loader, not in ``total / max_epochs``.
+        """
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "the warm-up + cosine learning-rate schedule needs the run's length, but max_epochs=-1 and "
+                "max_steps=-1 make it endless: set --trainer.max_epochs N or --trainer.max_steps N")
+        if trainer.train_dataloader is None:  # max_epochs=-1: Lightning did not load it for the estimate
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches < 1:
+            return int(total), max(int(total), 1)
+        return int(total), math.ceil(batches / trainer.accumulate_grad_batches)
 
     # ----------------------------------------------------------------- training logs
     def log_loss(self, name: str, value: Tensor, batch_size: int, step: bool = True) -> None:

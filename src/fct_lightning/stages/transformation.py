@@ -235,8 +235,8 @@ class TransformationModel(RetrievalStage):
     def on_train_epoch_start(self) -> None:
         if self.cached and hasattr(self, "_feature_loader"):
             self._feature_loader.set_epoch(self.current_epoch)
-        max_epochs = self.trainer.max_epochs or 1
-        self.h.set_bn_eval(self.current_epoch >= self.bn_eval_after * max_epochs)
+        total, per_epoch = self.schedule_length()  # the run's length in epochs, also when max_steps ends it
+        self.h.set_bn_eval(self.current_epoch >= self.bn_eval_after * total / per_epoch)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if isinstance(batch, dict):
