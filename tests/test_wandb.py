@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fct_lightning.loggers import ensure_wandb_mode, wandb_has_credentials
 
 
@@ -24,17 +26,35 @@ def test_explicit_mode_is_kept(monkeypatch):
     assert ensure_wandb_mode() == "disabled"
 
 
-def test_fct_fit_logs_an_offline_wandb_run(tmp_path):
+def test_private_server_credentials_are_found(monkeypatch, tmp_path):
+    """`wandb login --host` stores the key under the server's host in ~/.netrc."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / ".netrc").write_text("machine wandb.example.com\n  login user\n  password abc123\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com:8443")
+    assert wandb_has_credentials()
+    monkeypatch.delenv("WANDB_BASE_URL")
+    assert not wandb_has_credentials()  # the key is not api.wandb.ai's
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_fct_fit_logs_an_offline_wandb_run(tmp_path, explicit):
+    """The default logger and one chosen with --trainer.logger WandbLogger both go offline without credentials."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), OMP_NUM_THREADS="1")
     art = tmp_path / "art"
     cmd = [sys.executable, "-m", "fct_lightning.cli", "--stage", "old", "--artifacts", str(art),
            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
            "--model.width", "8"]
+    if explicit:
+        cmd += ["--trainer.logger", "WandbLogger", "--trainer.logger.save_dir", str(art)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("No W&B credentials found: logging offline") == 1
+    assert "--trainer.logger false" in proc.stderr
     runs = list((art / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert (art / "digits" / "old" / "best.ckpt").is_file()

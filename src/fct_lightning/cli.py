@@ -26,10 +26,11 @@ from pytorch_lightning.callbacks import (
     TQDMProgressBar,
 )
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from fct_lightning.data import DATAMODULES
-from fct_lightning.loggers import default_logger
+from fct_lightning.loggers import default_logger, ensure_wandb_mode
 from fct_lightning.retrieval.callback import RetrievalEvaluation
 from fct_lightning.stages import STAGES
 
@@ -263,6 +264,8 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     """Run ``fct-fit`` with ``argv`` and return the CLI (model, datamodule, trainer) for inspection."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cli, ckpt = build_cli(argv)
+    if any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers):  # also one chosen with --trainer.logger
+        ensure_wandb_mode()  # before the first wandb.init: offline without credentials, never a prompt or a failure
     _check_validation_runs(cli.trainer)
     # every rank refuses (under torchrun each rank runs this), before any work
     replaced = _check_overwrite(cli.out_dir, cli.stage, ckpt is not None, cli.overwrite)

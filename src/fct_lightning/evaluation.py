@@ -346,7 +346,7 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
 
     from fct_lightning.loggers import ensure_wandb_mode, wandb_project
 
-    mode = ensure_wandb_mode()
+    mode = ensure_wandb_mode("skip W&B with --no_wandb")
     dataset = results["meta"]["dataset"]
     run = wandb.init(project=wandb_project(), group=dataset, job_type=job_type, name=name or f"{dataset}-{job_type}",
                      dir=str(artifacts), mode=mode if mode in ("online", "offline", "disabled") else None,

@@ -25,16 +25,26 @@ def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL_HOST", "api.wandb.ai"))
+        auth = netrc.netrc().authenticators(wandb_host())
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
     return bool(auth and auth[2])
 
 
-def ensure_wandb_mode() -> str:
+def wandb_host() -> str:
+    """The W&B server whose ``~/.netrc`` entry holds the key: the host of ``$WANDB_BASE_URL`` (a private server),
+    else ``api.wandb.ai``."""
+    from urllib.parse import urlparse
+
+    url = os.environ.get("WANDB_BASE_URL", "")
+    return urlparse(url if "//" in url else f"//{url}").hostname or "api.wandb.ai"
+
+
+def ensure_wandb_mode(opt_out: str = "turn logging off with --trainer.logger false") -> str:
     """Set ``WANDB_MODE=offline`` when no mode is chosen and there are no credentials; return the mode.
 
     The run is written under the save directory and can be uploaded later with ``wandb sync``; nothing prompts.
+    ``opt_out`` completes the warning with the calling command's own way to skip W&B.
     """
     mode = os.environ.get("WANDB_MODE")
     if mode:
@@ -44,8 +54,7 @@ def ensure_wandb_mode() -> str:
     os.environ["WANDB_MODE"] = "offline"
     log.warning(
         "No W&B credentials found: logging offline. Upload later with `wandb sync <dir>/wandb/offline-run-*`, "
-        "or choose another logger with --trainer.logger CSVLogger."
-    )
+        "or %s.", opt_out)
     return "offline"
 
 
