@@ -8,10 +8,13 @@ that names the file, what was expected, what was found, and what to do.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -36,8 +39,11 @@ def read_checkpoint(path: str | Path, role: str) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
+        train = f"fct-fit --stage {role}"
+        if path.parent.name == role and path.name == "best.ckpt":  # <artifacts>/<dataset>/<role>/best.ckpt
+            train += f" --dataset {path.parent.parent.name} --artifacts {path.parent.parent.parent}"
         raise CheckpointError(
-            f"the {role} checkpoint {path} does not exist. Train it first (fct-fit --stage {role}) or pass the "
+            f"the {role} checkpoint {path} does not exist. Train it first ({train}) or pass the "
             f"right file with --model.{role}_checkpoint PATH."
         )
     try:
@@ -89,6 +95,7 @@ def load_stage(path: str | Path, role: str, stages: tuple[str, ...], dataset: st
     cls = STAGES[meta["stage"]]
     try:
         hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        relocate_inputs(hparams, meta, Path(path))
         module = cls(**hparams)
         module.on_load_checkpoint(ckpt)
         module.load_state_dict(ckpt["state_dict"], strict=True)
@@ -100,6 +107,30 @@ def load_stage(path: str | Path, role: str, stages: tuple[str, ...], dataset: st
     module.eval()
     meta = dict(meta, path=str(path), digest=file_digest(path))
     return module, meta
+
+
+def relocate_inputs(hparams: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
+    """Point a stage's frozen-input paths (``old_checkpoint``, ...) at the chain ``path`` now sits in.
+
+    A stage stores the paths it was given, relative to the working directory it ran in. After the artifacts folder
+    was moved or copied, or from another working directory, they name nothing (or another chain's files). The
+    sibling ``<path>/../../<role>/best.ckpt`` is used instead when the stored file is missing, or when the stored
+    file's content is not the one recorded at training time (``<role>_digest``) and the sibling's is. Whatever is
+    loaded is then checked against those digests (:meth:`RetrievalStage.on_load_checkpoint`).
+    """
+    for key, value in list(hparams.items()):
+        if not key.endswith("_checkpoint") or not value:
+            continue
+        role = key[: -len("_checkpoint")]
+        stored, sibling = Path(value), path.parent.parent / role / "best.ckpt"
+        if not sibling.is_file() or sibling.resolve() == stored.resolve():
+            continue
+        want = meta.get(f"{role}_digest")
+        if stored.is_file() and (not want or file_digest(stored) == want):
+            continue
+        if not stored.is_file() or file_digest(sibling) == want:
+            log.info("%s: the %s checkpoint it was trained with is not at %s; using %s", path, role, stored, sibling)
+            hparams[key] = str(sibling)
 
 
 def check_dims(expected: int, got: int, what: str, path: str | Path, fix: str) -> None:

@@ -13,6 +13,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -157,19 +158,22 @@ def _default_args(stage_cls: type, artifacts: Path, dataset: str) -> list[str]:
     return args
 
 
-def _check_overwrite(out: Path, stage: str, resuming: bool, overwrite: bool) -> list[Path]:
+def _check_overwrite(out: Path, stage: str, resuming: bool, overwrite: bool, start: str | None = None) -> list[Path]:
     """A fresh run must not silently replace a stage's checkpoints (later stages were trained from them).
 
-    Returns the files that ``--overwrite`` will move aside (see :class:`_StartRun`).
+    ``resuming``: the run continues one of ``out``'s own checkpoints. ``start``: the checkpoint of another folder
+    that a run into ``out`` starts from (as replacing as a fresh run). Returns the files that ``--overwrite`` will
+    move aside (see :class:`_StartRun`).
     """
     found = [out / name for name in ("best.ckpt", "last.ckpt") if (out / name).is_file()]
     if resuming or not found:
         return []
     if not overwrite:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in found)))
+        run = f"a run started from {start}" if start else "a new run"
         raise SystemExit(
             f"fct-fit: {out} already holds checkpoints of the {stage} stage ({', '.join(f.name for f in found)}, "
-            f"written {when}); a new run would replace them. Continue that run with --ckpt_path last, train into "
+            f"written {when}); {run} would replace them. Continue that run with --ckpt_path last, train into "
             "another folder with --artifacts DIR (one per seed, as `make SEED=N` does), or replace them with "
             "--overwrite (the old files are kept as *.replaced.ckpt; stages trained from them must then be "
             "re-trained, and fct-eval refuses them until they are)."
@@ -218,6 +222,43 @@ def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
     return str(path)
 
 
+def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> None:
+    """The checkpoint given to ``--ckpt_path`` must be readable, of this stage and dataset, and shaped like the model
+    this run builds; otherwise Lightning fails deep inside loading with a size-mismatch traceback."""
+    from fct_lightning.checkpoints import (
+        CheckpointError,
+        checkpoint_meta,
+        read_checkpoint,
+    )
+
+    ckpt = read_checkpoint(path, cli.stage)
+    meta = checkpoint_meta(ckpt, path, cli.stage)
+    if meta["stage"] != cli.stage:
+        raise CheckpointError(
+            f"--ckpt_path {path} is a checkpoint of the '{meta['stage']}' stage, not of '{cli.stage}'; resume a "
+            f"{cli.stage} run (its last.ckpt, e.g. --ckpt_path last) or run fct-fit --stage {meta['stage']}.")
+    if meta.get("dataset") and meta["dataset"] != cli.dataset:
+        raise CheckpointError(
+            f"--ckpt_path {path} was trained on '{meta['dataset']}' but this run uses --dataset {cli.dataset}; "
+            f"pass --dataset {meta['dataset']} or a checkpoint of {cli.dataset}.")
+    own = cli.model.state_dict()
+    frozen = getattr(cli.model, "frozen_prefixes", ())
+    saved = ckpt["state_dict"]
+    problems = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in this run"
+                for k, v in saved.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    problems += [f"{k} is in the checkpoint, not in this run's model" for k in saved if k not in own]
+    problems += [f"{k} is in this run's model, not in the checkpoint" for k in own
+                 if k not in saved and k.split(".")[0] not in frozen]
+    if problems:
+        config = path.parent / "config.yaml"
+        raise CheckpointError(
+            f"--ckpt_path {path} was written by a model of the {cli.stage} stage built with other options ("
+            + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            + "). Resume with the options that run used"
+            + (f" (they are in {config})" if config.is_file() else "")
+            + ", or start a new run (drop --ckpt_path; --overwrite to replace this folder's checkpoints).")
+
+
 def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI, str | None]:
     """Parse ``fct-fit`` arguments and instantiate data, model and trainer (without fitting)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -230,7 +271,12 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
         )
         raise SystemExit(usage if {"-h", "--help"} & set(rest) else f"fct-fit: --stage is required.\n{usage}")
     stage_cls = STAGES[pre.stage]
+    if pre.seed < 0:
+        raise SystemExit(f"fct-fit: --seed {pre.seed} is negative; use a seed of 0 or more.")
     artifacts = Path(pre.artifacts)
+    if artifacts.exists() and not artifacts.is_dir():
+        raise SystemExit(f"fct-fit: --artifacts {artifacts} is a file, not a folder; pass a folder (it is created if "
+                         "missing) where the stages' checkpoints go.")
     if any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in rest):
         log.warning("fct-fit: --seed_everything replaces the seed this stage derives from --seed; stages given the "
                     "same value start from the same initial weights (e.g. old and new). Prefer --seed N.")
@@ -267,8 +313,12 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     if any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers):  # also one chosen with --trainer.logger
         ensure_wandb_mode()  # before the first wandb.init: offline without credentials, never a prompt or a failure
     _check_validation_runs(cli.trainer)
-    # every rank refuses (under torchrun each rank runs this), before any work
-    replaced = _check_overwrite(cli.out_dir, cli.stage, ckpt is not None, cli.overwrite)
+    if ckpt is not None:
+        _check_resume_checkpoint(Path(ckpt), cli)
+    # every rank refuses (under torchrun each rank runs this), before any work. A checkpoint from another folder
+    # starts this folder's run from it: like a fresh run, it must not silently replace the checkpoints here
+    in_place = ckpt is not None and Path(ckpt).resolve().parent == cli.out_dir.resolve()
+    replaced = _check_overwrite(cli.out_dir, cli.stage, in_place, cli.overwrite, ckpt)
     cli.trainer.callbacks.append(_StartRun(cli, replaced))
     done = cli.out_dir / DONE_FILE
     start = time.perf_counter()
@@ -318,11 +368,16 @@ def _summary(cli: FCTCLI, seconds: float) -> str:
 def fit_main(argv: list[str] | None = None) -> None:
     """Entry point of ``fct-fit`` (console scripts must return None)."""
     from fct_lightning.checkpoints import CheckpointError
+    from fct_lightning.data.features import CacheError
 
     try:
         fit(argv)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(f"fct-fit: {err}") from err
+    except (CheckpointError, CacheError, FileNotFoundError, ValueError, FloatingPointError) as err:
+        # options out of range, NaN losses, unusable checkpoints or caches: the message names the problem and
+        # the fix; a traceback would bury it (FCT_DEBUG=1 keeps it, for bug reports)
+        if os.environ.get("FCT_DEBUG"):
+            raise
+        raise SystemExit(f"fct-fit: {err}\n(set FCT_DEBUG=1 to see the traceback)") from err
 
 
 def eval_main(argv: list[str] | None = None) -> None:

@@ -160,6 +160,58 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
             "--model.warmup_epochs", "0")
 
 
+def test_ckpt_path_from_another_folder_does_not_replace_checkpoints(chain, tmp_path):
+    """Starting a run from another folder's checkpoint writes into this folder: like a fresh run, it is refused
+    where checkpoints exist, and --overwrite keeps them aside."""
+    art = tmp_path / "art"
+    run("old", art, *SMALL_NET)
+    mine = art / "digits" / "old"
+    before = {p.name: p.read_bytes() for p in mine.glob("*.ckpt")}
+    other = ["--ckpt_path", str(chain / "digits" / "old" / "last.ckpt"), "--trainer.max_epochs", "2", *SMALL_NET]
+    with pytest.raises(SystemExit, match="a run started from .* would replace them"):
+        run("old", art, *other)
+    assert {p.name: p.read_bytes() for p in mine.glob("*.ckpt")} == before
+    run("old", art, *other, "--overwrite")
+    assert (mine / "last.replaced.ckpt").read_bytes() == before["last.ckpt"]
+
+
+def test_resume_checkpoint_is_checked_before_training(chain, tmp_path):
+    old_last = chain / "digits" / "old" / "last.ckpt"
+    with pytest.raises(CheckpointError, match="is a checkpoint of the 'old' stage, not of 'new'"):
+        run("new", tmp_path / "a", *SMALL_NET, "--ckpt_path", str(old_last))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(old_last.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        run("old", tmp_path / "b", *SMALL_NET, "--ckpt_path", str(truncated))
+    with pytest.raises(CheckpointError, match=r"built with other options \(net\..*\(8, .* in the checkpoint, \(16, "
+                                              r".*Resume with the options that run used"):
+        run("old", tmp_path / "c", "--model.width", "16", "--ckpt_path", str(old_last))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_fct_fit_prints_user_errors_without_a_traceback(tmp_path, monkeypatch):
+    from fct_lightning.cli import fit_main
+
+    monkeypatch.delenv("FCT_DEBUG", raising=False)
+    base = ["--stage", "old", "--artifacts", str(tmp_path / "art"), *TINY, *SMALL_NET]
+    for extra, message in [(["--model.lr", "-1"], "fct-fit: lr=-1.0 must be positive"),
+                           (["--seed", "-1"], "--seed -1 is negative"),
+                           (["--model.lr", "1e30", "--model.warmup_epochs", "0"], "is NaN at step")]:
+        with pytest.raises(SystemExit, match=message):
+            fit_main([*base, *extra])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="--artifacts .*afile is a file, not a folder"):
+        fit_main([*base, "--artifacts", str(tmp_path / "afile")])
+    monkeypatch.setenv("FCT_DEBUG", "1")
+    with pytest.raises(ValueError, match="lr=-1.0"):
+        fit_main([*base, "--model.lr", "-1"])
+
+
+def test_missing_upstream_message_trains_the_right_dataset_and_folder(tmp_path):
+    with pytest.raises(CheckpointError, match=r"fct-fit --stage old --dataset digits --artifacts \S*empty\)"):
+        run("transformation", tmp_path / "empty", *SMALL_H)
+
+
 def test_unknown_option_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         fit(["--stage", "old", "--artifacts", str(tmp_path), *TINY, "--model.no_such_option", "1"])
@@ -298,6 +350,24 @@ def copy_with_retrained(full_chain: Path, tmp_path: Path, role: str) -> Path:
     ckpt["retrained"] = True
     torch.save(ckpt, path)
     return art
+
+
+def test_eval_of_a_moved_chain_finds_the_frozen_models_next_to_h(full_chain, tmp_path):
+    """h and BCT store their frozen inputs' paths as given (relative to where fct-fit ran); after the artifacts were
+    moved, fct-eval loads the models of the chain the checkpoint now sits in (checked by content digest)."""
+    import shutil
+
+    art = tmp_path / "moved"
+    shutil.copytree(full_chain / "digits", art / "digits", ignore=shutil.ignore_patterns("cache", "results"))
+    for folder in ("transformation", "transformation_noside", "bct"):
+        path = art / "digits" / folder / "best.ckpt"
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        for key in [k for k in ckpt["hyper_parameters"] if k.endswith("_checkpoint") and ckpt["hyper_parameters"][k]]:
+            ckpt["hyper_parameters"][key] = f"gone/digits/{key[:-len('_checkpoint')]}/best.ckpt"
+        torch.save(ckpt, path)
+    eval_main(["--artifacts", str(art), "--no_wandb", "--cases", "fct+side/old,fct/old,bct/old"])
+    results = json.loads((art / "digits" / "results" / "eval.json").read_text())
+    assert set(results["cases"]) == {"fct+side/old", "fct/old", "bct/old"} and results["missing"] == {}
 
 
 def test_eval_refuses_a_chain_whose_upstream_was_retrained(full_chain, tmp_path):

@@ -30,6 +30,10 @@ from fct_lightning.data.base import single_item_tail
 
 log = logging.getLogger(__name__)
 
+
+class CacheError(RuntimeError):
+    """A feature cache on disk that cannot be used (corrupt, incomplete); the message says what to delete."""
+
 SPACES = ("old", "side", "new")
 ROLES = {"old": "old model", "side": "side-info model", "new": "new model"}
 
@@ -124,7 +128,7 @@ def merge_parts(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
             dtype = functools.reduce(torch.promote_types, [p[name].dtype for p in parts])
             merged[name] = torch.cat([p[name].to(dtype) for p in parts], dim=1)[:, order]
     if not torch.equal(merged["index"], torch.arange(len(merged["index"]))):
-        raise RuntimeError("feature cache parts do not cover every item exactly once; delete the cache and rerun")
+        raise CacheError("feature cache parts do not cover every item exactly once; delete the cache and rerun")
     return merged
 
 
@@ -165,7 +169,7 @@ def build_or_load(
     try:
         return torch.load(path)
     except Exception as err:
-        raise RuntimeError(f"the feature cache {path} is corrupt ({err}); delete {folder} and rerun") from err
+        raise CacheError(f"the feature cache {path} is corrupt ({err}); delete {folder} and rerun") from err
 
 
 @contextlib.contextmanager
