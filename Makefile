@@ -72,9 +72,12 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 
 # ----------------------------------------------------------------------------- reproduction chains
 # How a stage starts, decided when its recipe runs ($(1) = the stage's folder): a run that was interrupted (a
-# last.ckpt but no done.json) resumes from last.ckpt; otherwise make runs the stage only because its done.json
-# is missing or older than an upstream one, so the stage is trained anew (--overwrite keeps the old files aside).
-start_opts = $$$$(if [ ! -f $(1)/done.json ] && [ -f $(1)/last.ckpt ]; then echo --ckpt_path last; else echo --overwrite; fi)
+# last.ckpt but no done.json) resumes from last.ckpt, unless an upstream stage finished after that last.ckpt was
+# written (re-trained since: the run belongs to the previous upstream model, and fct-fit would refuse to resume
+# it); otherwise make runs the stage only because its done.json is missing or older than an upstream one, so the
+# stage is trained anew (--overwrite keeps the old files aside).
+start_opts = $$$$(r="--ckpt_path last"; if [ -f $(1)/done.json ] || [ ! -f $(1)/last.ckpt ]; then r=--overwrite; fi; \
+	for u in $$^; do [ $(1)/last.ckpt -nt "$$$$u" ] || r=--overwrite; done; echo $$$$r)
 # $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
 fit_opts = --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
 	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
@@ -117,13 +120,13 @@ $(foreach d,$(DATASETS),$(eval $(call CHAIN,$(d))))
 digits-data:
 	@true
 cifar10-data:
-	@root="$(or $(DATA_ROOT),data)"; \
+	@root="$(or $(DATA_ROOT),$(FCT_DATA_ROOT),data)"; \
 	if [ ! -d "$$root/cifar10/train" ] && [ ! -d "$$root/train" ] && [ ! -d "$$root/cifar-10-batches-py" ]; then \
 	  if [ -f "$(CIFAR10_ARCHIVE)" ]; then mkdir -p "$$root" && tar xzf "$(CIFAR10_ARCHIVE)" -C "$$root" && echo "extracted $(CIFAR10_ARCHIVE) into $$root"; \
 	  else echo "CIFAR-10 not found under $$root: put torchvision's cifar-10-batches-py/ there, or an ImageFolder tree $$root/cifar10/{train,test}/<class>/*.jpg (set DATA_ROOT=...)" >&2; exit 1; fi; fi
 define FOLDER_CHECK
 $(1)-data:
-	@root="$(or $(DATA_ROOT),data)"; \
+	@root="$(or $(DATA_ROOT),$(FCT_DATA_ROOT),data)"; \
 	if [ ! -d "$$$$root/$(2)" ] && [ ! -d "$$$$root/$(1)/$(2)" ] && [ ! -d "$$$$root/cifar-100-python" ]; then \
 	  echo "$(1) not found under $$$$root: expected $$$$root/$(2)/<class>/<image> and $$$$root/$(3)/<class>/<image> (or the same below $$$$root/$(1)/); set DATA_ROOT=<that folder>. See data/README.md." >&2; exit 1; fi
 endef

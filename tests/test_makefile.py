@@ -156,6 +156,17 @@ def test_missing_dataset_says_where_to_put_it(dataset, layout, tmp_path):
     assert not (tmp_path / "art").exists()  # nothing ran
 
 
+def test_data_checks_follow_fct_data_root(tmp_path, monkeypatch):
+    """fct-fit reads $FCT_DATA_ROOT when --data.root is not given; the Makefile's checks look in the same place."""
+    for split in ("train", "val"):
+        (tmp_path / "folder" / split / "a").mkdir(parents=True)
+    monkeypatch.setenv("FCT_DATA_ROOT", str(tmp_path / "folder"))
+    assert make("folder-data").returncode == 0
+    monkeypatch.setenv("FCT_DATA_ROOT", str(tmp_path / "nothing"))
+    proc = make("folder-data", check=False)
+    assert proc.returncode != 0 and f"folder not found under {tmp_path / 'nothing'}" in proc.stderr
+
+
 def test_missing_cifar10_without_archive_says_where_to_put_it(tmp_path):
     proc = make("cifar10-old", f"DATA_ROOT={tmp_path}", f"ARTIFACTS={tmp_path / 'art'}",
                 f"CIFAR10_ARCHIVE={tmp_path / 'none.tar.gz'}", check=False)
@@ -183,6 +194,15 @@ def test_interrupted_stage_resumes_and_outdated_stage_is_trained_anew(tmp_path):
     out = make("-n", "digits-transformation_noside", f"ARTIFACTS={tmp_path}").stdout
     (cmd,) = commands(out, "fct-fit")
     assert option(cmd, "--stage") == "transformation" and "--overwrite" in cmd and "--ckpt_path" not in cmd
+    # h interrupted (no done.json) before new was re-trained: its last.ckpt belongs to the previous new model
+    (h / "done.json").unlink()
+    out = make("-n", "digits-transformation_noside", f"ARTIFACTS={tmp_path}").stdout
+    (cmd,) = commands(out, "fct-fit")
+    assert "--overwrite" in cmd and "--ckpt_path" not in cmd
+    # h interrupted after its upstream finished: resumed
+    os.utime(h / "last.ckpt", (time.time() - 10, time.time() - 10))
+    (cmd,) = commands(make("-n", "digits-transformation_noside", f"ARTIFACTS={tmp_path}").stdout, "fct-fit")
+    assert option(cmd, "--ckpt_path") == "last" and "--overwrite" not in cmd
     # a fresh stage starts with --overwrite too (nothing to keep aside; harmless)
     (cmd,) = commands(make("-n", "digits-bct", f"ARTIFACTS={tmp_path}").stdout, "fct-fit")
     assert option(cmd, "--stage") == "bct" and "--overwrite" in cmd

@@ -269,7 +269,10 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
             f"usage: fct-fit --stage {{{stages}}} [--dataset {{{datasets}}}] [--artifacts DIR] [--seed N] "
             "[--ckpt_path last|PATH] [--overwrite] [LightningCLI options, see fct-fit --stage S --help]"
         )
-        raise SystemExit(usage if {"-h", "--help"} & set(rest) else f"fct-fit: --stage is required.\n{usage}")
+        if {"-h", "--help"} & set(rest):
+            print(usage)
+            raise SystemExit(0)
+        raise SystemExit(f"fct-fit: --stage is required.\n{usage}")
     stage_cls = STAGES[pre.stage]
     if pre.seed < 0:
         raise SystemExit(f"fct-fit: --seed {pre.seed} is negative; use a seed of 0 or more.")
@@ -331,18 +334,33 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
         done.write_text(json.dumps({"stage": cli.stage, "dataset": cli.dataset, "epochs": cli.trainer.current_epoch,
                                     "seconds": round(seconds, 1), "monitor": cli.model.monitor, "best": score,
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    elif cli.trainer.is_global_zero and not (cli.trainer.interrupted or cli.trainer.fast_dev_run):
+        ckpt_cb = cli.trainer.checkpoint_callback
+        if ckpt_cb is not None and ckpt_cb.filename == "best":  # fct-fit's own checkpointing, not a user's
+            raise SystemExit(
+                f"fct-fit: the {cli.stage} run ended without writing {cli.out_dir / 'best.ckpt'}, which the later "
+                f"stages and fct-eval read: no validation logged {cli.model.monitor}. Check "
+                "--trainer.limit_val_batches, --trainer.check_val_every_n_epoch and --trainer.val_check_interval.")
     return cli
 
 
 def _check_validation_runs(trainer: Trainer) -> None:
     """best.ckpt, which later stages read, is written at validation: refuse a run in which none would happen."""
     every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    if epochs == 0 or trainer.max_steps == 0:
+        raise SystemExit("fct-fit: --trainer.max_epochs 0 / --trainer.max_steps 0 trains nothing and writes no "
+                         "best.ckpt for the later stages; train for at least one epoch.")
+    if trainer.limit_val_batches == 0 and not trainer.fast_dev_run:
+        raise SystemExit(
+            "fct-fit: --trainer.limit_val_batches 0 turns validation off, but best.ckpt, which the later stages and "
+            "fct-eval read, is chosen and written at validation; validate on part of the split instead "
+            "(e.g. --trainer.limit_val_batches 0.25) or less often (--trainer.check_val_every_n_epoch N).")
     if epochs == -1 and trainer.max_steps == -1:
         raise SystemExit(
             "fct-fit: --trainer.max_epochs -1 without --trainer.max_steps makes the run endless, but every stage's "
             "warm-up + cosine learning-rate schedule needs its length; set --trainer.max_epochs N or "
             "--trainer.max_steps N.")
-    if every and epochs is not None and 0 < epochs < every and trainer.limit_val_batches != 0:
+    if every and epochs is not None and 0 < epochs < every:
         raise SystemExit(
             f"fct-fit: --trainer.max_epochs {epochs} is less than --trainer.check_val_every_n_epoch {every}, so no "
             "validation would run and no best.ckpt would be written for the later stages; set "

@@ -206,6 +206,8 @@ def run_eval(
     separate = query_split is not None and query_split != gallery_split
     if separate and split is not None:
         raise ValueError("--split is the leave-one-out split; with --query_split/--gallery_split leave it out")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch_size {batch_size} must be at least 1 (images per evaluation batch)")
     artifacts = Path(artifacts)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     spaces = {s for c in cases for s in CASE_SPACES[c]}

@@ -112,6 +112,8 @@ def test_eval_reports_missing_cases(tmp_path, capsys):
     assert set(results["cases"]) == {"old/old"}
     assert set(results["missing"]) == {"new/old", "fct+side/old"}
     assert "missing" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--batch_size 0 must be at least 1"):
+        eval_main(["--artifacts", str(art), "--no_wandb", "--batch_size", "0"])
 
 
 def test_resume_continues_epoch_count(tmp_path):
@@ -339,6 +341,23 @@ def test_endless_run_is_refused(tmp_path):
     assert not (tmp_path / "digits" / "old").exists()
 
 
+@pytest.mark.parametrize("extra", [("--trainer.limit_val_batches", "0"), ("--trainer.max_epochs", "0")])
+def test_run_that_cannot_write_best_ckpt_is_refused(tmp_path, extra):
+    with pytest.raises(SystemExit, match="best.ckpt"):
+        run("old", tmp_path, *SMALL_NET, *extra)
+    assert not (tmp_path / "digits" / "old").exists()
+
+
+def test_run_that_ended_without_best_ckpt_fails(tmp_path, monkeypatch):
+    """Whatever kept best.ckpt from being written, the run does not end as a success the next stage trips over."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_topk_checkpoint", lambda self, trainer, monitor_candidates: None)
+    with pytest.raises(SystemExit, match="ended without writing .*best.ckpt"):
+        run("old", tmp_path, *SMALL_NET)
+    assert not (tmp_path / "digits" / "old" / "done.json").exists()
+
+
 def copy_with_retrained(full_chain: Path, tmp_path: Path, role: str) -> Path:
     """A copy of the chain whose ``role`` checkpoint is another file, as a second ``fct-fit --stage role`` writes."""
     import shutil
@@ -535,3 +554,11 @@ def test_warmup_and_bn_switch_follow_the_runs_length(chain, tmp_path, max_epochs
     # linear warm-up over the 4 steps of one epoch to the peak, then the cosine decay
     assert lrs[0] < lrs[1] < lrs[2] < lrs[3] == max(lrs) > lrs[5] > lrs[-1], lrs
     assert probe.bn == {0: True, 1: True, 2: False}  # frozen from epoch 1.5 of 3, i.e. from epoch 2
+
+
+def test_help_without_a_stage_is_not_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fit(["--help"])
+    assert exit_.value.code == 0 and "usage: fct-fit --stage" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--stage is required"):
+        fit([])
