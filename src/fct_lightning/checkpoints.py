@@ -133,6 +133,33 @@ def relocate_inputs(hparams: dict[str, Any], meta: dict[str, Any], path: Path) -
             hparams[key] = str(sibling)
 
 
+def check_class_names(meta: dict[str, Any], path: str | Path, role: str, current: Any) -> None:
+    """Refuse a checkpoint trained when the dataset's class list was another one.
+
+    Labels are class indices, so a checkpoint only means the same thing while every class it was trained with
+    keeps its index: the saved list (``meta["class_names"]``, recorded since it was added) must be the start of
+    ``current``. Classes added at the end are fine (a new model trained on a grown dataset); a class inserted,
+    removed or renamed would silently re-label the classes after it.
+    """
+    saved = meta.get("class_names")
+    if not saved or current is None:
+        return
+    current = [str(c) for c in current]
+    if current[: len(saved)] == list(saved):
+        return
+    changed = [f"index {i}: {a!r} then, {b!r} now" for i, (a, b) in enumerate(zip(saved, current, strict=False))
+               if a != b]
+    if len(current) < len(saved):
+        changed.append(f"{len(saved) - len(current)} class(es) gone, e.g. {list(saved[len(current):])[:3]}")
+    raise CheckpointError(
+        f"the {role} checkpoint {path} was trained when the dataset had another class list ({len(saved)} classes "
+        f"then, {len(current)} now; {'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): its class "
+        "indices would now stand for other classes. Restore the class folders it was trained with, pin the old "
+        "order with a classes.txt listing its classes first (new ones after them), or re-train the stages from "
+        f"{role} on."
+    )
+
+
 def check_dims(expected: int, got: int, what: str, path: str | Path, fix: str) -> None:
     """Raise a clear error when two embedding dimensions that must agree do not."""
     if expected != got:

@@ -227,6 +227,7 @@ def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> None:
     this run builds; otherwise Lightning fails deep inside loading with a size-mismatch traceback."""
     from fct_lightning.checkpoints import (
         CheckpointError,
+        check_class_names,
         checkpoint_meta,
         read_checkpoint,
     )
@@ -241,6 +242,7 @@ def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> None:
         raise CheckpointError(
             f"--ckpt_path {path} was trained on '{meta['dataset']}' but this run uses --dataset {cli.dataset}; "
             f"pass --dataset {meta['dataset']} or a checkpoint of {cli.dataset}.")
+    check_class_names(meta, path, cli.stage, getattr(cli.datamodule, "class_names", None))
     own = cli.model.state_dict()
     frozen = getattr(cli.model, "frozen_prefixes", ())
     saved = ckpt["state_dict"]

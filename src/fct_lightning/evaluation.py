@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from fct_lightning.checkpoints import CheckpointError, load_stage
+from fct_lightning.checkpoints import CheckpointError, check_class_names, load_stage
 from fct_lightning.data import DATAMODULES
 from fct_lightning.retrieval import CASES, evaluate
 
@@ -219,6 +219,8 @@ def run_eval(
     kwargs = stage_data_config(artifacts, dataset)
     kwargs.update({k: v for k, v in (("root", data_root), ("eval_split", split), ("eval_batch_size", batch_size)) if v})
     dm = DATAMODULES[dataset](**kwargs)
+    for _, _, meta in embedders.values():  # labels are class indices: the class list must be the one trained on
+        check_class_names(meta, meta["path"], meta["stage"], getattr(dm, "class_names", None))
     if separate and query_split not in dm.splits:
         raise ValueError(f"query_split={query_split!r} is not a split of {dataset}; allowed: {dm.splits}")
 
@@ -289,6 +291,7 @@ def run_backfill(
         # compared with its training digests while loading (RetrievalStage.on_load_checkpoint); here they are
         # compared with the old/new checkpoints of the chain whose cases these curves sit next to
         module, meta = load_stage(path, path.parent.name, ("transformation",), dataset)
+        check_class_names(meta, path, path.parent.name, getattr(dm, "class_names", None))
         used = dict(chain or {})  # the models the cases (and the separate queries) were embedded with
         if queries is not None and "new" not in used:
             used["new"] = {"path": "the separate queries' new model", "digest": queries[2]}

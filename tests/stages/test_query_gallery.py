@@ -92,3 +92,28 @@ def test_eval_reads_the_folders_training_used(tmp_path):
                "--cases", "old/old,new/new,new/old", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["meta"]["n_items"] == 8 and set(res["cases"]) == {"old/old", "new/new", "new/old"}
+
+
+def test_a_class_inserted_in_the_tree_is_refused_and_one_appended_is_not(tmp_path):
+    """Labels are class indices in folder order: a class folder that sorts before the old model's classes would
+    re-label them under BCT, fct-eval and a resume; one that sorts after them keeps every index."""
+    import shutil
+
+    from fct_lightning.checkpoints import CheckpointError
+
+    root = make_imagefolder(tmp_path / "data", ["c0", "c1", "c2", "c3"], {"train": 4, "val": 2}, size=16)
+    art = tmp_path / "art"
+    common = ["--dataset", "folder", "--artifacts", str(art), "--data.root", str(root), *SMALL, *NET]
+    fit(["--stage", "old", *common])
+    for split in ("train", "val"):  # grown at the end: still the same classes at the same indices
+        shutil.copytree(root / split / "c3", root / split / "z_new")
+    fit(["--stage", "bct", *common])
+    for split in ("train", "val"):  # a folder that sorts first: every index moves
+        shutil.copytree(root / split / "c0", root / split / "a_new")
+    with pytest.raises(CheckpointError, match=r"another class list .*index 0: 'c0' then, 'a_new' now"):
+        fit(["--stage", "bct", *common, "--overwrite"])
+    with pytest.raises(CheckpointError, match="another class list"):
+        fit(["--stage", "old", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    with pytest.raises(SystemExit, match="another class list"):
+        eval_main(["--dataset", "folder", "--artifacts", str(art), "--data_root", str(root), "--no_wandb",
+                   "--cases", "old/old"])

@@ -175,8 +175,29 @@ class RetrievalStage(pl.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def fct_metadata(self) -> dict[str, Any]:
-        """What later stages check when they load this checkpoint."""
-        return {"stage": self.stage, "dataset": self.dataset}
+        """What later stages check when they load this checkpoint: stage, dataset and the dataset's class names
+        in index order (labels are indices: a class list changed since would re-label the classes)."""
+        meta = {"stage": self.stage, "dataset": self.dataset}
+        names = self.dataset_class_names()
+        if names is not None:
+            meta["class_names"] = names
+        return meta
+
+    def dataset_class_names(self) -> list[str] | None:
+        """The attached datamodule's class names in index order (None without a trainer or datamodule)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "class_names", None)
+        return None if names is None else [str(n) for n in names]
+
+    def check_frozen_classes(self) -> None:
+        """Each frozen upstream model must have been trained on this run's class list (see
+        :func:`~fct_lightning.checkpoints.check_class_names`)."""
+        from fct_lightning.checkpoints import check_class_names
+
+        current = self.dataset_class_names()
+        for role, meta in self.frozen_inputs().items():
+            if meta:
+                check_class_names(meta, meta.get("path", role), role, current)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fct"] = self.fct_metadata()

@@ -51,6 +51,7 @@ class BCTModel(EmbeddingModel):
 
     def setup(self, stage: str) -> None:
         if self.old_net is not None:
+            self.check_frozen_classes()
             return
         old, self.old_meta = load_stage(self.old_checkpoint, "old", ("old",), self.dataset or None)
         check_dims(self.embedding_dim, old.embedding_dim, "the old embedding", self.old_checkpoint,
@@ -58,6 +59,7 @@ class BCTModel(EmbeddingModel):
         self.old_net = freeze(old.net).to(self.device)
         self.old_classifier = freeze(old.classifier)
         self._old_classes = old.classes
+        self.check_frozen_classes()
 
     def fct_metadata(self) -> dict[str, Any]:
         return {**super().fct_metadata(), "old_digest": self.old_meta.get("digest")}

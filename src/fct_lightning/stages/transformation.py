@@ -198,6 +198,7 @@ class TransformationModel(RetrievalStage):
         (to count the steps of the learning-rate schedule) and keeps that first loader: swapping it later
         would leave h training on images through the frozen models, i.e. on the fly.
         """
+        self.check_frozen_classes()
         if stage == "fit" and self.uncertainty and self.fastfill_terms[1]:
             unknown = sorted(set(self.trainer.datamodule.train_class_ids) - set(self.new_classes))
             if unknown:
