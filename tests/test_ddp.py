@@ -81,3 +81,13 @@ def test_an_evaluation_error_on_rank_0_stops_every_rank(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("validation embeddings of space 'b' are NaN") >= 2, proc.stderr[-3000:]
 
+
+
+def test_ddp_spawn_reports_the_epochs_and_score_of_the_spawned_run(tmp_path):
+    """Under ddp_spawn the launching process does not train: done.json reads the outcome back from last.ckpt."""
+    spawn = [*FIT[:FIT.index("ddp")], "ddp_spawn", *FIT[FIT.index("ddp") + 1:]]
+    spawn[spawn.index("--trainer.max_epochs") + 1] = "2"
+    proc = _run([*spawn, "--stage", "old", "--artifacts", str(tmp_path / "art")], tmp_path)
+    done = json.loads((tmp_path / "art" / "digits" / "old" / "done.json").read_text())
+    assert done["epochs"] == 2 and done["best"] is not None
+    assert "(2 epochs)" in proc.stderr + proc.stdout

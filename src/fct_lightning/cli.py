@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import (
     Callback,
@@ -329,11 +330,10 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     seconds = time.perf_counter() - start
-    rank_zero_info(_summary(cli, seconds))
+    epochs, score = _outcome(cli)
+    rank_zero_info(_summary(cli, seconds, epochs, score))
     if cli.trainer.is_global_zero and (cli.out_dir / "best.ckpt").is_file():
-        ckpt_cb = cli.trainer.checkpoint_callback
-        score = None if ckpt_cb is None or ckpt_cb.best_model_score is None else float(ckpt_cb.best_model_score)
-        done.write_text(json.dumps({"stage": cli.stage, "dataset": cli.dataset, "epochs": cli.trainer.current_epoch,
+        done.write_text(json.dumps({"stage": cli.stage, "dataset": cli.dataset, "epochs": epochs,
                                     "seconds": round(seconds, 1), "monitor": cli.model.monitor, "best": score,
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     elif cli.trainer.is_global_zero and not (cli.trainer.interrupted or cli.trainer.fast_dev_run):
@@ -370,14 +370,33 @@ def _check_validation_runs(trainer: Trainer) -> None:
         )
 
 
-def _summary(cli: FCTCLI, seconds: float) -> str:
+def _outcome(cli: FCTCLI) -> tuple[int, float | None]:
+    """Epochs trained and the best monitored value. Under ``ddp_spawn`` the training ran in other processes and
+    this one's trainer and callbacks did not move: the values are then read back from ``last.ckpt``."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import (
+        _MultiProcessingLauncher,
+    )
+
+    ckpt_cb = cli.trainer.checkpoint_callback
+    epochs = cli.trainer.current_epoch
+    score = None if ckpt_cb is None or ckpt_cb.best_model_score is None else float(ckpt_cb.best_model_score)
+    last = cli.out_dir / "last.ckpt"
+    if isinstance(cli.trainer.strategy.launcher, _MultiProcessingLauncher) and last.is_file():
+        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        epochs = int(saved.get("epoch", -1)) + 1
+        states = [v for k, v in saved.get("callbacks", {}).items() if str(k).startswith("ModelCheckpoint")]
+        best = next((v["best_model_score"] for v in states if v.get("best_model_score") is not None), None)
+        score = None if best is None else float(best)
+    return epochs, score
+
+
+def _summary(cli: FCTCLI, seconds: float, epochs: int, score: float | None) -> str:
     """One line per stage for logs: wall time, best monitored value and the last epoch's retrieval metrics."""
     variant = "" if cli.out_dir.name == cli.stage else f" ({cli.out_dir.name})"
     lines = [(f"fct-fit: stage {cli.stage}{variant} on {cli.dataset} done in {seconds:.1f} s "
-              f"({cli.trainer.current_epoch} epochs); checkpoints in {cli.out_dir}")]
-    ckpt = cli.trainer.checkpoint_callback
-    if ckpt is not None and ckpt.best_model_score is not None:
-        lines.append(f"  best {ckpt.monitor} = {float(ckpt.best_model_score):.4f}")
+              f"({epochs} epochs); checkpoints in {cli.out_dir}")]
+    if score is not None:
+        lines.append(f"  best {cli.model.monitor} = {score:.4f}")
     for cb in cli.trainer.callbacks:
         if isinstance(cb, RetrievalEvaluation):
             for case, m in cb.results.items():

@@ -126,3 +126,22 @@ def test_set_epoch_also_fixes_the_worker_base_seed():
     resumed = loader()
     resumed.sampler.set_epoch(2)
     assert iter(resumed)._base_seed == seeds[2] and len(set(seeds)) == 3
+
+
+def test_ranks_without_workers_draw_their_own_augmentation():
+    """seed_everything gives every DDP rank the same global generator; without workers the per-item training
+    augmentation draws from it, so each rank's loader re-seeds it with its rank (one process: untouched)."""
+    from types import SimpleNamespace
+
+    def first_draw(rank, world):
+        dm = DigitsDataModule(batch_size=32, train_classes=5)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        torch.manual_seed(7)
+        dm.train_dataloader()
+        return torch.rand(3)
+
+    torch.manual_seed(7)
+    untouched = torch.rand(3)
+    assert torch.equal(first_draw(0, 1), untouched)
+    assert not torch.equal(first_draw(0, 2), first_draw(1, 2))

@@ -315,6 +315,16 @@ def test_feature_cache_is_keyed_by_the_data_path(chain, tmp_path):
     assert len(list(cache.glob("*/features.pt"))) == 2
 
 
+def test_in_memory_feature_cache_is_keyed_by_the_batching(chain, tmp_path):
+    """In memory, cached views are drawn per rank and batch: another evaluation batch size is another cache."""
+    cache = tmp_path / "cache"
+    common = h_into(cache, tmp_path / "out", chain)
+    for batch in ("100", "64", "100"):
+        run("transformation", chain, *common, "--data.in_memory_gpu", "true", "--data.eval_batch_size", batch,
+            "--overwrite")
+    assert len(list(cache.glob("*/features.pt"))) == 2
+
+
 def test_feature_cache_is_keyed_by_the_split_content(chain, tmp_path, monkeypatch):
     """Files added to, removed from or edited in a folder split change its content key, and so h's feature cache
     (digits' arrays never change: the key is stood in for here)."""

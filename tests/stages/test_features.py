@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -154,3 +156,37 @@ def test_feature_batches_leave_out_a_one_item_tail():
     assert [[len(b["labels"]) for b in s] for s in shards] == [[4], [4]] and len(shards[0]) == 1
     assert [len(b["labels"]) for b in FeatureBatches(feats, batch_size=3)] == [3, 3, 3]
     assert [len(b["labels"]) for b in FeatureBatches(feats, batch_size=5)] == [5, 4]
+
+
+def test_two_ddp_jobs_building_one_cache_take_turns(tmp_path):
+    """Two 2-rank jobs (threads here, each rank its own lock file handle) want the same cache at once: one job
+    computes and merges its parts, the other waits for it and loads the result; no part is read or deleted by
+    the wrong job."""
+    import threading
+
+    n, world = 10, 2
+    calls: list[str] = []
+    results: dict[str, dict] = {}
+    barriers = {job: threading.Barrier(world) for job in "ab"}
+
+    def compute(job, rank):
+        def run():
+            calls.append(job)
+            idx = torch.arange(rank, n, world)
+            time.sleep(0.2)  # long enough for the other job to try the lock meanwhile
+            return {"index": idx, "labels": idx % 3, "old": idx.float().view(1, -1, 1).expand(1, -1, 4).clone()}
+        return run
+
+    def rank_main(job, rank):
+        results[f"{job}{rank}"] = build_or_load(tmp_path, "k", compute(job, rank), rank=rank, world_size=world,
+                                                barrier=barriers[job].wait)
+
+    threads = [threading.Thread(target=rank_main, args=(job, r)) for job in "ab" for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 4 and len(calls) == world and len(set(calls)) == 1  # one job computed, on both ranks
+    for res in results.values():
+        assert torch.equal(res["index"], torch.arange(n)) and torch.equal(res["old"][0, :, 0], torch.arange(n).float())
+    assert not list(tmp_path.glob("k/part-*"))

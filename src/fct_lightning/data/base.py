@@ -57,13 +57,15 @@ def files_fingerprint(paths: Sequence[str], base: str | Path) -> str:
 
     Caches derived from the files (decoded images, embedded features) are keyed by it, so an edited, added,
     removed or replaced file makes them be built again, also when the edit keeps the file's size (uncompressed
-    formats). Moving the tree keeps it (relative paths; ``mv`` and ``cp -p`` keep the times).
+    formats). Moving the tree keeps it (relative paths; ``mv`` and ``cp -p`` keep the times). Paths are hashed as
+    the file system's bytes (:func:`os.fsencode`), so names that are not valid UTF-8 work too (the same hash as the
+    UTF-8 encoding for every valid name).
     """
     import hashlib
 
     h = hashlib.sha1()
     for p, st in zip(paths, stat_all(paths)):
-        h.update(f"{os.path.relpath(p, base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(os.path.relpath(p, base)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -420,6 +422,10 @@ class RetrievalDataModule(pl.LightningDataModule):
         ds = self.dataset("train", self.train_class_ids, self.augment, self.views)
         gen = torch.Generator().manual_seed(mix_seed(self.seed, 0, 1))
         world = self.trainer.world_size if self.trainer is not None else 1  # DistributedSampler: ceil(N / world)
+        if world > 1 and self.num_workers == 0:
+            # the training augmentation draws from this process's generator, which seed_everything seeds alike on
+            # every rank: the k-th item of each rank would get the same crop. (Workers are seeded per rank.)
+            torch.manual_seed(mix_seed(torch.initial_seed(), self.trainer.global_rank))
         return self._dataloader(ds, self.batch_size, sampler=EpochShuffleSampler(ds, self.seed, gen), generator=gen,
                                 drop_last=single_item_tail(math.ceil(len(ds) / world), self.batch_size))
 

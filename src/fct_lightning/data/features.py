@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,9 @@ def embed_views(
 def merge_parts(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate per-rank parts, order the items by index and drop repeats.
 
-    Repeats come from loaders that shard themselves with padding (the in-memory loader under DDP); a repeated
-    item has the same seeded augmentation on every rank, so either copy is the same.
+    Repeats come from loaders that shard themselves with padding (the in-memory loader under DDP); the lowest
+    rank's copy is kept. (In memory the augmentation is drawn per rank and batch, so the copies may differ; the
+    cache key holds the world size and batch size for that reason.)
     """
     index = torch.cat([p["index"] for p in parts])
     order = torch.argsort(index, stable=True)
@@ -141,29 +143,42 @@ def build_or_load(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
 ) -> dict[str, Tensor]:
-    """Load ``<cache_dir>/<key>/features.pt`` or compute it (each rank its part, rank 0 merges)."""
+    """Load ``<cache_dir>/<key>/features.pt`` or compute it (each rank its part, rank 0 merges).
+
+    Separate jobs that want the same cache at once (`make -j` training h with and without the uncertainty head,
+    single-process or DDP) take turns on a file lock held by their rank 0: the first builds the cache, the others
+    then load it. The ranks of one DDP job wait for their rank 0 at a barrier, then see the same cache state;
+    their parts carry the job's token (written by rank 0 under the lock) and appear atomically, so two jobs never
+    read or delete each other's parts. A job waiting for another's build waits at that barrier, within the
+    process group's timeout.
+    """
     folder = Path(cache_dir) / key
     path = folder / "features.pt"
     folder.mkdir(parents=True, exist_ok=True)
-    # Separate single-process jobs that want the same cache at once (`make -j` training h with and without the
-    # uncertainty head) take turns on a file lock: the first builds it, the others then load it. The ranks of
-    # one DDP job coordinate with barriers instead.
-    with _exclusive(folder / "build.lock") if world_size == 1 else contextlib.nullcontext():
+    token_file = folder / "job.token"
+    with _exclusive(folder / "build.lock") if rank == 0 else contextlib.nullcontext():
+        if world_size > 1:
+            if rank == 0:
+                token_file.write_text(f"{os.getpid()}-{time.time_ns()}")
+            barrier()  # every rank now sees the state rank 0 locked: the cache is there or this job builds it
         if path.is_file():
             log.info("reusing feature cache %s", path)
         else:
             part = compute()
+            token = token_file.read_text().strip() if world_size > 1 else ""
+            names = [folder / f"part-{token}-{r}-of-{world_size}.pt" for r in range(world_size)]
             if world_size > 1:
-                torch.save(part, folder / f"part-{rank}-of-{world_size}.pt")
+                tmp = names[rank].with_name(names[rank].name + ".tmp")
+                torch.save(part, tmp)
+                tmp.replace(names[rank])
                 barrier()
             if rank == 0:
-                parts = [part] if world_size == 1 else [
-                    torch.load(folder / f"part-{r}-of-{world_size}.pt") for r in range(world_size)]
+                parts = [part] if world_size == 1 else [torch.load(n) for n in names]
                 tmp = folder / f"features.pt.{os.getpid()}.tmp"
                 torch.save(merge_parts(parts), tmp)
                 tmp.replace(path)
-                for r in range(world_size):
-                    (folder / f"part-{r}-of-{world_size}.pt").unlink(missing_ok=True)
+                for n in names:
+                    n.unlink(missing_ok=True)
                 log.info("feature cache written to %s", path)
             barrier()
     try:

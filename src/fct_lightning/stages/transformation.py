@@ -219,6 +219,9 @@ class TransformationModel(RetrievalStage):
             # which images, and which augmentation pipeline drew the views (per item or batched in memory)
             images=[str(Path(dm.root).resolve()) if getattr(dm, "root", None) is not None else None,
                     getattr(dm, "train_dir", None), bool(getattr(dm, "in_memory_gpu", False))],
+            # in memory, views are drawn per rank and batch: the same seed gives other views at another world size
+            # or evaluation batch size (per item they depend on the item alone)
+            batching=[self.trainer.world_size, dm.eval_batch_size] if getattr(dm, "in_memory_gpu", False) else None,
             # and what the files hold: an image added, removed or edited in a folder dataset is a new cache
             content=dm.content_key("train") if hasattr(dm, "content_key") else None,
         )
