@@ -118,3 +118,19 @@ def make_cifar_pickles(
         _dump(out / split, {"fine_labels": y, "coarse_labels": [c // 5 for c in y], "data": x})
     _dump(out / "meta", {"fine_label_names": CIFAR100_CLASSES, "coarse_label_names": [f"c{i}" for i in range(20)]})
     return out
+
+
+def save_image(path: str | Path, array: np.ndarray, exif_orientation: int | None = None, **kwargs) -> Path:
+    """Write ``array`` (``[H, W]`` or ``[H, W, C]``, any dtype Pillow accepts) with Pillow, parents created.
+
+    The format follows the extension unless ``format=`` is given; ``exif_orientation`` stores an EXIF Orientation
+    tag (6 = "rotate 90 degrees clockwise to display", as a phone's portrait photo).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    Image.fromarray(array).save(path, **kwargs)
+    return path

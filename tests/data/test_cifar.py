@@ -65,7 +65,7 @@ def test_cifar_imagefolder_canonical_order(tmp_path):
     assert len(src) == 30 and src.images.shape == (30, 3, 32, 32)
     assert src.targets.tolist() == [i for i in range(10) for _ in range(3)]
     assert len(dm.source("test")) == 18 and 8 not in dm.source("test").targets.tolist()  # no "ship" in test
-    assert list((tmp_path / "cifar10" / ".cache").glob("decoded-30-*.npy"))
+    assert list((tmp_path / "cifar10" / ".cache").glob("decoded-train-s32-30-*.npy"))
     again = CIFAR10DataModule(root=str(tmp_path / "cifar10")).source("train")  # served from the .npy cache
     assert torch.equal(again.images, src.images)
     # prepare_data (one process per node under DDP) decodes both splits, so the other ranks only read the cache
@@ -144,3 +144,19 @@ def test_real_cifar10_jpeg_archive(tmp_path):
     cached = time.perf_counter() - t
     print(f"decode {first:.1f}s, from cache {cached:.2f}s")
     assert cached < first
+
+
+def test_cifar_imagefolder_one_folder_per_class_and_no_empty_training_class(tmp_path):
+    """A tree holding both ``cat/`` and ``3/`` (one class's name and index) is refused instead of merged; a training
+    class folder without images is refused; an empty test class folder is fine."""
+    make_imagefolder(tmp_path / "a", ["cat", "3", "dog"], ("train", "test"), per_class=1, size=32)
+    with pytest.raises(ValueError, match=r"\['3', 'cat'\] are all class 3 \('cat'\).*one folder per class"):
+        CIFAR10DataModule(root=str(tmp_path / "a"), cache_decoded=False).source("train")
+    make_imagefolder(tmp_path / "b", ["cat", "dog"], ("train", "test"), per_class=1, size=32)
+    for split in ("train", "test"):
+        (tmp_path / "b" / split / "dog" / "0000.jpg").unlink()
+        (tmp_path / "b" / split / "dog" / ".DS_Store").write_bytes(b"Bud1")
+    dm = CIFAR10DataModule(root=str(tmp_path / "b"), cache_decoded=False)
+    assert dm.source("test").targets.tolist() == [3]
+    with pytest.raises(ValueError, match=r"class folders \['dog'\] \(1 of 2\) hold no images"):
+        dm.source("train")

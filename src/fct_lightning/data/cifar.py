@@ -5,7 +5,9 @@ Accepted layouts, searched in ``root`` and then in ``root/<name>`` (``name`` = `
 * torchvision's files: ``cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` or
   ``cifar-100-python/{train, test, meta}`` (``download=True`` fetches them in ``prepare_data``; offline it fails);
 * an ImageFolder tree ``<train_dir>/<class>/*.jpg|png`` and ``<eval_dir>/<class>/...``, class folders named by
-  the canonical class names (or by their integer index). The offline JPEG archive extracts to
+  the canonical class names (or by their integer index; one folder per class: a split holding both ``cat/`` and
+  ``3/`` is refused), read as in :mod:`fct_lightning.data.folder` (sub-folders searched, hidden files skipped,
+  a training class folder without images refused). The offline JPEG archive extracts to
   ``<dir>/cifar10/{train,test}/<class>/NNNN.jpg``: point ``root`` at ``<dir>`` or ``<dir>/cifar10``.
 
 Class index order is the canonical CIFAR order (torchvision's ``classes``, alphabetical for both datasets),
@@ -13,8 +15,8 @@ whatever the layout. Splits are ``"train"`` and ``"test"``.
 
 ImageFolder splits of at most ``MAX_IN_MEMORY`` images are decoded once (batched libjpeg decoding, about 5 s for
 CIFAR-10's 60k JPEGs on 2 CPU cores) into one uint8 tensor, so epochs are not bound by JPEG decoding; the decoded
-array is cached as ``<dataset dir>/.cache/decoded-<N>-<hash of the file list>.npy`` (``cache_decoded=False``
-disables it; a read-only tree just skips it). Larger splits are decoded lazily per item.
+array is cached as ``<dataset dir>/.cache/decoded-<split folder>-s32-<N>-<hash of the file list>.npy``
+(``cache_decoded=False`` disables it; a read-only tree just skips it; a new cache replaces the split's older ones). Larger splits are decoded lazily per item.
 """
 
 from __future__ import annotations
@@ -174,14 +176,14 @@ class CIFARDataModule(RetrievalDataModule):
         if not split_dir.is_dir():
             raise FileNotFoundError(f"{self.name}: split folder {split_dir} is missing; {self.layout_help()}")
         mapping = {n: i for i, n in enumerate(self.class_names)} | {str(i): i for i in range(self.num_classes)}
-        paths, targets = list_images(split_dir, mapping)
+        paths, targets = list_images(split_dir, mapping, require_images=split == "train")
         if not paths:
             raise FileNotFoundError(f"{self.name}: no images in {split_dir}; {self.layout_help()}")
         if len(paths) > MAX_IN_MEMORY:
             return ImageFiles(paths, targets)
         cache = where / ".cache" if self.cache_decoded else None
         self._fingerprints[split] = fp = files_fingerprint(paths, where)
-        return TensorImages(decode_all(paths, 32, cache, fingerprint=fp), torch.as_tensor(targets))
+        return TensorImages(decode_all(paths, 32, cache, fingerprint=fp, cache_tag=split_dir.name), torch.as_tensor(targets))
 
 
 _CIFAR_ARGS = """

@@ -1,37 +1,50 @@
 """ImageFolder datasets: ImageNet-1k, Places-365, VGGFace2 (and the helpers the CIFAR folder layout uses).
 
 Layout: ``<root>/<train_dir>/<class>/<image>`` and ``<root>/<eval_dir>/<class>/<image>`` (``.jpg``, ``.jpeg``,
-``.png``, ``.bmp``, ``.webp``, ``.ppm``, ``.pgm``, ``.tif``, ``.tiff``, any case); ``root`` may also be the
-directory that contains ``<name>/`` (e.g. ``data/`` holding ``data/imagenet/train/...``).
+``.jfif``, ``.png``, ``.bmp``, ``.webp``, ``.gif``, ``.ppm``, ``.pgm``, ``.tif``, ``.tiff``, any case); ``root``
+may also be the directory that contains ``<name>/`` (e.g. ``data/`` holding ``data/imagenet/train/...``), which is
+preferred when both hold ``<train_dir>/`` (see :func:`find_dataset_dir`).
+
+A class folder is searched recursively, as torchvision's ``ImageFolder`` does: images in its sub-folders (e.g.
+``train/<class>/batch1/*.jpg``) belong to the class, symlinked files and folders are followed (a symlink back to a
+folder above it is not walked twice). Hidden files and folders (names starting with ``.``, e.g. macOS ``._*.jpg``
+and ``.DS_Store``) are skipped. Broken symlinks and files of image formats that are not read here (HEIC, AVIF, ...)
+are skipped with a warning naming a few. Every class folder of the training split must hold an image.
 
 Class order (class index = position), fixed once from the training split's folder names in ``__init__``:
 
-1. ``<dataset dir>/classes.txt`` (one folder name per line, in index order) when present; every class folder
-   must be listed;
-2. otherwise, if every folder name is an integer, numeric order (``"10"`` comes after ``"9"``);
+1. ``<dataset dir>/classes.txt`` (one folder name per line, in index order, UTF-8 with or without a BOM) when
+   present; every class folder must be listed;
+2. otherwise, if every folder name is a decimal integer, numeric order (``"10"`` comes after ``"9"``; ``"01"``
+   after ``"1"``);
 3. otherwise sorted names (ImageNet wnids ``n01440764 ...`` in sorted order = the standard 1k index order;
    VGGFace2 ``n000002 ...``; Places-365 category folders).
 
-Class folders of the evaluation split must be known classes; a class may be missing there. Files within a class
-are sorted by name, classes are visited in index order, so item positions are stable. Images are decoded lazily
-(:func:`torchvision.io.decode_image`, forced to RGB) in the DataLoader workers; with ``in_memory_gpu=True`` a split
-is instead decoded once into one uint8 tensor and augmented in whole batches (small folders; see
-:class:`FolderDataModule`).
+Class names are compared in Unicode NFC form (``class_names`` holds them so), so a split copied by macOS (NFD
+names) still matches. Class folders of the evaluation split must be known classes; a class may be missing there.
+Files within a class are sorted by their path below the class folder, classes are visited in index order, so item
+positions are stable. Images are decoded lazily (:func:`torchvision.io.decode_image`, forced to RGB, EXIF
+orientation applied) in the DataLoader workers; with ``in_memory_gpu=True`` a split is instead decoded once into
+one uint8 tensor and augmented in whole batches (small folders; see :class:`FolderDataModule`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
-from collections.abc import Sequence
+import re
+import time
+import unicodedata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from fct_lightning.data.base import RetrievalDataModule, TensorImages, files_fingerprint
@@ -40,7 +53,23 @@ from fct_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
+JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jfif")
+OTHER_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".jpe", ".pbm", ".pnm", ".ico", ".tga",
+                          ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw", ".raw", ".exr", ".hdr", ".dcm")
+"""Image formats that are not read: such files in a class folder are reported (skipped) rather than ignored."""
+
+DECODER_VERSION = 2
+"""Part of the decoded-image cache key; raise it whenever a change makes decoded pixels differ (2: EXIF orientation,
+16-bit / 32-bit / float images read through Pillow scaled instead of clipped)."""
+
+STALE_TMP_S = 3600.0
+"""A cache ``*.tmp`` file not written to for this long belongs to a writer that died: it is removed."""
+
+
+def nfc(name: str) -> str:
+    """``name`` in Unicode normal form C (how class names are compared)."""
+    return unicodedata.normalize("NFC", name)
 
 
 def list_class_dirs(split_dir: Path) -> list[str]:
@@ -50,9 +79,22 @@ def list_class_dirs(split_dir: Path) -> list[str]:
 
 
 def order_classes(names: Sequence[str], classes_txt: Path | None = None) -> list[str]:
-    """Class names in index order (see the module docstring for the rule)."""
+    """Class names (NFC) in index order (see the module docstring for the rule).
+
+    Raises:
+        ValueError: two folders have the same name in different Unicode forms, ``classes.txt`` lists a name twice
+            or lacks a folder.
+    """
+    by_nfc: dict[str, list[str]] = {}
+    for n in names:
+        by_nfc.setdefault(nfc(n), []).append(n)
+    twins = [sorted(v) for v in by_nfc.values() if len(v) > 1]
+    if twins:
+        raise ValueError(f"class folders {[ascii(n) for n in twins[0]]} are one name in different Unicode forms "
+                         f"(NFC / NFD, e.g. one copied from macOS); rename or merge them")
+    names = list(by_nfc)
     if classes_txt is not None and classes_txt.is_file():
-        listed = [ln.strip() for ln in classes_txt.read_text().splitlines() if ln.strip()]
+        listed = [nfc(ln.strip()) for ln in classes_txt.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         if len(set(listed)) != len(listed):
             raise ValueError(f"{classes_txt} lists a class name twice")
         missing = sorted(set(names) - set(listed))
@@ -60,36 +102,138 @@ def order_classes(names: Sequence[str], classes_txt: Path | None = None) -> list
             raise ValueError(f"class folders {missing[:5]} are not listed in {classes_txt} "
                              f"({len(missing)} missing); add them or remove the file")
         return listed
-    if names and all(n.isdigit() for n in names):
-        return sorted(names, key=int)
+    if names and all(n.isdecimal() for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
     return sorted(names)
 
 
-def list_images(split_dir: Path, class_to_idx: dict[str, int]) -> tuple[list[str], list[int]]:
-    """All image paths of a split, class by class in index order, files sorted; with their labels."""
+def find_images(class_dir: str | Path) -> tuple[list[str], list[str]]:
+    """Image files below ``class_dir`` (recursively) and the files skipped there, each with the reason.
+
+    Symlinked files and folders are followed; a folder that is its own ancestor (a symlink loop) is not walked
+    again (silently: its images are listed already). Hidden files and folders are ignored. Images are sorted by
+    their path components below ``class_dir``.
+    Skipped (reported, not read): broken symlinks, image-like files that are not regular files, files with an
+    extension of :data:`OTHER_IMAGE_EXTENSIONS`, folders that cannot be read.
+    """
+    found: list[tuple[tuple[str, ...], str]] = []
+    skipped: list[str] = []
+
+    def walk(folder: str, rel: tuple[str, ...], ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:  # a symlink to a folder above it: its images are already listed
+                return
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as err:
+            skipped.append(f"{folder} (unreadable folder: {err.strerror or err})")
+            return
+        ancestors = ancestors | {key}
+        for e in entries:
+            name = e.name
+            if name.startswith("."):
+                continue
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()  # both follow symlinks; free for plain entries
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                walk(e.path, (*rel, name), ancestors)
+            elif name.lower().endswith(IMG_EXTENSIONS):
+                if is_file:
+                    found.append(((*rel, name), e.path))
+                else:
+                    skipped.append(f"{e.path} ({'broken symlink' if e.is_symlink() else 'not a regular file'})")
+            elif e.is_symlink() and not is_file:
+                skipped.append(f"{e.path} (broken symlink)")
+            elif name.lower().endswith(OTHER_IMAGE_EXTENSIONS):
+                skipped.append(f"{e.path} (a format that is not read; convert it to JPEG or PNG)")
+
+    walk(os.fspath(class_dir), (), frozenset())
+    found.sort()
+    return [p for _, p in found], skipped
+
+
+def list_images(split_dir: Path, class_to_idx: Mapping[str, int],
+                require_images: bool = False) -> tuple[list[str], list[int]]:
+    """All image paths of a split, class by class in index order (see :func:`find_images`); with their labels.
+
+    Args:
+        split_dir: the split folder, holding one folder per class.
+        class_to_idx: class index of each accepted folder name (compared in NFC form); several names may map to
+            one index (CIFAR accepts ``cat/`` or ``3/``), but a split may use only one folder per class.
+        require_images: refuse class folders that hold no image (the training split: a class without images
+            cannot be learnt, and would still count as a class).
+
+    Raises:
+        ValueError: unknown class folders, two folders of one class, or (``require_images``) empty class folders.
+    """
+    lookup = {nfc(n): i for n, i in class_to_idx.items()}
+    canonical: dict[int, str] = {}
+    for n, i in class_to_idx.items():
+        canonical.setdefault(i, n)
     present = list_class_dirs(split_dir)
-    unknown = sorted(set(present) - set(class_to_idx))
+    unknown = sorted(n for n in present if nfc(n) not in lookup)
     if unknown:
         raise ValueError(f"{split_dir} has class folders {unknown[:5]} that are not classes of the dataset "
                          f"(known: {list(class_to_idx)[:5]}...); check the layout or classes.txt")
+    folders: dict[int, list[str]] = {}
+    for n in present:
+        folders.setdefault(lookup[nfc(n)], []).append(n)
+    clashes = {i: sorted(ns) for i, ns in sorted(folders.items()) if len(ns) > 1}
+    if clashes:
+        i, ns = next(iter(clashes.items()))
+        raise ValueError(f"{split_dir} has several folders for one class: {ns} are all class {i} "
+                         f"({canonical[i]!r}){f' (and {len(clashes) - 1} more classes)' if len(clashes) > 1 else ''}; "
+                         f"keep one folder per class (move the images into one of them)")
     paths: list[str] = []
     targets: list[int] = []
-    for name in sorted(present, key=class_to_idx.__getitem__):
-        cdir = split_dir / name
-        with os.scandir(cdir) as it:
-            files = sorted(e.name for e in it if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-        paths += [str(cdir / f) for f in files]
-        targets += [class_to_idx[name]] * len(files)
+    skipped: list[str] = []
+    empty: list[str] = []
+    for i, names in sorted(folders.items()):  # one folder per class (checked above)
+        name = names[0]
+        files, bad = find_images(split_dir / name)
+        skipped += bad
+        if not files:
+            empty.append(name)
+        paths += files
+        targets += [i] * len(files)
+    if skipped:
+        log.warning("%s: skipped %d file(s) or folder(s) that look like images but cannot be read: %s%s; fix or "
+                    "remove them", split_dir, len(skipped), "; ".join(skipped[:5]),
+                    " ..." if len(skipped) > 5 else "")
+    if require_images and empty:
+        raise ValueError(
+            f"{split_dir}: class folders {sorted(empty)[:10]} ({len(empty)} of {len(folders)}) hold no images "
+            f"(searched recursively for {', '.join(IMG_EXTENSIONS)}; hidden files are ignored"
+            f"{f'; {len(skipped)} skipped file(s) reported above' if skipped else ''}); a training class needs "
+            f"images: add some, or remove the empty folders from {split_dir}")
     return paths, targets
 
 
+def read_image_file(path: str) -> torch.Tensor:
+    """The bytes of an image file as a uint8 tensor (any file name, also one that is not valid UTF-8).
+
+    Raises:
+        ValueError: the file is empty (named in the message).
+        OSError: the file cannot be opened (named in the message).
+    """
+    with open(path, "rb") as fh:
+        data = np.fromfile(fh, dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError(f"cannot decode the image file {path} (the file is empty: 0 bytes); remove or replace it")
+    return torch.from_numpy(data)
+
+
 def load_image(path: str) -> torch.Tensor:
-    """Decode one image file to a uint8 RGB tensor ``[3, H, W]``.
+    """Decode one image file to a uint8 RGB tensor ``[3, H, W]`` (EXIF orientation applied).
 
     Raises:
         ValueError: the file cannot be decoded (named in the message).
     """
-    return _decode_named(path, read_file(path))
+    return _decode_named(path, read_image_file(path))
 
 
 class ImageFiles(Dataset):
@@ -125,30 +269,53 @@ def square_for_eval(img: torch.Tensor, side: int, crop: int) -> torch.Tensor:
     return img[:, top:top + side, left:left + side]
 
 
+def cache_prefix(size: int, square_for: int | None = None, tag: str | None = None) -> str:
+    """Start of a decoded-image cache file name: ``decoded-[<tag>-]s<size>[c<square_for>]``.
+
+    ``tag`` (the split folder's name) is kept when it is made of letters, digits, ``_`` and ``-`` (else replaced by
+    a short hash of it), so that caches of other splits never look like this one's older versions.
+    """
+    sizes = f"s{size}" if square_for is None else f"s{size}c{square_for}"
+    if tag is None:
+        return f"decoded-{sizes}"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", tag):
+        tag = "h" + hashlib.sha1(os.fsencode(tag)).hexdigest()[:10]
+    return f"decoded-{tag}-{sizes}"
+
+
 def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk: int = 1024,
-               square_for: int | None = None, fingerprint: str | None = None) -> torch.Tensor:
+               square_for: int | None = None, fingerprint: str | None = None,
+               cache_tag: str | None = None) -> torch.Tensor:
     """Decode every image into one uint8 tensor ``[N, 3, size, size]``, optionally cached as ``.npy``.
 
     Args:
         paths: image files.
         size: side of the stored images.
-        cache_dir: where the ``.npy`` cache lives (None = no cache). Its file name is keyed by the files
+        cache_dir: where the ``.npy`` cache lives (None = no cache). Its file name
+            ``decoded-<tag>-s<size>[c<square_for>]-<N>-<key>.npy`` is keyed by the files
             (:func:`~fct_lightning.data.base.files_fingerprint` relative to ``cache_dir``'s parent: paths, sizes,
-            modification times), ``size`` and ``square_for``, so a changed tree is decoded again. A cache that
-            cannot be written (read-only root) is skipped with a warning.
+            modification times), ``size``, ``square_for`` and :data:`DECODER_VERSION`, so a changed tree (or a
+            decoder that gives other pixels) is decoded again. After a new cache file is written, the older ones of
+            the same ``cache_tag`` and sizes, the caches of earlier decoder versions named without a tag, and the
+            ``*.tmp`` files of writers that died (untouched for :data:`STALE_TMP_S`) are removed from
+            ``cache_dir``. A cache that cannot be written (read-only root) is skipped with a warning.
         chunk: files read per batch.
         square_for: None = every image must already be ``size x size``; an int ``c`` = images of any shape
             are stored as :func:`square_for_eval` squares whose ``c`` centre crop is the evaluation view.
         fingerprint: the files' fingerprint relative to ``cache_dir``'s parent, when the caller has it.
+        cache_tag: names the cached split (its folder name), see :func:`cache_prefix`; None = no tag, and then
+            older caches are not removed.
 
     Raises:
         ValueError: an image is not ``size x size`` (``square_for`` None), or a file cannot be decoded.
     """
-    cache_file = None
+    cache_file = prefix = None
     if cache_dir is not None:
-        h = hashlib.sha1((f"{size}" if square_for is None else f"{size}/{square_for}").encode())
+        h = hashlib.sha1((f"decoder{DECODER_VERSION}/{size}" if square_for is None
+                          else f"decoder{DECODER_VERSION}/{size}/{square_for}").encode())
         h.update((fingerprint or files_fingerprint(paths, cache_dir.parent)).encode())
-        cache_file = cache_dir / f"decoded-{len(paths)}-{h.hexdigest()[:20]}.npy"
+        prefix = cache_prefix(size, square_for, cache_tag)
+        cache_file = cache_dir / f"{prefix}-{len(paths)}-{h.hexdigest()[:20]}.npy"
         if cache_file.is_file():
             try:
                 arr = np.load(cache_file)
@@ -160,11 +327,11 @@ def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for start in range(0, len(paths), chunk):
         batch = paths[start:start + chunk]
-        datas = [read_file(p) for p in batch]
+        datas = [read_image_file(p) for p in batch]
         imgs = None
-        if all(p.lower().endswith((".jpg", ".jpeg")) for p in batch):
+        if all(p.lower().endswith(JPEG_EXTENSIONS) for p in batch):
             with contextlib.suppress(RuntimeError):  # a bad file: decode one by one below, to name it
-                imgs = decode_jpeg(datas, mode=ImageReadMode.RGB)
+                imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, apply_exif_orientation=True)
         if imgs is None:  # per file: Pillow formats, 16-bit PNGs and unreadable files are handled there
             imgs = [_decode_named(p, d) for p, d in zip(batch, datas, strict=True)]
         for j, img in enumerate(imgs):
@@ -174,8 +341,8 @@ def decode_all(paths: list[str], size: int, cache_dir: Path | None = None, chunk
                 raise ValueError(f"{batch[j]} is {tuple(img.shape[1:])} pixels; this dataset expects "
                                  f"{size}x{size} images")
             out[start + j] = img
-    if cache_file is not None:
-        _save_npy(cache_file, out.numpy())
+    if cache_file is not None and _save_npy(cache_file, out.numpy()):
+        _remove_stale_caches(cache_file, prefix if cache_tag is not None else None)
     return out
 
 
@@ -184,24 +351,88 @@ def _as_uint8(img: torch.Tensor) -> torch.Tensor:
     return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
 
 
+def _webp_with_exif(data: torch.Tensor) -> bool:
+    """An extended WebP file (``VP8X``) whose flags say it holds EXIF data (torchvision ignores its orientation)."""
+    head = data[:21].numpy().tobytes()
+    return len(head) == 21 and head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and bool(head[20] & 0x08)
+
+
 def _decode_named(path: str, data: torch.Tensor) -> torch.Tensor:
-    """torchvision's decoder (JPEG, PNG, WebP, GIF), else Pillow (BMP, PPM/PGM, TIFF); a clear error otherwise."""
-    try:
-        return _as_uint8(decode_image(data, mode=ImageReadMode.RGB))
-    except RuntimeError as err:
-        first = err
-    try:
-        from PIL import Image
+    """torchvision's decoder (JPEG, PNG, WebP, GIF), else Pillow (BMP, PPM/PGM, TIFF, WebP with EXIF); EXIF
+    orientation applied, the first frame of an animation; a clear error naming the file otherwise."""
+    if _webp_with_exif(data):
+        first = "a WebP file with EXIF data"
+    else:
+        try:
+            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            return _as_uint8(img[0] if img.ndim == 4 else img)  # an animated GIF: [frames, 3, H, W]
+        except RuntimeError as err:
+            first = (str(err).splitlines() or [type(err).__name__])[-1]
+    from PIL import Image
 
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot decode the image file {path} ({str(first).splitlines()[-1]}; Pillow: {err}); "
+    try:
+        with Image.open(io.BytesIO(data.numpy())) as im:
+            arr = pil_to_rgb(im)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"cannot decode the image file {path}: {err} Pillow refuses images this large as a guard against "
+            f"decompression bombs; if the file is trusted, raise the limit before the data is read (e.g. "
+            f"`import PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = 500_000_000`, None = no limit, in the script that "
+            f"starts the run), or downscale the image") from err
+    except Exception as err:  # Pillow's plugins raise OSError, ValueError, SyntaxError, EOFError, ...
+        raise ValueError(f"cannot decode the image file {path} ({first}; Pillow: {type(err).__name__}: {err}); "
                          f"remove or replace it") from err
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def pil_to_rgb(im: object) -> np.ndarray:
+    """A Pillow image as an ``[H, W, 3]`` uint8 array, EXIF orientation applied.
+
+    8-bit modes (``L``, ``P``, ``RGBA``, ``CMYK``, ``1``, ...) go through ``convert("RGB")``. Deeper grey images,
+    which ``convert`` would clip to 0 or 255, are scaled (negative values become 0): ``I;16*`` by their bit depth
+    (16 bits: ``value >> 8``, as torchvision scales 16-bit PNGs; a 12-bit TIFF: ``value * 255 / 4095``); ``I``
+    (32-bit integers, and 16-bit PGM/PPM files) like 16 bits when every value fits, else by the maximum; ``F``
+    (floats) ``* 255`` when the values are within [0, 1], else by the maximum.
+    """
+    from PIL import ImageOps
+
+    bits = None
+    tags = getattr(im, "tag_v2", None)  # TIFF: BitsPerSample
+    if tags is not None:
+        b = tags.get(258)
+        b = b[0] if isinstance(b, tuple) and b else b
+        bits = b if isinstance(b, int) and 0 < b < 16 else None
+    im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode not in ("I", "F") and not mode.startswith("I;16"):
+        return np.array(im.convert("RGB"))  # a writable copy
+    a = np.asarray(im)
+    if mode == "F":
+        a = a.astype(np.float64)
+        finite = np.isfinite(a)
+        v = np.clip(np.where(finite, a, 0.0), 0.0, None)
+        top = float(v.max(initial=0.0))
+        g = np.rint(v * (255.0 if top <= 1.0 else 255.0 / top))
+        g[np.isposinf(a)] = 255
+    else:
+        v = np.clip(a.astype(np.int64), 0, None)
+        top = int(v.max(initial=0))
+        if bits is not None and mode.startswith("I;16"):
+            g = np.rint(v * (255.0 / (2**bits - 1)))
+        elif top <= 65535:
+            g = v >> 8
+        else:
+            g = np.rint(v * (255.0 / top))
+    g = np.clip(g, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
+
+
+_LEGACY_CACHE = re.compile(r"decoded-\d+-[0-9a-f]{20}\.npy")  # named before DECODER_VERSION: never read again
+_TMP_FILE = re.compile(r"decoded-.+\.npy\.(\d+)\.tmp")
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> bool:
+    """Write ``arr`` to ``path`` atomically (a ``.<pid>.tmp`` file renamed); False (with a warning) if it fails."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,22 +442,70 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     except OSError as err:
         log.warning("could not write the decoded-image cache %s (%s); continuing without it", path, err)
         tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _remove_stale_caches(keep: Path, prefix: str | None) -> None:
+    """Delete, next to the cache file ``keep``, the files this module wrote that can no longer be used: caches named
+    ``<prefix>-<N>-<key>.npy`` other than ``keep`` (the same split and sizes, older file lists), caches of the
+    untagged pre-:data:`DECODER_VERSION` format, and ``*.<pid>.tmp`` files untouched for :data:`STALE_TMP_S`."""
+    same = re.compile(re.escape(prefix) + r"-\d+-[0-9a-f]{20}\.npy") if prefix else None
+    now = time.time()
+    try:
+        with os.scandir(keep.parent) as it:
+            entries = [e for e in it if e.name != keep.name]
+    except OSError:
+        return
+    for e in entries:
+        stale = bool(_LEGACY_CACHE.fullmatch(e.name) or (same is not None and same.fullmatch(e.name)))
+        tmp = _TMP_FILE.fullmatch(e.name)
+        if not stale and tmp is not None and int(tmp.group(1)) != os.getpid():
+            with contextlib.suppress(OSError):
+                stale = now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_S
+        if stale and e.is_file(follow_symlinks=False):
+            try:
+                os.unlink(e.path)
+                log.info("removed the stale decoded-image cache file %s", e.path)
+            except OSError as err:
+                log.warning("could not remove the stale decoded-image cache file %s (%s)", e.path, err)
 
 
 def find_dataset_dir(root: Path, name: str, train_dir: str) -> Path | None:
-    """``root`` or ``root/<name>``, whichever holds ``<train_dir>/``."""
-    for cand in (root, root / name):
-        if (cand / train_dir).is_dir():
-            return cand
+    """The dataset directory: ``root/<name>`` if it holds ``<train_dir>/``, else ``root`` if it does, else None.
+
+    ``root/<name>`` comes first: a data root may hold the user's own tree (``<root>/train/...``, the ``folder``
+    dataset) next to ``<root>/imagenet/train/...``, and ``--dataset imagenet`` must not train on the former. When
+    both hold ``<train_dir>/`` the choice is logged (a warning naming both), since either could have been meant;
+    point ``--data.root`` at the dataset directory itself to use the other one. ``--dataset folder`` with ``root``
+    pointing straight at a tree still finds it (``root/folder/`` does not exist).
+    """
+    nested = root / name
+    if (nested / train_dir).is_dir():
+        if (root / train_dir).is_dir() and not _same_dir(root / train_dir, nested / train_dir):
+            log.warning("%s: both %s and %s hold %s/; using %s (to use %s instead, point --data.root at a "
+                        "folder that holds it without a %s/ sub-folder)", name, root, nested, train_dir, nested,
+                        root / train_dir, name)
+        return nested
+    if (root / train_dir).is_dir():
+        return root
     return None
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class FolderDataModule(RetrievalDataModule):
     """Base of the ImageFolder datamodules (224 px transforms, ImageNet mean/std, lazy decoding).
 
     Args:
-        root: data root holding ``<train_dir>/`` and ``<eval_dir>/`` (or ``<name>/<train_dir>/``...);
-            None = ``$FCT_DATA_ROOT``, else ``data``.
+        root: data root holding ``<name>/<train_dir>/`` and ``<name>/<eval_dir>/`` (preferred), or
+            ``<train_dir>/`` and ``<eval_dir>/`` itself (see :func:`find_dataset_dir`); None = ``$FCT_DATA_ROOT``,
+            else ``data``.
         batch_size: training batch size.
         eval_batch_size: evaluation batch size; None = ``2 * batch_size``.
         num_workers: DataLoader workers (decoding happens there: use several).
@@ -340,9 +619,11 @@ class FolderDataModule(RetrievalDataModule):
         return d
 
     def _load_split(self, split: str) -> Dataset:
-        paths, targets = list_images(self._split_dir(split), {n: i for i, n in enumerate(self.class_names)})
+        split_dir = self._split_dir(split)
+        paths, targets = list_images(split_dir, {n: i for i, n in enumerate(self.class_names)},
+                                     require_images=split == "train")
         if not paths:
-            raise FileNotFoundError(f"{self.name}: no images in {self._split_dir(split)}; {self.layout_help()}")
+            raise FileNotFoundError(f"{self.name}: no images in {split_dir}; {self.layout_help()}")
         if not self.in_memory_gpu:
             return ImageFiles(paths, targets)
         side = round(self.image_size * 256 / 224)
@@ -357,7 +638,8 @@ class FolderDataModule(RetrievalDataModule):
         self._fingerprints[split] = fp = files_fingerprint(paths, self.dataset_dir)
         log.info("%s: decoding the %r split (%d images) to %d px squares in memory", self.name, split,
                  len(paths), side)
-        return TensorImages(decode_all(paths, side, cache, square_for=self.image_size, fingerprint=fp),
+        return TensorImages(decode_all(paths, side, cache, square_for=self.image_size, fingerprint=fp,
+                                       cache_tag=split_dir.name),
                             torch.as_tensor(targets))
 
 
