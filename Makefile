@@ -78,7 +78,8 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 # stage is trained anew (--overwrite keeps the old files aside).
 start_opts = $$$$(r="--ckpt_path last"; if [ -f $(1)/done.json ] || [ ! -f $(1)/last.ckpt ]; then r=--overwrite; fi; \
 	for u in $$^; do [ $(1)/last.ckpt -nt "$$$$u" ] || r=--overwrite; done; echo $$$$r)
-# $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage)
+# $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage). A target's variant
+# options (--model.use_side_info false, ...) come after these, so that no config file or EXTRA undoes them.
 fit_opts = --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
 	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
 	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
@@ -96,11 +97,11 @@ $$($(1)_DIR)/new/done.json: | $(SETUP) $(1)-data
 $$($(1)_DIR)/transformation/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
 	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/transformation)
 $$($(1)_DIR)/transformation_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation --model.use_side_info false $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/transformation_noside)
+	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) --model.use_side_info false $(call start_opts,$$($(1)_DIR)/transformation_noside)
 $$($(1)_DIR)/fastfill/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation --model.uncertainty true $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/fastfill)
+	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) --model.uncertainty true $(call start_opts,$$($(1)_DIR)/fastfill)
 $$($(1)_DIR)/fastfill_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation --model.uncertainty true --model.use_side_info false $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/fastfill_noside)
+	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) --model.uncertainty true --model.use_side_info false $(call start_opts,$$($(1)_DIR)/fastfill_noside)
 $$($(1)_DIR)/bct/done.json: $$($(1)_DIR)/old/done.json
 	$(FIT) --stage bct $(call fit_opts,$(1),bct) $(call start_opts,$$($(1)_DIR)/bct)
 $$($(1)_OUT)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/done.json)
@@ -121,16 +122,19 @@ digits-data:
 	@true
 cifar10-data:
 	@root="$(or $(DATA_ROOT),$(FCT_DATA_ROOT),data)"; \
-	if [ ! -d "$$root/cifar10/train" ] && [ ! -d "$$root/train" ] && [ ! -d "$$root/cifar-10-batches-py" ]; then \
+	if [ ! -d "$$root/cifar10/train" ] && [ ! -d "$$root/train" ] && [ ! -d "$$root/cifar-10-batches-py" ] \
+	  && [ ! -d "$$root/cifar10/cifar-10-batches-py" ]; then \
 	  if [ -f "$(CIFAR10_ARCHIVE)" ]; then mkdir -p "$$root" && tar xzf "$(CIFAR10_ARCHIVE)" -C "$$root" && echo "extracted $(CIFAR10_ARCHIVE) into $$root"; \
 	  else echo "CIFAR-10 not found under $$root: put torchvision's cifar-10-batches-py/ there, or an ImageFolder tree $$root/cifar10/{train,test}/<class>/*.jpg (set DATA_ROOT=...)" >&2; exit 1; fi; fi
+# $(1) = dataset, $(2)/$(3) = its split folders, $(4) = torchvision's folder for it, if any
 define FOLDER_CHECK
 $(1)-data:
 	@root="$(or $(DATA_ROOT),$(FCT_DATA_ROOT),data)"; \
-	if [ ! -d "$$$$root/$(2)" ] && [ ! -d "$$$$root/$(1)/$(2)" ] && [ ! -d "$$$$root/cifar-100-python" ]; then \
+	if [ ! -d "$$$$root/$(2)" ] && [ ! -d "$$$$root/$(1)/$(2)" ] \
+	  $(if $(4),&& [ ! -d "$$$$root/$(4)" ] && [ ! -d "$$$$root/$(1)/$(4)" ]); then \
 	  echo "$(1) not found under $$$$root: expected $$$$root/$(2)/<class>/<image> and $$$$root/$(3)/<class>/<image> (or the same below $$$$root/$(1)/); set DATA_ROOT=<that folder>. See data/README.md." >&2; exit 1; fi
 endef
-$(eval $(call FOLDER_CHECK,cifar100,train,test))
+$(eval $(call FOLDER_CHECK,cifar100,train,test,cifar-100-python))
 $(eval $(call FOLDER_CHECK,imagenet,train,val))
 $(eval $(call FOLDER_CHECK,places365,train,val))
 $(eval $(call FOLDER_CHECK,vggface2,train,test))

@@ -156,6 +156,26 @@ def test_missing_dataset_says_where_to_put_it(dataset, layout, tmp_path):
     assert not (tmp_path / "art").exists()  # nothing ran
 
 
+@pytest.mark.parametrize(("dataset", "folder"), [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_data_checks_find_torchvision_files_below_the_dataset_name(dataset, folder, tmp_path):
+    """data/README.md: torchvision's files may sit in <root>/<folder> or <root>/<dataset>/<folder>."""
+    for where in (tmp_path / "a" / folder, tmp_path / "b" / dataset / folder):
+        where.mkdir(parents=True)
+    for root in ("a", "b"):
+        assert make(f"{dataset}-data", f"DATA_ROOT={tmp_path / root}", f"CIFAR10_ARCHIVE={tmp_path / 'none'}").returncode == 0
+    (tmp_path / "c" / "cifar-100-python").mkdir(parents=True)  # CIFAR-100's files are not ImageNet
+    assert make("imagenet-data", f"DATA_ROOT={tmp_path / 'c'}", check=False).returncode != 0
+
+
+def test_variant_options_come_after_every_config(tmp_path):
+    """A recipe's transformation.yaml sets use_side_info: true; the _noside and FastFill targets' own options must
+    come after it (the last value wins), or they would train the side-info model into its folder."""
+    out = make("-n", "cifar100", f"ARTIFACTS={tmp_path}", "RECIPE=cifar100_resnet50", "EXTRA=--model.lr 0.1").stdout
+    for cmd in commands(out, "fct-fit"):
+        flags = [i for i, a in enumerate(cmd) if a in ("--model.use_side_info", "--model.uncertainty")]
+        assert all(i > max(j for j, a in enumerate(cmd) if a in ("--config", "--model.lr")) for i in flags), cmd
+
+
 def test_data_checks_follow_fct_data_root(tmp_path, monkeypatch):
     """fct-fit reads $FCT_DATA_ROOT when --data.root is not given; the Makefile's checks look in the same place."""
     for split in ("train", "val"):
