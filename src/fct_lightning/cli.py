@@ -339,10 +339,18 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     elif cli.trainer.is_global_zero and not (cli.trainer.interrupted or cli.trainer.fast_dev_run):
         ckpt_cb = cli.trainer.checkpoint_callback
         if ckpt_cb is not None and ckpt_cb.filename == "best":  # fct-fit's own checkpointing, not a user's
+            trainer = cli.trainer
+            if 0 < trainer.max_steps <= trainer.global_step:
+                why = (f"--trainer.max_steps {trainer.max_steps} ended it before its first validation (an epoch is "
+                       f"{trainer.num_training_batches} batches, validated every "
+                       f"{trainer.check_val_every_n_epoch} epoch(s)); train for more steps, or validate within "
+                       "epochs with --trainer.val_check_interval N (batches)")
+            else:
+                why = (f"no validation logged {cli.model.monitor}; check --trainer.limit_val_batches, "
+                       "--trainer.check_val_every_n_epoch and --trainer.val_check_interval")
             raise SystemExit(
                 f"fct-fit: the {cli.stage} run ended without writing {cli.out_dir / 'best.ckpt'}, which the later "
-                f"stages and fct-eval read: no validation logged {cli.model.monitor}. Check "
-                "--trainer.limit_val_batches, --trainer.check_val_every_n_epoch and --trainer.val_check_interval.")
+                f"stages and fct-eval read: {why}.")
     return cli
 
 

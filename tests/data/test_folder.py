@@ -537,3 +537,23 @@ def test_cache_key_has_the_decoder_version_and_old_caches_are_removed(tmp_path, 
     assert len(new) == 1
     kept = {n for n in before if not n.startswith("decoded-train-s27c24-")}  # other split, other size
     assert after == kept | set(new) | {live.name, foreign.name}
+
+
+def test_splits_in_same_named_folders_keep_their_own_decoded_caches(tmp_path):
+    """train_dir a/images and eval_dir b/images: each split's cache is its own, not the other's 'older version'."""
+    from fct_lightning.data.folder import FolderDataModule
+
+    for split in ("a/images", "b/images"):
+        make_imagefolder(tmp_path / "tmp" / split.replace("/", "_"), ["x", "y"], ["s"], per_class=2, size=40)
+        target = tmp_path / "ds" / split
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tmp" / split.replace("/", "_") / "s").rename(target)
+
+    def cached():
+        dm = FolderDataModule(root=str(tmp_path / "ds"), train_dir="a/images", eval_dir="b/images",
+                              in_memory_gpu=True, image_size=32, batch_size=2)
+        dm.setup("fit")
+        return sorted(p.name for p in (tmp_path / "ds" / ".cache").glob("*.npy"))
+
+    first = cached()
+    assert len(first) == 2 and cached() == first

@@ -358,6 +358,11 @@ def test_run_that_cannot_write_best_ckpt_is_refused(tmp_path, extra):
     assert not (tmp_path / "digits" / "old").exists()
 
 
+def test_run_cut_by_max_steps_before_validation_names_max_steps(tmp_path):
+    with pytest.raises(SystemExit, match=r"--trainer.max_steps 1 ended it before its first validation"):
+        run("old", tmp_path, *SMALL_NET, "--trainer.max_steps", "1")
+
+
 def test_run_that_ended_without_best_ckpt_fails(tmp_path, monkeypatch):
     """Whatever kept best.ckpt from being written, the run does not end as a success the next stage trips over."""
     from pytorch_lightning.callbacks import ModelCheckpoint

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fct_lightning.data.base import RetrievalDataModule, TensorImages, files_fingerprint
-from fct_lightning.data.folder import ImageFiles, decode_all, list_images
+from fct_lightning.data.folder import ImageFiles, decode_all, list_images, split_tag
 from fct_lightning.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -183,7 +183,8 @@ class CIFARDataModule(RetrievalDataModule):
             return ImageFiles(paths, targets)
         cache = where / ".cache" if self.cache_decoded else None
         self._fingerprints[split] = fp = files_fingerprint(paths, where)
-        return TensorImages(decode_all(paths, 32, cache, fingerprint=fp, cache_tag=split_dir.name), torch.as_tensor(targets))
+        return TensorImages(decode_all(paths, 32, cache, fingerprint=fp, cache_tag=split_tag(split_dir, where)),
+                            torch.as_tensor(targets))
 
 
 _CIFAR_ARGS = """

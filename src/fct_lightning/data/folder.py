@@ -269,6 +269,12 @@ def square_for_eval(img: torch.Tensor, side: int, crop: int) -> torch.Tensor:
     return img[:, top:top + side, left:left + side]
 
 
+def split_tag(split_dir: Path, dataset_dir: Path) -> str:
+    """The cache tag of a split folder: its path below the dataset directory, ``/`` as ``-`` (``a/images`` and
+    ``b/images`` must not share one, or each split's cache would remove the other's as an older version)."""
+    return os.path.relpath(split_dir, dataset_dir).replace(os.sep, "-")
+
+
 def cache_prefix(size: int, square_for: int | None = None, tag: str | None = None) -> str:
     """Start of a decoded-image cache file name: ``decoded-[<tag>-]s<size>[c<square_for>]``.
 
@@ -639,7 +645,7 @@ class FolderDataModule(RetrievalDataModule):
         log.info("%s: decoding the %r split (%d images) to %d px squares in memory", self.name, split,
                  len(paths), side)
         return TensorImages(decode_all(paths, side, cache, square_for=self.image_size, fingerprint=fp,
-                                       cache_tag=split_dir.name),
+                                       cache_tag=split_tag(split_dir, self.dataset_dir)),
                             torch.as_tensor(targets))
 
 
