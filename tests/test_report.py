@@ -117,7 +117,7 @@ def test_missing_and_malformed_results_are_clear_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(SystemExit, match="not valid JSON"):
         report_main([str(bad), "--no_wandb"])
-    with pytest.raises(SystemExit, match="no results files given"):
+    with pytest.raises(SystemExit, match="no results files in .*empty.*run fct-eval first"):
         report_main(["--artifacts", str(tmp_path / "empty"), "--no_wandb"])
 
 
@@ -165,3 +165,66 @@ def test_wandb_runs_share_one_project_and_carry_backfill_aucs(tmp_path, monkeypa
     kwargs, run = calls
     assert kwargs["project"] == "my-project" and kwargs["name"] == "digits-report" and kwargs["job_type"] == "report"
     assert kwargs["config"]["n_runs"] == 1
+
+
+def curve(points: int, value: float, source: str = "transformation", digest: str = "h0") -> dict:
+    fractions = [i / (points - 1) for i in range(points)]
+    return {"fractions": fractions, "curves": {"top1": [value] * points, "map": [value] * points},
+            "auc_mean": {"top1": value},
+            "auc_trapz": {"top1": value}, "checkpoint": f"art/digits/{source}/best.ckpt", "digest": digest,
+            "source": source}
+
+
+@pytest.mark.parametrize(("other", "message"), [({"points": 2}, "2 points"),
+                                                ({"source": "fastfill"}, "h from fastfill/")])
+def test_backfill_curves_of_other_points_or_heads_are_not_averaged(tmp_path, other, message):
+    a = dict(results({"old/old": 0.5}, "s0"), backfill={"fct random": curve(22, 0.6, digest="h0")})
+    b = dict(results({"old/old": 0.6}, "s1"),
+             backfill={"fct random": curve(other.get("points", 22), 0.4, other.get("source", "transformation"), "h1")})
+    paths = [write(tmp_path / "seed0.json", a), write(tmp_path / "seed1.json", b)]
+    with pytest.raises(SystemExit, match=f"disagree on the backfilling curve 'fct random'.*{message}"):
+        report_main([*map(str, paths), "--no_wandb", "--out_dir", str(tmp_path / "out")])
+
+
+def test_one_chain_evaluated_from_two_paths_counts_its_curves_once(tmp_path):
+    """The same h (digest) under art/ and /abs/art/: one chain, counted once for backfilling too."""
+    a = dict(results({"old/old": 0.5}, "s0"), backfill={"fct random": curve(22, 0.6)})
+    b = dict(results({"old/old": 0.5}, "s0"), backfill={"fct random": dict(curve(22, 0.6), checkpoint="/x/best.ckpt")})
+    files = make_report([write(tmp_path / "a.json", a, 1000), write(tmp_path / "b.json", b, 2000)], tmp_path / "o", "t")
+    assert "1 run(s)" in files["md"].read_text()
+
+
+def test_compatibility_is_not_judged_over_different_runs(tmp_path):
+    """Seed 1 lacks old/old: fct/old's mean over both seeds against seed 0's old/old is no verdict."""
+    a = write(tmp_path / "seed0.json", results({"old/old": 0.80, "fct/old": 0.78}, "s0"))
+    b = write(tmp_path / "seed1.json", results({"fct/old": 0.84}, "s1"))
+    md = make_report([a, b], tmp_path / "out", "t")["md"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| fct/old"))
+    assert row.rstrip().endswith("|  |  |") and "Fewer runs than 2 for: old/old" in md
+
+
+def test_report_takes_the_dataset_from_the_files(tmp_path):
+    f = write(tmp_path / "r.json", results({"old/old": 0.5}, "s0", dataset="folder"))
+    report_main([str(f), "--no_wandb", "--artifacts", str(tmp_path / "art")])
+    assert (tmp_path / "art" / "folder" / "report.md").read_text().startswith("# folder: compatibility")
+    with pytest.raises(SystemExit, match="--dataset digits, but the results files are of folder"):
+        report_main([str(f), "--no_wandb", "--dataset", "digits"])
+
+
+@pytest.mark.parametrize("cases", [None, 0.5, {"top1": None}, {"top1": "x"}])
+def test_edited_results_files_are_named(tmp_path, cases):
+    data = results({"old/old": 0.5}, "s0")
+    data["cases"]["old/old"] = cases
+    f = write(tmp_path / "r.json", data)
+    with pytest.raises(SystemExit, match=f"results file {f}: case 'old/old' is not a table of numbers"):
+        report_main([str(f), "--no_wandb"])
+
+
+def test_results_read_from_other_split_folders_are_refused(tmp_path):
+    """A folder dataset evaluated on test/ in one file and val/ in another: both say split 'val'."""
+    a = write(tmp_path / "seed0.json", results({"old/old": 0.5}, "s0", split_folder="test"))
+    b = write(tmp_path / "seed1.json", results({"old/old": 0.6}, "s1", split_folder="val"))
+    c = write(tmp_path / "seed2.json", results({"old/old": 0.6}, "s2"))  # an older file, without the field
+    with pytest.raises(SystemExit, match="disagree on the evaluation split_folder"):
+        report_main([str(a), str(b), "--no_wandb", "--out_dir", str(tmp_path / "out")])
+    assert "2 run(s)" in make_report([a, c], tmp_path / "out", "t")["md"].read_text()

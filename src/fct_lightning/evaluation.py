@@ -204,12 +204,18 @@ def run_eval(
     if (query_split is None) != (gallery_split is None):
         raise ValueError("give both --query_split and --gallery_split (or neither, for leave-one-out on --split)")
     separate = query_split is not None and query_split != gallery_split
-    if separate and split is not None:
+    if query_split is not None and split is not None:
         raise ValueError("--split is the leave-one-out split; with --query_split/--gallery_split leave it out")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch_size {batch_size} must be at least 1 (images per evaluation batch)")
     artifacts = Path(artifacts)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                           else ("cpu" if device == "auto" else device))
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for a GPU, but CUDA is not available here; use --device cpu (or auto)")
     spaces = {s for c in cases for s in CASE_SPACES[c]}
     embedders, missing_spaces = load_spaces(artifacts, dataset, spaces)
     check_chain(embedders)
@@ -237,6 +243,10 @@ def run_eval(
     }}
     if separate:
         results["meta"].update(query_split=query_split, n_queries=0 if q_labels is None else len(q_labels))
+    if getattr(dm, "eval_dir", None):  # image trees: which folder the split was read from (val/ or test/ ...)
+        evaluation = getattr(dm, "default_eval_split", "test")  # CIFAR's evaluation split is "test"
+        results["meta"]["split_folder"] = {"train": getattr(dm, "train_dir", "train"),
+                                           evaluation: dm.eval_dir}.get(dm.eval_split, dm.eval_split)
     for case in cases:
         q, g = CASE_SPACES[case]
         lacking = [missing_spaces[s] for s in (q, g) if s in missing_spaces]
@@ -321,7 +331,8 @@ def run_backfill(
             query = {"query_new": queries[0], "query_labels": queries[1], "exclude_self": False}
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
                                  points=points, distance=distance, **query)
-        out.update({f"{space} {policy}": dict(curve, checkpoint=str(path)) for policy, curve in curves.items()})
+        out.update({f"{space} {policy}": dict(curve, checkpoint=str(path), digest=meta["digest"], source=path.parent.name)
+                    for policy, curve in curves.items()})
     return out
 
 
@@ -389,15 +400,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
     try:
-        results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
-                           args.device, args.batch_size, args.query_split, args.gallery_split)
-        if args.backfill:
+        # every option is checked before the (possibly long) evaluation, so a mistake costs nothing
+        if not cases:
+            raise ValueError(f"--cases {args.cases!r} names no case; choose from {list(CASE_SPACES)}")
+        if out.is_dir() or out.suffix != ".json":
+            raise ValueError(f"--out {out} must be a .json file path (it is "
+                             f"{'a folder' if out.is_dir() else 'not a .json name'})")
+        policies = [p.strip() for p in (args.backfill or "").split(",") if p.strip()]
+        if args.backfill is not None:
             from fct_lightning.backfill import get_policy
 
-            policies = [p.strip() for p in args.backfill.split(",") if p.strip()]
+            if not policies:
+                raise ValueError(f"--backfill {args.backfill!r} names no policy; e.g. random,uncertainty,distance")
             for name in policies:
                 get_policy(name)
+            if args.points < 2:
+                raise ValueError(f"--points {args.points}: a curve needs at least 2 points (0% and 100% backfilled)")
+            if args.backfill_seeds < 1:
+                raise ValueError(f"--backfill_seeds {args.backfill_seeds} must be at least 1")
+        results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
+                           args.device, args.batch_size, args.query_split, args.gallery_split)
+        if not results["cases"]:
+            raise ValueError(f"no case could be evaluated under --artifacts {args.artifacts} (dataset "
+                             f"{args.dataset}): {results['missing']}; train the stages first or fix --artifacts / "
+                             f"--dataset; {out} was left as it was")
+        if policies:
             dm = results.pop("_datamodule")
             if "query_split" in results["meta"] and results["_queries"] is None:
                 raise ValueError("backfilling curves with a separate query split need the new model's queries: "
@@ -410,7 +439,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"fct-eval: {err}") from err
     for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries", "_chain"):
         results.pop(key, None)
-    out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(markdown_table(results))

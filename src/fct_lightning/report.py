@@ -30,18 +30,26 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
         if not path.is_file():
             raise FileNotFoundError(f"results file {path} does not exist; run fct-eval first")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"results file {path} is not valid JSON ({err}); re-run fct-eval") from err
-        if "cases" not in data:
-            raise ValueError(f"results file {path} has no 'cases' entry; it was not written by fct-eval")
+        if not isinstance(data, dict) or not isinstance(data.get("cases"), dict):
+            raise ValueError(f"results file {path} has no 'cases' table; it was not written by fct-eval")  # noqa: TRY004
+        for case, metrics in data["cases"].items():
+            if not isinstance(metrics, dict) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()):
+                raise ValueError(f"results file {path}: case {case!r} is not a table of numbers ({metrics!r}); the "
+                                 "file was edited or damaged: re-run fct-eval")
+        if not isinstance(data.get("meta", {}), dict) or not isinstance(data.get("backfill", {}), dict):
+            raise ValueError(f"results file {path}: 'meta' / 'backfill' are not tables; re-run fct-eval")  # noqa: TRY004
         runs.append(data)
     if not runs:
         raise ValueError("no results files given")
     return runs
 
 
-SETTING = ("dataset", "split", "query_split", "distance", "n_items")
+SETTING = ("dataset", "split", "query_split", "distance", "n_items", "split_folder")
+"""What must be equal in every averaged file (``split_folder``: among the files that record it)."""
 
 
 def _case_models(run: dict[str, Any], case: str, spaces: tuple[str, ...] | None) -> tuple | None:
@@ -67,11 +75,14 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
 
     names = [str(p) for p in paths]
     for key in SETTING:
-        values = [run.get("meta", {}).get(key) for run in runs]
-        if len(set(map(str, values))) > 1:
-            listed = ", ".join(f"{n}: {v}" for n, v in zip(names, values))
+        pairs = [(n, run.get("meta", {}).get(key)) for n, run in zip(names, runs)]
+        if key == "split_folder":  # recorded by newer fct-eval versions: files without it are not compared
+            pairs = [(n, v) for n, v in pairs if v is not None]
+        if len({str(v) for _, v in pairs}) > 1:
+            listed = ", ".join(f"{n}: {v}" for n, v in pairs)
             raise ValueError(f"results files disagree on the evaluation {key} ({listed}); a report averages runs of "
                              "one setting: pass only the files of one setting (fct-report FILE [FILE ...])")
+    _check_backfill_grids(runs, names)
 
     def age(i: int) -> tuple[float, str]:
         path = Path(paths[i])
@@ -84,8 +95,9 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
         run = dict(runs[i], cases=dict(runs[i]["cases"]), backfill=dict(runs[i].get("backfill", {})))
         new_digest = run.get("meta", {}).get("checkpoints", {}).get("new", {}).get("digest")
         entries = [("cases", c, _case_models(run, c, CASE_SPACES.get(c))) for c in run["cases"]]
-        entries += [("backfill", b, (f"backfill {b}", curve.get("checkpoint"), new_digest)
-                     if curve.get("checkpoint") and new_digest else None) for b, curve in run["backfill"].items()]
+        entries += [("backfill", b, (f"backfill {b}", curve.get("digest") or curve.get("checkpoint"), new_digest)
+                     if (curve.get("digest") or curve.get("checkpoint")) and new_digest else None)
+                    for b, curve in run["backfill"].items()]
         for part, name, ident in entries:
             if ident is None:
                 continue
@@ -103,6 +115,27 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
             "seeds, train each seed in its own artifacts folder: `make <dataset> SEED=N` trains in "
             "<ARTIFACTS>/seedN/.", names[i], ", ".join(what))
     return [kept[i] for i in sorted(kept)]
+
+
+def _check_backfill_grids(runs: list[dict[str, Any]], names: list[str]) -> None:
+    """Backfilling AUCs average only over curves of the same points and the same kind of h (a FastFill head or
+    not): an AUC over 2 points is not one over 22."""
+    for what in ("fractions", "source"):
+        seen: dict[str, tuple[str, Any]] = {}
+        for name, run in zip(names, runs):
+            for policy, curve in run.get("backfill", {}).items():
+                value = curve.get(what)
+                if value is None:
+                    continue
+                first = seen.setdefault(policy, (name, value))
+                if first[1] != value:
+                    was, now = ((f"{len(first[1])} points", f"{len(value)} points") if what == "fractions"
+                                else (f"h from {first[1]}/", f"h from {value}/"))
+                    raise ValueError(
+                        f"results files disagree on the backfilling curve {policy!r}: {first[0]} has {was}, "
+                        f"{name} has {now}; its AUCs would not average. Re-run fct-eval "
+                        "with the same --points (and the same transformation variants) for every seed, or pass "
+                        "only the files of one setting.")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -132,8 +165,13 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, fl
 
 
 def compatibility(table: dict[str, dict[str, tuple[float, float, int]]], case: str, metric: str) -> str:
-    """``yes``/``no`` for cross-model cases (M(case) > M(old/old)), empty otherwise."""
-    if case not in CROSS_MODEL or "old/old" not in table or metric not in table[case]:
+    """``yes``/``no`` for cross-model cases (M(case) > M(old/old)), empty otherwise.
+
+    Not judged (empty) when the case and old/old come from different numbers of runs: their means would be over
+    other chains (e.g. a seed whose file lacks old/old).
+    """
+    if case not in CROSS_MODEL or "old/old" not in table or metric not in table[case] \
+            or metric not in table["old/old"] or table[case][metric][2] != table["old/old"][metric][2]:
         return ""
     return "yes" if table[case][metric][0] > table["old/old"][metric][0] else "no"
 
@@ -152,7 +190,11 @@ def to_markdown(table: dict[str, dict[str, tuple[float, float, int]]], title: st
                                        compatibility(table, case, "map")]) + " |")
     n = max((c[2] for cells in table.values() for c in cells.values()), default=0)
     lines += ["", (f"Values in percent; {n} run(s){' (mean ± std)' if n > 1 else ''}. A cross-model case is "
-                   "compatible when its metric exceeds old/old's.")]
+                   "compatible when its metric exceeds old/old's (not judged when the case and old/old come from "
+                   "different numbers of runs).")]
+    uneven = sorted({case for case, cells in table.items() for c in cells.values() if c[2] != n})
+    if uneven:
+        lines.append(f"Fewer runs than {n} for: {', '.join(uneven)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -257,17 +299,27 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str,
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fct-report", description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="*", help="results JSON files (default: <artifacts>/<dataset>/results/*.json)")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--dataset", default=None, help="default: the results files' dataset (digits without files)")
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out_dir", default=None, help="default <artifacts>/<dataset>")
     p.add_argument("--no_wandb", action="store_true")
     args = p.parse_args(argv)
-    paths = args.results or sorted((Path(args.artifacts) / args.dataset / "results").glob("*.json"))
+    folder = Path(args.artifacts) / (args.dataset or "digits") / "results"
+    paths = args.results or sorted(folder.glob("*.json"))
     try:
+        if not paths:
+            raise ValueError(f"no results files in {folder}: run fct-eval first (make <dataset>-eval), or pass the "
+                             "files (fct-report FILE [FILE ...]) or --artifacts DIR --dataset NAME")
         runs = select_runs(paths)
+        dataset = runs[0].get("meta", {}).get("dataset") or args.dataset or "digits"
+        if args.dataset and dataset != args.dataset:
+            raise ValueError(f"--dataset {args.dataset}, but the results files are of {dataset}; drop --dataset or "
+                             "pass that dataset's files")
+        out_dir = Path(args.out_dir) if args.out_dir else Path(args.artifacts) / dataset
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out_dir {out_dir} is a file; pass a folder for report.md, .csv and .png")
         table = aggregate(runs)
-        files = write_report(runs, args.out_dir or Path(args.artifacts) / args.dataset, f"{args.dataset}: compatibility",
-                             table)
+        files = write_report(runs, out_dir, f"{dataset}: compatibility", table)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fct-report: {err}") from err
     print(files["md"].read_text())
@@ -277,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
 
         log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in table.items() if not c.startswith("backfill")},
                       "meta": dict(runs[0]["meta"], n_runs=len(runs))},
-                     Path(args.artifacts), job_type="report", name=f"{args.dataset}-report")
+                     Path(args.artifacts), job_type="report", name=f"{dataset}-report")
 
 
 if __name__ == "__main__":  # pragma: no cover

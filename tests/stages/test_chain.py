@@ -577,3 +577,25 @@ def test_help_without_a_stage_is_not_an_error(capsys):
     assert exit_.value.code == 0 and "usage: fct-fit --stage" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--stage is required"):
         fit([])
+
+
+def test_eval_checks_its_options_before_evaluating_and_keeps_results(chain, tmp_path):
+    """Every fct-eval mistake stops with a message before the evaluation, and never replaces a results file."""
+    out = tmp_path / "seed1.json"
+    out.write_text('{"kept": true}')
+    base = ["--artifacts", str(chain), "--no_wandb", "--out", str(out)]
+    for extra, message in [
+        (["--cases", ","], "names no case"),
+        (["--backfill", "random", "--points", "1"], "--points 1: a curve needs at least 2 points"),
+        (["--backfill", "nope"], "policy 'nope' is not known"),
+        (["--backfill", ","], "names no policy"),
+        (["--backfill_seeds", "0", "--backfill", "random"], "--backfill_seeds 0 must be at least 1"),
+        (["--split", "train", "--query_split", "test", "--gallery_split", "test"], "--split is the leave-one-out"),
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--artifacts", str(tmp_path / "typo")], "no case could be evaluated under --artifacts .*typo"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            eval_main([*base, *extra])
+        assert out.read_text() == '{"kept": true}'
+    with pytest.raises(SystemExit, match="must be a .json file path .*a folder"):
+        eval_main([*base, "--out", str(tmp_path)])
