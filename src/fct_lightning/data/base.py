@@ -382,9 +382,16 @@ class RetrievalDataModule(pl.LightningDataModule):
         src = self.source(split)  # a split decoded into memory records its fingerprint while loading
         if split not in self._fingerprints:
             paths = getattr(src, "paths", None)
-            base = getattr(self, "dataset_dir", None) or os.path.commonpath(paths) if paths else None
-            self._fingerprints[split] = files_fingerprint(paths, base) if paths else None
+            if not paths:
+                self._fingerprints[split] = None
+            else:
+                self.record_fingerprint(split, paths, getattr(self, "dataset_dir", None) or os.path.commonpath(paths))
         return self._fingerprints[split]
+
+    def record_fingerprint(self, split: str, paths: Sequence[str], base: str | Path) -> str:
+        """:func:`files_fingerprint` of ``split``'s files relative to ``base``, kept for :meth:`content_key`."""
+        self._fingerprints[split] = fp = files_fingerprint(paths, base)
+        return fp
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ["train", self.eval_split], "validate": [self.eval_split]}.get(

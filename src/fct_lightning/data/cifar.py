@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fct_lightning.data.base import RetrievalDataModule, TensorImages, files_fingerprint
+from fct_lightning.data.base import RetrievalDataModule, TensorImages
 from fct_lightning.data.folder import ImageFiles, decode_all, list_images, split_tag
 from fct_lightning.data.transforms import (
     CIFAR10_MEAN,
@@ -182,7 +182,7 @@ class CIFARDataModule(RetrievalDataModule):
         if len(paths) > MAX_IN_MEMORY:
             return ImageFiles(paths, targets)
         cache = where / ".cache" if self.cache_decoded else None
-        self._fingerprints[split] = fp = files_fingerprint(paths, where)
+        fp = self.record_fingerprint(split, paths, where)
         return TensorImages(decode_all(paths, 32, cache, fingerprint=fp, cache_tag=split_tag(split_dir, where)),
                             torch.as_tensor(targets))
 

@@ -641,7 +641,7 @@ class FolderDataModule(RetrievalDataModule):
                 f"set --data.in_memory_gpu false (per-item decoding in --data.num_workers workers), a smaller "
                 f"--data.image_size, or raise --data.in_memory_max_gb if the memory is there")
         cache = self.dataset_dir / ".cache" if self.cache_decoded else None
-        self._fingerprints[split] = fp = files_fingerprint(paths, self.dataset_dir)
+        fp = self.record_fingerprint(split, paths, self.dataset_dir)
         log.info("%s: decoding the %r split (%d images) to %d px squares in memory", self.name, split,
                  len(paths), side)
         return TensorImages(decode_all(paths, side, cache, square_for=self.image_size, fingerprint=fp,

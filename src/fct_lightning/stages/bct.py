@@ -50,15 +50,14 @@ class BCTModel(EmbeddingModel):
         self.old_meta: dict[str, Any] = {}
 
     def setup(self, stage: str) -> None:
-        if self.old_net is not None:
-            self.check_frozen_classes()
-            return
-        old, self.old_meta = load_stage(self.old_checkpoint, "old", ("old",), self.dataset or None)
-        check_dims(self.embedding_dim, old.embedding_dim, "the old embedding", self.old_checkpoint,
-                   "BCT needs equal old and new embedding dimensions: set --model.embedding_dim to the old model's.")
-        self.old_net = freeze(old.net).to(self.device)
-        self.old_classifier = freeze(old.classifier)
-        self._old_classes = old.classes
+        if self.old_net is None:
+            old, self.old_meta = load_stage(self.old_checkpoint, "old", ("old",), self.dataset or None)
+            check_dims(self.embedding_dim, old.embedding_dim, "the old embedding", self.old_checkpoint,
+                       "BCT needs equal old and new embedding dimensions: set --model.embedding_dim to the old "
+                       "model's.")
+            self.old_net = freeze(old.net).to(self.device)
+            self.old_classifier = freeze(old.classifier)
+            self._old_classes = old.classes
         self.check_frozen_classes()
 
     def fct_metadata(self) -> dict[str, Any]:
