@@ -3,6 +3,7 @@
     python bench/bench_train_throughput.py --data_root data                       # GPU: bf16 + channels_last
     python bench/bench_train_throughput.py --data_root data --batch 512 1024 --profile --sync_check
     python bench/bench_train_throughput.py --data_root data --compile   # + rows with the backbone compiled
+    python bench/bench_train_throughput.py --data_root data --batch 1024 512 --repeat 2 --skip_hand  # the spread
     python bench/bench_train_throughput.py --data_root data --device cpu --steps 20 --batch 128
     python bench/bench_train_throughput.py --data_root data --device cpu --backbone convnet --width 4 --batch 2 \
         --steps 300          # host time per step: the loop's own overhead when the network costs nothing
@@ -65,6 +66,21 @@ def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def kernel_seconds(prof) -> float:
+    """Seconds of device kernels in a finished ``torch.profiler`` run.
+
+    Only the device-side events count: an operator's own row also carries the time of the kernels it launched,
+    so summing every row would count each kernel twice.
+    """
+    total = 0.0
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = getattr(event, "self_device_time_total", None)
+        total += getattr(event, "self_cuda_time_total", 0.0) if t is None else t
+    return total / 1e6
+
+
 def busy_per_step(step: Callable[[], None], steps: int, device: torch.device) -> float:
     """GPU busy seconds per call of ``step``: the sum of its kernels' device times (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -76,11 +92,7 @@ def busy_per_step(step: Callable[[], None], steps: int, device: torch.device) ->
         for _ in range(steps):
             step()
         _sync(device)
-    total = 0.0
-    for event in prof.key_averages():
-        t = getattr(event, "self_device_time_total", None)
-        total += getattr(event, "self_cuda_time_total", 0.0) if t is None else t
-    return total / 1e6 / steps
+    return kernel_seconds(prof) / steps
 
 
 def plain_step(device: torch.device, batch: int, bf16: bool, backbone: str, width: int,
@@ -179,11 +191,7 @@ def lightning_busy(device: torch.device, batch: int, steps: int, bf16: bool, roo
                          callbacks=[Stepper()] + ([ChannelsLast()] if bf16 else []))
     with prof:
         trainer.fit(_model(backbone, width), datamodule=dm)
-    total = 0.0
-    for event in prof.key_averages():
-        t = getattr(event, "self_device_time_total", None)
-        total += getattr(event, "self_cuda_time_total", 0.0) if t is None else t
-    return total / 1e6 / steps
+    return kernel_seconds(prof) / steps
 
 
 def sync_sites(device: torch.device, batch: int, steps: int, bf16: bool, root: str, backbone: str,
@@ -223,11 +231,17 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32, help="width of the convnet backbone")
     p.add_argument("--profile", action="store_true", help="CUDA: GPU busy time per step of every row")
     p.add_argument("--sync_check", action="store_true", help="CUDA: list the host-device syncs of a Lightning run")
+    p.add_argument("--repeat", type=int, default=0,
+                   help="then this many more (plain bf16, Lightning) pairs per batch size: the spread of the ratio")
+    p.add_argument("--skip_hand", action="store_true", help="leave out the hand-written loop row")
     p.add_argument("--compile", action="store_true",
                    help="add rows with the backbone compiled (torch.compile; the Compile callback under Lightning)")
     args = p.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
+    # every row autotunes its convolutions: a Trainer(benchmark=True) sets this for the whole process and leaves it
+    # set, so without this line the rows before the first Lightning run would be measured untuned
+    torch.backends.cudnn.benchmark = cuda
     name = torch.cuda.get_device_name(dev) if cuda else f"CPU, {torch.get_num_threads()} threads"
     net = "ResNet-18 (CIFAR stem)" if args.backbone == "resnet18" else f"{args.backbone} width {args.width}"
     for batch in args.batch:
@@ -243,8 +257,9 @@ def main() -> None:
         if cuda:
             add("plain PyTorch bf16 + channels_last", plain_step(dev, batch, True, args.backbone, args.width))
         mode = "bf16 + channels_last" if cuda else "fp32"
-        add(f"our loader + NewModel.training_step, hand-written loop ({mode})",
-            module_step(dev, batch, cuda, args.data_root, args.backbone, args.width))
+        if not args.skip_hand:
+            add(f"our loader + NewModel.training_step, hand-written loop ({mode})",
+                module_step(dev, batch, cuda, args.data_root, args.backbone, args.width))
         e2e = lightning_run(dev, batch, args.steps, cuda, args.data_root, args.backbone, args.width)
         busy = (lightning_busy(dev, batch, min(args.steps, 20), cuda, args.data_root, args.backbone, args.width)
                 if args.profile and cuda else None)
@@ -263,9 +278,24 @@ def main() -> None:
         for run, wall, busy in rows:
             b = "" if busy is None else f"{1000 * busy:.2f}"
             print(f"| {run} | {batch / wall:,.0f} | {1000 * wall:.2f} | {b} | {ref / wall:.2f}x |")
-        hand, light = rows[2 if cuda else 1][1], rows[3 if cuda else 2][1]
-        print(f"Lightning: share of training time between batches {100 * e2e['data_wait_share']:.1f}%; "
-              f"Lightning - hand loop = {1000 * (light - hand):+.2f} ms / step")
+        light = batch / e2e["items_per_s"]
+        print(f"Lightning: share of training time between batches {100 * e2e['data_wait_share']:.1f}%", end="")
+        if args.skip_hand:
+            print()
+        else:
+            hand = rows[2 if cuda else 1][1]
+            print(f"; Lightning - hand loop = {1000 * (light - hand):+.2f} ms / step")
+        if args.repeat:
+            pairs = [(ref, light)]
+            for _ in range(args.repeat):
+                plain = timed(plain_step(dev, batch, cuda, args.backbone, args.width), args.steps, dev)
+                run = lightning_run(dev, batch, args.steps, cuda, args.data_root, args.backbone, args.width)
+                pairs.append((plain, batch / run["items_per_s"]))
+            print(f"repeats, batch {batch}: plain {'bf16' if cuda else 'fp32'} images/s, Lightning images/s, ratio")
+            for plain, run in pairs:
+                print(f"  {batch / plain:,.0f}  {batch / run:,.0f}  {plain / run:.2f}")
+            ips = sorted(batch / run for _, run in pairs)
+            print(f"  Lightning median {ips[len(ips) // 2]:,.0f} images/s, min {ips[0]:,.0f}, max {ips[-1]:,.0f}")
         if args.sync_check and cuda:
             sites = sync_sites(dev, batch, 30, cuda, args.data_root, args.backbone, args.width)
             print(f"host waits for the GPU in 2 epochs of 30 steps: {sum(sites.values())}")

@@ -4,7 +4,8 @@
 #   1. the CIFAR-10 chain at full length, stages in parallel where the     -> $OUT/chain.txt, $OUT/report.md
 #      dependencies allow (`make -j cifar10`, or the same graph in bash)
 #   2. ResNet-18 32 px throughput: Lightning end to end vs plain loops     -> $OUT/throughput.txt
-#      (batch 512 and 1024, GPU busy time per step, host-device syncs), then with the backbone compiled
+#      (batch 1024 and 512, two more (plain, Lightning) pairs each, GPU busy time per step), then with the
+#      backbone compiled
 #                                                                          -> $OUT/throughput_compiled.txt
 #   3. h training per epoch, cached vs on the fly, same process            -> $OUT/h.txt
 #   4. backfilling curves in one pass vs one evaluate() per state, N=10k   -> $OUT/backfill.txt
@@ -84,9 +85,10 @@ grep -h "done in\|best val\|last epoch" "$OUT/chain.txt" >> "$OUT/summary.txt" 2
 
 if [ "$TRAINER" = gpu-fast ] && [ "$(left)" -gt 90 ]; then
   stamp throughput
-  # batch 512 and 1024; per row the GPU's busy time per step; where a Lightning run waits for the GPU
+  # batch 1024 and 512, repeated (these runs vary by up to 20 % from one to the next); per row the GPU's busy time
+  # (add --sync_check to list where a Lightning run waits for the GPU)
   timeout $(($(left) - 60 < 170 ? $(left) - 60 : 170)) python3 bench/bench_train_throughput.py --data_root $DATA \
-    --steps 60 --batch 512 1024 --profile --sync_check >> "$OUT/throughput.txt" 2>&1
+    --steps 60 --batch 1024 512 --repeat 2 --profile >> "$OUT/throughput.txt" 2>&1
 fi
 if [ "$TRAINER" = gpu-fast ] && [ "$(left)" -gt 150 ]; then
   stamp "throughput, backbone compiled"  # needs a C compiler on the machine (Triton); the output says if not

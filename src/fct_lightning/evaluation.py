@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--points", type=int, default=22, help="backfilled fractions evaluated (0%% and 100%% included)")
     p.add_argument("--backfill_seeds", type=int, default=3, help="seeds averaged for the random policy")
     args = p.parse_args(argv)
+    started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     out = Path(args.out or Path(args.artifacts) / args.dataset / "results" / "eval.json")
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(markdown_table(results))
-    print(f"\nresults written to {out}")
+    print(f"\nresults written to {out} ({time.perf_counter() - started:.1f} s)")
     if not args.no_wandb:
         log_to_wandb(results, Path(args.artifacts), name=f"{args.dataset}-eval-{out.stem}")
     return results
