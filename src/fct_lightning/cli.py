@@ -434,6 +434,33 @@ def eval_main(argv: list[str] | None = None) -> None:
     main(argv)
 
 
+def _user_errors(prog: str, main: Any, argv: list[str] | None) -> None:
+    """Run ``main``; a user error (bad path, wrong checkpoint, mismatched dimensions, corrupt file) ends with its
+    one-line message instead of a traceback (``FCT_DEBUG=1`` keeps the traceback)."""
+    from fct_lightning.checkpoints import CheckpointError
+
+    try:
+        main(argv)
+    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as err:
+        if os.environ.get("FCT_DEBUG"):
+            raise
+        raise SystemExit(f"{prog}: {err}\n(set FCT_DEBUG=1 to see the traceback)") from err
+
+
+def embed_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``fct-embed``."""
+    from fct_lightning.gallery import embed_main as main
+
+    _user_errors("fct-embed", main, argv)
+
+
+def transform_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``fct-transform``."""
+    from fct_lightning.gallery import transform_main as main
+
+    _user_errors("fct-transform", main, argv)
+
+
 def report_main(argv: list[str] | None = None) -> None:
     """Entry point of ``fct-report``."""
     from fct_lightning.report import main

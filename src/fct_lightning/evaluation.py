@@ -180,6 +180,18 @@ def stage_data_config(artifacts: Path, dataset: str) -> dict[str, Any]:
     return {}
 
 
+def resolve_device(device: str) -> torch.device:
+    """``--device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``, with a clear error."""
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                           else ("cpu" if device == "auto" else device))
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for a GPU, but CUDA is not available here; use --device cpu (or auto)")
+    return dev
+
+
 def run_eval(
     dataset: str,
     artifacts: str | Path = "artifacts",
@@ -210,13 +222,7 @@ def run_eval(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch_size {batch_size} must be at least 1 (images per evaluation batch)")
     artifacts = Path(artifacts)
-    try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                           else ("cpu" if device == "auto" else device))
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asks for a GPU, but CUDA is not available here; use --device cpu (or auto)")
+    dev = resolve_device(device)
     spaces = {s for c in cases for s in CASE_SPACES[c]}
     embedders, missing_spaces = load_spaces(artifacts, dataset, spaces)
     check_chain(embedders)
