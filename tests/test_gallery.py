@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from fct_lightning.checkpoints import CheckpointError, load_stage
 from fct_lightning.cli import fit, transform_main
 from fct_lightning.data import DATAMODULES
 from fct_lightning.gallery import embed, embed_main, load_transformation, transform
+from fct_lightning.gallery.files import _part_prefix
 from tests.data.fakes import make_imagefolder
 from tests.stages.test_query_gallery import (  # 16 px images, a width-8 ConvNet, one short epoch
     NET,
@@ -146,9 +148,65 @@ def test_embed_refuses(chain, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jpg").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="x.jpg"):
+    with pytest.raises(ValueError, match="x.jpg.*--skip_unreadable"):
         embed(run / "old" / "best.ckpt", tmp_path / "a.npy", images=bad)
     assert not (tmp_path / "a.npy").exists() and not list(tmp_path.glob(".a.npy*"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        embed(run / "old" / "best.ckpt", tmp_path / "file" / "a.npy", split="val")
+    (tmp_path / "b.json").write_text("{}")  # a description without its array: replacing it needs --overwrite
+    with pytest.raises(ValueError, match="b.json exists; pass --overwrite"):
+        embed(run / "old" / "best.ckpt", tmp_path / "b.npy", split="val")
+
+
+def test_unreadable_images_are_left_out_on_request(chain, tmp_path):
+    root, run = chain
+    gallery = tmp_path / "gallery"
+    shutil.copytree(root / "val", gallery)
+    broken = sorted((gallery / "class_001").iterdir())[1]
+    broken.write_bytes(b"broken")
+    out = embed(run / "old" / "best.ckpt", tmp_path / "g.npy", images=gallery, skip_unreadable=True)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    ids = [json.loads(line) for line in out.with_suffix(".ids.txt").read_text().splitlines()]
+    assert meta["rows"] == 11 == len(np.load(out)) == len(ids)
+    assert meta["unreadable"] == [f"class_001/{broken.name}"]
+    whole = embed(run / "old" / "best.ckpt", tmp_path / "w.npy", images=root / "val")
+    whole_ids = [json.loads(line) for line in whole.with_suffix(".ids.txt").read_text().splitlines()]
+    keep = [whole_ids.index(i) for i in ids]  # the rows kept are the other images' rows, in order
+    np.testing.assert_allclose(np.load(out), np.load(whole)[keep], rtol=1e-5, atol=1e-6)
+
+
+def test_serving_machine_without_config_or_training_data(chain, stored, tmp_path):
+    """A checkpoint copied alone embeds at the size it was trained at, and --images needs no training data."""
+    root, run = chain
+    old, _ = stored
+    lone = tmp_path / "ckpt" / "old.ckpt"
+    lone.parent.mkdir()
+    shutil.copyfile(run / "old" / "best.ckpt", lone)  # no config.yaml next to it
+    gallery = tmp_path / "gallery"
+    shutil.copytree(root / "val", gallery)
+    out = embed(lone, tmp_path / "g.npy", images=gallery, data_root=str(tmp_path / "nowhere"))
+    assert json.loads(out.with_suffix(".json").read_text())["source"]["image_size"] == 16
+    np.testing.assert_allclose(np.load(out), np.load(old), rtol=1e-5, atol=1e-6)
+
+
+def test_items_are_compared_by_content_not_by_path(chain, stored, tmp_path):
+    """The same split read from a moved data root, or the same images from another folder, are the same items."""
+    root, run = chain
+    old, side = stored
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    side2 = embed(run / "side_info" / "best.ckpt", tmp_path / "side2.npy", split="val", data_root=str(moved))
+    transform(run / "transformation" / "best.ckpt", old, tmp_path / "fct.npy", side=side2)
+    a = embed(run / "old" / "best.ckpt", tmp_path / "a.npy", images=root / "val")
+    b = embed(run / "side_info" / "best.ckpt", tmp_path / "b.npy", images=moved / "val")
+    transform(run / "transformation" / "best.ckpt", a, tmp_path / "ab.npy", side=b)
+    with pytest.raises(ValueError, match="one from image files, one from a dataset split"):
+        transform(run / "transformation" / "best.ckpt", a, tmp_path / "x.npy", side=side)
+    short = b.with_suffix(".ids.txt")
+    short.write_text("".join(short.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(ValueError, match="lists 11 items but .* has 12 rows"):
+        transform(run / "transformation" / "best.ckpt", a, tmp_path / "x.npy", side=b)
 
 
 def test_transform_refuses_inputs_it_cannot_map(chain, stored, tmp_path):
@@ -161,6 +219,7 @@ def test_transform_refuses_inputs_it_cannot_map(chain, stored, tmp_path):
     # embeddings of another old model (its digest in the description)
     other = tmp_path / "other.npy"
     other.write_bytes(old.read_bytes())
+    shutil.copyfile(old.with_suffix(".labels.npy"), other.with_suffix(".labels.npy"))
     meta = json.loads(old.with_suffix(".json").read_text())
     other.with_suffix(".json").write_text(json.dumps(dict(meta, digest="0123456789abcdef")))
     with pytest.raises(ValueError, match="trained on another old model"):
@@ -183,9 +242,41 @@ def test_transform_refuses_inputs_it_cannot_map(chain, stored, tmp_path):
     corrupt.write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(ValueError, match="cannot be read as a .npy array"):
         transform(h, corrupt, tmp_path / "o.npy", side=side)
-    with pytest.raises(ValueError, match="is one of the inputs"):
+    with pytest.raises(ValueError, match="would replace .*old.npy"):
         transform(h, old, old, side=side, overwrite=True)
+    before = {p: p.read_bytes() for p in old.parent.iterdir()}
+    with pytest.raises(ValueError, match="--uncertainty_out .* would replace .*old.npy"):
+        transform(run / "fastfill" / "best.ckpt", old, tmp_path / "ff.npy", side=side, uncertainty_out=old,
+                  overwrite=True)
+    with pytest.raises(ValueError, match="--out .*old.labels.npy would replace"):
+        transform(h, old, old.with_suffix(".labels.npy"), side=side, overwrite=True)
+    assert {p: p.read_bytes() for p in old.parent.iterdir()} == before
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([[object()]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="holds Python objects"):
+        transform(h, objects, tmp_path / "o.npy", side=side)
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_a_description_that_does_not_match_its_array_is_refused(chain, stored, tmp_path):
+    """After a crash or a hand copy, old.json may sit next to other rows of the same shape: refused, not trusted."""
+    _, run = chain
+    old, side = stored
+    for f in (old, old.with_suffix(".json"), old.with_suffix(".labels.npy")):
+        shutil.copyfile(f, tmp_path / f.name)
+    np.save(tmp_path / "old.npy", np.load(old) + 1)  # same shape, other rows
+    with pytest.raises(ValueError, match="old.json does not describe"):
+        transform(run / "transformation" / "best.ckpt", tmp_path / "old.npy", tmp_path / "o.npy", side=side)
+
+
+def test_a_killed_runs_temporary_file_is_removed_by_the_next_run(chain, stored, tmp_path):
+    _, run = chain
+    old, side = stored
+    out = tmp_path / "fct.npy"
+    left = tmp_path / f"{_part_prefix(out)}999999999.part"  # no such process
+    left.write_bytes(b"x" * 1000)
+    transform(run / "transformation" / "best.ckpt", old, out, side=side)
+    assert not left.exists() and out.is_file()
 
 
 def test_a_nan_row_loses_nothing(chain, stored, tmp_path):

@@ -160,3 +160,25 @@ def test_cifar_imagefolder_one_folder_per_class_and_no_empty_training_class(tmp_
     assert dm.source("test").targets.tolist() == [3]
     with pytest.raises(ValueError, match=r"class folders \['dog'\] \(1 of 2\) hold no images"):
         dm.source("train")
+
+
+def test_lazy_tree_refuses_images_of_another_size(tmp_path, monkeypatch):
+    """Above the in-memory limit the tree is read file by file; a non-32 px image is refused there too (as when it
+    is decoded into memory), not fed to the model at its own size."""
+    from fct_lightning.data import cifar
+
+    root = make_imagefolder(tmp_path / "cifar10", list(CIFAR10_CLASSES), {"train": 1, "test": 1}, size=32, ext="png")
+    odd = root / "test" / "cat" / "odd.png"
+    from PIL import Image
+
+    Image.new("RGB", (48, 40)).save(odd)
+    monkeypatch.setattr(cifar, "MAX_IN_MEMORY", 1)
+    ds = CIFAR10DataModule(root=str(tmp_path)).source("test")
+    sizes = []
+    for i in range(len(ds)):
+        try:
+            sizes.append(tuple(ds[i][0].shape))
+        except ValueError as err:
+            assert "odd.png is (40, 48) pixels; this dataset expects 32x32 images" in str(err)
+            sizes.append("refused")
+    assert sizes.count("refused") == 1 and set(sizes) == {(3, 32, 32), "refused"}

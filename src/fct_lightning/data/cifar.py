@@ -180,7 +180,7 @@ class CIFARDataModule(RetrievalDataModule):
         if not paths:
             raise FileNotFoundError(f"{self.name}: no images in {split_dir}; {self.layout_help()}")
         if len(paths) > MAX_IN_MEMORY:
-            return ImageFiles(paths, targets)
+            return ImageFiles(paths, targets, size=32)
         cache = where / ".cache" if self.cache_decoded else None
         fp = self.record_fingerprint(split, paths, where)
         return TensorImages(decode_all(paths, 32, cache, fingerprint=fp, cache_tag=split_tag(split_dir, where)),

@@ -242,17 +242,23 @@ class ImageFiles(Dataset):
     Args:
         paths: image file paths.
         targets: labels, one per path.
+        size: if set, every image must be ``size x size`` pixels (CIFAR trees); another size is an error.
     """
 
-    def __init__(self, paths: list[str], targets: list[int]) -> None:
+    def __init__(self, paths: list[str], targets: list[int], size: int | None = None) -> None:
         self.paths = paths
         self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.paths[i]), int(self.targets[i])
+        img = load_image(self.paths[i])
+        if self.size is not None and tuple(img.shape[1:]) != (self.size, self.size):  # as decode_all refuses them
+            raise ValueError(f"{self.paths[i]} is {tuple(img.shape[1:])} pixels; this dataset expects "
+                             f"{self.size}x{self.size} images")
+        return img, int(self.targets[i])
 
 
 def square_for_eval(img: torch.Tensor, side: int, crop: int) -> torch.Tensor:

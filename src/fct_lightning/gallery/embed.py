@@ -1,0 +1,237 @@
+"""``fct-embed``: one stage's image model over a dataset split or a folder of image files -> stored embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from fct_lightning.checkpoints import (
+    CheckpointError,
+    checkpoint_meta,
+    load_stage,
+    read_checkpoint,
+)
+from fct_lightning.gallery.files import (
+    FORMAT,
+    check_out,
+    publish,
+    sidecar,
+    write_json,
+    writing,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_STAGES = ("old", "side_info", "new", "bct")
+NATIVE_SIZE = {"cifar": 32}  # families whose images are stored at one size (the datamodules refuse others)
+
+
+class ImageList(Dataset):
+    """Image files -> ``(evaluation view, readable, index)``, as an evaluation loader yields them.
+
+    With ``skip_unreadable`` a file that cannot be decoded gives a zero image and ``readable = 0`` (the caller
+    drops its row); otherwise the error, which names the file, ends the run.
+    """
+
+    def __init__(self, paths: list[str], transform: Callable[[Tensor], Tensor], family: str, image_size: int,
+                 skip_unreadable: bool = False) -> None:
+        self.paths, self.transform, self.family = paths, transform, family
+        self.image_size, self.skip_unreadable = image_size, skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        from fct_lightning.data.folder import load_image
+
+        try:
+            img = load_image(self.paths[i])
+        except (ValueError, OSError) as err:
+            if not self.skip_unreadable:
+                raise ValueError(f"{err} (or pass --skip_unreadable to leave such files out)") from err
+            log.warning("left out %s: %s", self.paths[i], err)
+            return torch.zeros(3, self.image_size, self.image_size), 0, i
+        native = NATIVE_SIZE.get(self.family)
+        if native is not None and tuple(img.shape[-2:]) != (native, native):
+            raise ValueError(f"{self.paths[i]} is {tuple(img.shape[-2:])} pixels; this {self.family}-family model "
+                             f"reads {native}x{native} images, as it was trained: resize the gallery's images first")
+        return self.transform(img), 1, i
+
+
+def data_settings(checkpoint: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation-relevant data settings of the run that wrote ``checkpoint``: the datamodule's arguments
+    saved in the checkpoint, updated by the run's ``config.yaml`` next to it when that is there."""
+    from fct_lightning.evaluation import EVAL_DATA_KEYS
+
+    saved = ckpt.get("datamodule_hyper_parameters") or {}
+    settings = {k: saved[k] for k in EVAL_DATA_KEYS if saved.get(k) is not None}
+    cfg = checkpoint.parent / "config.yaml"
+    if cfg.is_file():
+        data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
+        settings.update({k: data[k] for k in EVAL_DATA_KEYS if data.get(k) is not None})
+    return settings
+
+
+def _image_loader(folder: Path, dataset: str, settings: dict[str, Any], skip_unreadable: bool,
+                  pin: bool) -> tuple[DataLoader, list[str], dict[str, Any]]:
+    """A loader over the image files below ``folder`` with the evaluation view of ``dataset`` at the trained size.
+
+    No datamodule is built: it would look for the training data, which a serving machine need not have.
+    """
+    from fct_lightning.data import DATAMODULES
+    from fct_lightning.data.folder import IMG_EXTENSIONS, find_images
+    from fct_lightning.data.transforms import build_transforms
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder} is not a folder of images")
+    cls = DATAMODULES[dataset]
+    if cls.family == "digits":
+        raise ValueError("the digits models read scikit-learn's 8x8 arrays, not image files; use --split")
+    paths, skipped = find_images(folder)
+    for line in skipped[:20]:
+        log.warning("skipped %s", line)
+    if not paths:
+        raise ValueError(f"--images {folder} holds no image files (looked for {', '.join(IMG_EXTENSIONS)}, in "
+                         "sub-folders too)")
+    size = settings.get("image_size") or cls.default_image_size
+    view = build_transforms(cls.family, False, 1, size, cls.mean or None, cls.std or None)
+    loader = DataLoader(ImageList(paths, view, cls.family, size, skip_unreadable),
+                        batch_size=settings.get("eval_batch_size") or 256,
+                        num_workers=settings.get("num_workers") or 0, pin_memory=pin)
+    ids = [os.path.relpath(p, folder) for p in paths]
+    return loader, ids, {"images": str(folder.resolve()), "skipped": len(skipped), "image_size": size}
+
+
+@torch.no_grad()
+def embed(
+    checkpoint: str | Path,
+    out: str | Path,
+    split: str | None = None,
+    images: str | Path | None = None,
+    data_root: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    skip_unreadable: bool = False,
+) -> Path:
+    """Embed a dataset split (``split``; default the evaluation split) or the image files below ``images``
+    with the image model of ``checkpoint``; write ``out`` (``.npy``) and the files describing it.
+
+    Rows follow the split's item order, or the sorted file paths (``out.ids.txt``). With ``skip_unreadable``,
+    files that cannot be decoded are left out of the rows and listed in ``out.json``.
+    """
+    from fct_lightning.data import DATAMODULES
+    from fct_lightning.evaluation import resolve_device
+
+    started = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    out = check_out(out, overwrite)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch_size {batch_size} must be at least 1")
+    if split is not None and images is not None:
+        raise ValueError("give --split (a split of the checkpoint's dataset) or --images (a folder), not both")
+    dev = resolve_device(device)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist; pass a stage's best.ckpt, e.g. "
+                                "artifacts/<dataset>/old/best.ckpt")
+    ckpt = read_checkpoint(checkpoint, "embedding")
+    stage = checkpoint_meta(ckpt, checkpoint, "embedding")["stage"]
+    if stage not in IMAGE_STAGES:
+        raise CheckpointError(
+            f"{checkpoint} is a '{stage}' checkpoint; fct-embed runs an image model ({', '.join(IMAGE_STAGES)}). "
+            "A transformation maps stored embeddings: embed the gallery with the old and side_info checkpoints, "
+            "then run fct-transform on those files.")
+    module, meta = load_stage(checkpoint, stage, (stage,))
+    module.to(dev).eval()
+    dataset = meta.get("dataset") or "digits"
+    settings = data_settings(checkpoint, ckpt)
+    del ckpt
+    settings.update({k: v for k, v in (("root", data_root), ("eval_batch_size", batch_size),
+                                       ("num_workers", num_workers)) if v is not None})
+    ids: list[str] | None = None
+    if images is not None:
+        loader, ids, source = _image_loader(Path(images), dataset, settings, skip_unreadable, dev.type == "cuda")
+    else:
+        dm = DATAMODULES[dataset](**settings)
+        split = split or dm.eval_split
+        loader = dm.eval_dataloader(split)
+        source = {"dataset": dataset, "split": split, "root": str(Path(dm.root).resolve()),
+                  "image_size": dm.image_size}
+    rows, dim = len(loader.dataset), int(module.embedding_dim)
+    labels = np.full(rows, -1, dtype=np.int64)
+    keep = np.ones(rows, dtype=bool)
+    with writing(out) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
+        for x, y, idx in loader:
+            emb = module.query_embed(x.to(dev, non_blocking=True)).float()
+            if not torch.isfinite(emb).all():
+                raise FloatingPointError(f"{checkpoint} gave a NaN or infinite embedding for a batch of {source}; "
+                                         "the checkpoint is broken: re-train the stage")
+            where = torch.as_tensor(idx).numpy()
+            arr[where] = emb.cpu().numpy()
+            if ids is None:
+                labels[where] = torch.as_tensor(y).numpy()
+            else:
+                keep[where] = torch.as_tensor(y).numpy() > 0
+        arr.flush()
+        del arr
+        unreadable: list[str] = []
+        if not keep.all():  # rows of files that could not be decoded: drop them, and their ids
+            unreadable = [ids[i] for i in np.flatnonzero(~keep)]
+            ids = [i for i, k in zip(ids, keep, strict=True) if k]
+            _compact(tmp, keep)
+            rows = int(keep.sum())
+        fp = publish(tmp, out)
+    files: dict[str, str | None] = {"ids": None, "labels": None}
+    with writing(sidecar(out, "ids" if ids is not None else "labels")) as part:
+        if ids is not None:
+            with open(part, "w", encoding="utf-8") as fh:
+                fh.writelines(f"{json.dumps(i)}\n" for i in ids)
+        else:
+            with open(part, "wb") as fh:
+                np.save(fh, labels)
+    files["ids" if ids is not None else "labels"] = sidecar(out, "ids" if ids is not None else "labels").name
+    for kind, name in files.items():  # a replaced array's other companion no longer describes anything
+        if name is None:
+            sidecar(out, kind).unlink(missing_ok=True)
+    write_json(sidecar(out, "meta"), {
+        "format": FORMAT, "stage": stage, "dataset": dataset, "checkpoint": str(checkpoint.resolve()),
+        "digest": meta["digest"], "embedding_dim": dim, "rows": rows, "dtype": "float32", "fingerprint": fp,
+        "source": source, **files, "unreadable": unreadable,
+    })
+    if unreadable:
+        log.warning("left out %d file(s) that could not be decoded (listed in %s)", len(unreadable),
+                    sidecar(out, "meta"))
+    log.info("embedded %d items with %s in %.1f s", rows, checkpoint, time.perf_counter() - started)
+    return out
+
+
+def _compact(path: Path, keep: np.ndarray, chunk: int = 65536) -> None:
+    """Rewrite the array file ``path`` with only the rows where ``keep`` is True."""
+    src = np.load(path, mmap_mode="r")
+    dst_path = path.with_suffix(".kept.part")  # a temporary file too: removed if a killed run leaves it
+    try:
+        dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=src.dtype, shape=(int(keep.sum()), src.shape[1]))
+        at = 0
+        for start in range(0, len(src), chunk):
+            block = src[start:start + chunk][keep[start:start + chunk]]
+            dst[at:at + len(block)] = block
+            at += len(block)
+        dst.flush()
+        del dst, src
+        os.replace(dst_path, path)
+    finally:
+        dst_path.unlink(missing_ok=True)
+
