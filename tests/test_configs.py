@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fct_lightning.checkpoints import read_checkpoint
 from fct_lightning.cli import CONFIG_DIR, build_cli, fit
@@ -292,7 +293,7 @@ def check_preset(preset: str, trainer) -> None:
     if preset == "ddp":
         assert type(trainer.strategy).__name__ == "DDPStrategy"
         assert type(trainer.strategy._layer_sync).__name__ == "TorchSyncBatchNorm"  # sync_batchnorm: true
-        assert any(type(c).__name__ == "ModelCheckpoint" for c in trainer.callbacks)
+        assert any(isinstance(c, ModelCheckpoint) for c in trainer.callbacks)
 
 
 # --------------------------------------------------------------------------------------------- chains

@@ -96,7 +96,7 @@ def test_a_partial_re_evaluation_counts_its_cases_once(tmp_path, caplog):
     assert rows["old/old"]["n_runs"] == "1" and float(rows["old/old"]["top1_mean"]) == pytest.approx(0.50)
     assert rows["backfill fct+side random (mean AUC)"]["n_runs"] == "1"
     assert "1 run(s)." in files["md"].read_text() and files["backfill"].is_file()
-    assert "new/new (as in" in caplog.text and str(seed0) in caplog.text
+    assert "these numbers: new/new" in caplog.text and str(seed0) in caplog.text
 
 
 @pytest.mark.parametrize("key,value", [("split", "val"), ("distance", "cosine"), ("n_items", 100),

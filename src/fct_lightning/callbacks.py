@@ -5,9 +5,39 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose saved state follows the stage folder when that folder is moved or copied.
+
+    Lightning keeps a checkpoint's best score only when the callback's folder is the one recorded in it; after a
+    move or copy it drops the score, and the first validation of a resumed run then replaced ``best.ckpt`` whatever
+    its score. Here the recorded paths are re-rooted in the current folder instead. The state is stored under
+    ``ModelCheckpoint``'s own key, so checkpoints written with either class resume with the other.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.normpath(saved) != os.path.normpath(self.dirpath):
+            here = self.dirpath
+
+            def moved(path: Any) -> Any:
+                same = isinstance(path, str) and path and os.path.normpath(os.path.dirname(path)) == os.path.normpath(saved)
+                return os.path.join(here, os.path.basename(path)) if same else path
+
+            state_dict = dict(state_dict, dirpath=here, **{k: moved(state_dict.get(k)) for k in
+                                                           ("best_model_path", "kth_best_model_path", "last_model_path")})
+            state_dict["best_k_models"] = {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}
+        super().load_state_dict(state_dict)
 
 
 class ChannelsLast(pl.Callback):

@@ -31,6 +31,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from fct_lightning.callbacks import StageCheckpoint
 from fct_lightning.data import DATAMODULES
 from fct_lightning.loggers import default_logger, ensure_wandb_mode
 from fct_lightning.retrieval.callback import RetrievalEvaluation
@@ -106,12 +107,14 @@ class FCTCLI(LightningCLI):
         user = config.get("callbacks") or []
         user = user if isinstance(user, list) else [user]
         if not any(isinstance(c, ModelCheckpoint) for c in user):
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=out, filename="best", monitor=self.model.monitor, mode="max",
-                    save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
-                )
-            )
+            # best.ckpt at validation; last.ckpt at the end of every training epoch, for resuming where the run
+            # stopped (Lightning's save_last writes last.ckpt only when a best one is saved)
+            callbacks += [
+                StageCheckpoint(dirpath=out, filename="best", monitor=self.model.monitor, mode="max",
+                                auto_insert_metric_name=False, enable_version_counter=False),
+                StageCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True,
+                                auto_insert_metric_name=False, enable_version_counter=False),
+            ]
         if not any(isinstance(c, RetrievalEvaluation) for c in user):
             callbacks.append(RetrievalEvaluation(**self._get(self.config, "retrieval")))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in user):
@@ -223,9 +226,12 @@ def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
     return str(path)
 
 
-def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> None:
+def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> tuple[int, int]:
     """The checkpoint given to ``--ckpt_path`` must be readable, of this stage and dataset, and shaped like the model
-    this run builds; otherwise Lightning fails deep inside loading with a size-mismatch traceback."""
+    this run builds; otherwise Lightning fails deep inside loading with a size-mismatch traceback.
+
+    Returns the epochs and optimiser steps the checkpoint has done.
+    """
     from fct_lightning.checkpoints import (
         CheckpointError,
         check_class_names,
@@ -260,6 +266,8 @@ def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> None:
             + "). Resume with the options that run used"
             + (f" (they are in {config})" if config.is_file() else "")
             + ", or start a new run (drop --ckpt_path; --overwrite to replace this folder's checkpoints).")
+    progress = (ckpt.get("loops") or {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", ckpt.get("epoch", -1) + 1)), int(ckpt.get("global_step", 0))
 
 
 def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI, str | None]:
@@ -295,7 +303,7 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
         cli = FCTCLI(
             stage_cls, DATAMODULES[pre.dataset], stage=pre.stage, dataset=pre.dataset, artifacts=artifacts,
             run_seed=pre.seed, args=args, run=False, seed_everything_default=0, save_config_callback=None,
-            parser_kwargs={"prog": f"fct-fit --stage {pre.stage}"}, **cli_kwargs,
+            parser_kwargs={"prog": f"fct-fit --stage {pre.stage}", "allow_abbrev": False}, **cli_kwargs,
         )
     finally:
         sys.argv = saved_argv
@@ -320,7 +328,15 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
         ensure_wandb_mode()  # before the first wandb.init: offline without credentials, never a prompt or a failure
     _check_validation_runs(cli.trainer)
     if ckpt is not None:
-        _check_resume_checkpoint(Path(ckpt), cli)
+        epochs_done, steps_done = _check_resume_checkpoint(Path(ckpt), cli)
+        trainer = cli.trainer
+        if (trainer.max_epochs or 0) > 0 and epochs_done >= trainer.max_epochs or 0 < trainer.max_steps <= steps_done:
+            rank_zero_info(
+                f"fct-fit: {ckpt} has finished its run ({epochs_done} epochs, {steps_done} steps; this run stops "
+                f"at --trainer.max_epochs {trainer.max_epochs}, --trainer.max_steps {trainer.max_steps}): nothing "
+                "to train, and nothing was changed. To train longer, raise --trainer.max_epochs; to start again, "
+                "drop --ckpt_path and pass --overwrite.")
+            return cli
     # every rank refuses (under torchrun each rank runs this), before any work. A checkpoint from another folder
     # starts this folder's run from it: like a fresh run, it must not silently replace the checkpoints here
     in_place = ckpt is not None and Path(ckpt).resolve().parent == cli.out_dir.resolve()

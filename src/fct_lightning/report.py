@@ -103,17 +103,21 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
                 continue
             if ident in seen:
                 del run[part][name]
-                dropped.setdefault(i, []).append(f"{name} (as in {names[seen[ident]]})")
+                dropped.setdefault(i, []).append((name, names[seen[ident]]))
             else:
                 seen[ident] = i
         if run["cases"] or run["backfill"]:
             kept[i] = run
     for i, what in dropped.items():
+        others = sorted({other for _, other in what})
+        whole = not (i in kept)
         log.warning(
-            "results file %s repeats numbers of the same checkpoints (same content digests) as a newer file: "
-            "one trained chain evaluated more than once, counted once: %s. For a mean and standard deviation over "
-            "seeds, train each seed in its own artifacts folder: `make <dataset> SEED=N` trains in "
-            "<ARTIFACTS>/seedN/.", names[i], ", ".join(what))
+            "results file %s repeats %s of %s: the same checkpoints (by content digest), so one trained chain "
+            "evaluated twice (e.g. `make` wrote results/seedN.json and a later fct-eval results/eval.json); counted "
+            "once. Delete the extra file to silence this. For a mean over seeds, train each seed in its own folder "
+            "(`make <dataset> SEED=N` trains in <ARTIFACTS>/seedN/).", names[i],
+            "all the numbers" if whole else "these numbers: " + ", ".join(name for name, _ in what),
+            " and ".join(others))
     return [kept[i] for i in sorted(kept)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,43 @@ def test_resume_continues_epoch_count(tmp_path):
                "--ckpt_path", "last"])
     assert cli.trainer.current_epoch == 2
     assert read_checkpoint(art / "digits" / "old" / "last.ckpt", "old")["epoch"] == 1
+
+
+def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path):
+    """Validating every 2nd of 3 epochs, the best is saved at epoch 1; last.ckpt must still be epoch 2 (Lightning's
+    save_last wrote it only next to a best one, so a resume went back to the best epoch and trained again)."""
+    art = tmp_path / "art"
+    run("old", art, *SMALL_NET, "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2")
+    folder = art / "digits" / "old"
+    assert read_checkpoint(folder / "best.ckpt", "old")["epoch"] == 1
+    last = read_checkpoint(folder / "last.ckpt", "old")
+    assert last["epoch"] == 2 and last["global_step"] == 6
+    # resuming the finished run trains nothing and changes nothing
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    cli = fit(["--stage", "old", "--artifacts", str(art), *TINY, *SMALL_NET, "--trainer.max_epochs", "3",
+               "--trainer.check_val_every_n_epoch", "2", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 0 and {f.name: f.read_bytes() for f in folder.iterdir()} == before
+
+
+def test_resume_in_a_copied_folder_keeps_the_better_best(tmp_path):
+    """A copied stage folder's resume must compare with the best score it carries, not start the race anew."""
+    art = tmp_path / "art"
+    run("old", art, *SMALL_NET)
+    copy = tmp_path / "copy"
+    shutil.copytree(art, copy)
+    last = copy / "digits" / "old" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    states = [v for k, v in ckpt["callbacks"].items() if "'monitor': 'val/" in k]
+    assert len(states) == 1 and states[0]["dirpath"] == str(art / "digits" / "old")
+    # the score to beat, as the callback keeps it (mAP is at most 1: no validation can beat it)
+    states[0].update(best_model_score=torch.tensor(2.0), kth_value=torch.tensor(2.0),
+                     best_k_models={k: torch.tensor(2.0) for k in states[0]["best_k_models"]})
+    torch.save(ckpt, last)
+    best = (copy / "digits" / "old" / "best.ckpt").read_bytes()
+    cli = fit(["--stage", "old", "--artifacts", str(copy), *TINY, *SMALL_NET, "--trainer.max_epochs", "2",
+               "--ckpt_path", "last"])
+    assert cli.trainer.current_epoch == 2 and (copy / "digits" / "old" / "best.ckpt").read_bytes() == best
+    assert cli.trainer.checkpoint_callback.best_model_path == str(copy / "digits" / "old" / "best.ckpt")
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -41,3 +41,11 @@ def test_compile_adds_to_a_preset_callback_list(tmp_path):
                         "--trainer.callbacks+=fct_lightning.callbacks.Compile"])
     kinds = {type(c) for c in cli.trainer.callbacks}
     assert {ChannelsLast, Throughput, Compile} <= kinds
+
+
+def test_abbreviated_options_are_errors(tmp_path):
+    """`--trainer.max_epoch` (missing its s) must not be taken for --trainer.max_epochs: unknown keys are errors."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        build_cli([*BASE, "--artifacts", str(tmp_path), "--trainer.max_epoch", "1"])

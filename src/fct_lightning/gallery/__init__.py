@@ -78,5 +78,7 @@ def transform_main(argv: list[str] | None = None) -> Path:
     args = _parse(p, argv)
     out = transform(args.checkpoint, args.old, args.out, args.side, args.uncertainty_out, args.batch_size,
                     args.device, args.overwrite)
-    print(f"transformed gallery written to {out}")
+    meta = json.loads(sidecar(out, "meta").read_text())
+    extra = f"; uncertainty per row in {meta['uncertainty']}" if meta.get("uncertainty") else ""
+    print(f"transformed gallery written to {out} ({meta['rows']} x {meta['embedding_dim']}, {meta['space']}){extra}")
     return out
