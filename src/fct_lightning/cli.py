@@ -334,24 +334,27 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
             rank_zero_info(
                 f"fct-fit: {ckpt} has finished its run ({epochs_done} epochs, {steps_done} steps; this run stops "
                 f"at --trainer.max_epochs {trainer.max_epochs}, --trainer.max_steps {trainer.max_steps}): nothing "
-                "to train, and nothing was changed. To train longer, raise --trainer.max_epochs; to start again, "
-                "drop --ckpt_path and pass --overwrite.")
+                "to train, and no checkpoint was changed. To train longer, raise --trainer.max_epochs; to start "
+                "again, drop --ckpt_path and pass --overwrite.")
+            done = cli.out_dir / DONE_FILE
+            in_place = Path(ckpt).resolve().parent == cli.out_dir.resolve()
+            if in_place and trainer.is_global_zero and (cli.out_dir / "best.ckpt").is_file() and not done.is_file():
+                # stopped after its last checkpoint but before done.json (killed): the run is complete, say so
+                saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+                _write_done(cli, epochs_done, 0.0, _best_score(saved))
             return cli
     # every rank refuses (under torchrun each rank runs this), before any work. A checkpoint from another folder
     # starts this folder's run from it: like a fresh run, it must not silently replace the checkpoints here
     in_place = ckpt is not None and Path(ckpt).resolve().parent == cli.out_dir.resolve()
     replaced = _check_overwrite(cli.out_dir, cli.stage, in_place, cli.overwrite, ckpt)
     cli.trainer.callbacks.append(_StartRun(cli, replaced))
-    done = cli.out_dir / DONE_FILE
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     seconds = time.perf_counter() - start
     epochs, score = _outcome(cli)
     rank_zero_info(_summary(cli, seconds, epochs, score))
     if cli.trainer.is_global_zero and (cli.out_dir / "best.ckpt").is_file():
-        done.write_text(json.dumps({"stage": cli.stage, "dataset": cli.dataset, "epochs": epochs,
-                                    "seconds": round(seconds, 1), "monitor": cli.model.monitor, "best": score,
-                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        _write_done(cli, epochs, seconds, score)
     elif cli.trainer.is_global_zero and not (cli.trainer.interrupted or cli.trainer.fast_dev_run):
         ckpt_cb = cli.trainer.checkpoint_callback
         if ckpt_cb is not None and ckpt_cb.filename == "best":  # fct-fit's own checkpointing, not a user's
@@ -408,10 +411,22 @@ def _outcome(cli: FCTCLI) -> tuple[int, float | None]:
     if isinstance(cli.trainer.strategy.launcher, _MultiProcessingLauncher) and last.is_file():
         saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
         epochs = int(saved.get("epoch", -1)) + 1
-        states = [v for k, v in saved.get("callbacks", {}).items() if str(k).startswith("ModelCheckpoint")]
-        best = next((v["best_model_score"] for v in states if v.get("best_model_score") is not None), None)
-        score = None if best is None else float(best)
+        score = _best_score(saved)
     return epochs, score
+
+
+def _best_score(saved: dict[str, Any]) -> float | None:
+    """The best monitored value recorded by the checkpoint callbacks' state in a saved checkpoint."""
+    states = [v for k, v in saved.get("callbacks", {}).items() if str(k).startswith("ModelCheckpoint")]
+    best = next((v["best_model_score"] for v in states if v.get("best_model_score") is not None), None)
+    return None if best is None else float(best)
+
+
+def _write_done(cli: FCTCLI, epochs: int, seconds: float, score: float | None) -> None:
+    """``done.json``: the stage finished (the Makefile's targets are these files)."""
+    (cli.out_dir / DONE_FILE).write_text(json.dumps(
+        {"stage": cli.stage, "dataset": cli.dataset, "epochs": epochs, "seconds": round(seconds, 1),
+         "monitor": cli.model.monitor, "best": score, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
 
 def _summary(cli: FCTCLI, seconds: float, epochs: int, score: float | None) -> str:

@@ -141,6 +141,15 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path):
     cli = fit(["--stage", "old", "--artifacts", str(art), *TINY, *SMALL_NET, "--trainer.max_epochs", "3",
                "--trainer.check_val_every_n_epoch", "2", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 0 and {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    # killed after its last checkpoint but before done.json: the resume writes done.json (make's target) only
+    done = json.loads((folder / "done.json").read_text())
+    (folder / "done.json").unlink()
+    fit(["--stage", "old", "--artifacts", str(art), *TINY, *SMALL_NET, "--trainer.max_epochs", "3",
+         "--trainer.check_val_every_n_epoch", "2", "--ckpt_path", "last"])
+    again = json.loads((folder / "done.json").read_text())
+    assert (again["epochs"], again["best"]) == (done["epochs"], pytest.approx(done["best"]))
+    assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != "done.json"} == {
+        k: v for k, v in before.items() if k != "done.json"}
 
 
 def test_resume_in_a_copied_folder_keeps_the_better_best(tmp_path):
