@@ -30,6 +30,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fct_lightning.callbacks import StageCheckpoint
 from fct_lightning.data import DATAMODULES
@@ -106,7 +107,13 @@ class FCTCLI(LightningCLI):
         out = self.out_dir
         user = config.get("callbacks") or []
         user = user if isinstance(user, list) else [user]
-        if not any(isinstance(c, ModelCheckpoint) for c in user):
+        if any(isinstance(c, ModelCheckpoint) for c in user):
+            log.warning(
+                "fct-fit: --trainer.callbacks has a ModelCheckpoint, so fct-fit adds none of its own: %s gets no "
+                "best.ckpt, last.ckpt or done.json unless yours writes them there. Later stages, fct-eval and make "
+                "read best.ckpt: give yours dirpath=%s, filename=best and monitor=%s, or leave it out.",
+                out, out, self.model.monitor)
+        else:
             # best.ckpt at validation; last.ckpt at the end of every training epoch, for resuming where the run
             # stopped (Lightning's save_last writes last.ckpt only when a best one is saved)
             callbacks += [
@@ -334,8 +341,8 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
             rank_zero_info(
                 f"fct-fit: {ckpt} has finished its run ({epochs_done} epochs, {steps_done} steps; this run stops "
                 f"at --trainer.max_epochs {trainer.max_epochs}, --trainer.max_steps {trainer.max_steps}): nothing "
-                "to train, and no checkpoint was changed. To train longer, raise --trainer.max_epochs; to start "
-                "again, drop --ckpt_path and pass --overwrite.")
+                "to train, and no checkpoint was changed. To train longer, train anew with more epochs or steps "
+                "(drop --ckpt_path, pass --overwrite): the learning-rate schedule is laid out for a run's length.")
             done = cli.out_dir / DONE_FILE
             in_place = Path(ckpt).resolve().parent == cli.out_dir.resolve()
             if in_place and trainer.is_global_zero and (cli.out_dir / "best.ckpt").is_file() and not done.is_file():
@@ -349,7 +356,13 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     replaced = _check_overwrite(cli.out_dir, cli.stage, in_place, cli.overwrite, ckpt)
     cli.trainer.callbacks.append(_StartRun(cli, replaced))
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except SIGTERMException as err:  # a SystemExit with status 0: `make` would go on to the next stage
+        raise SystemExit(
+            f"fct-fit: the {cli.stage} run was stopped by SIGTERM in epoch {cli.trainer.current_epoch}; done.json "
+            f"was not written. Resume it with the same command and --ckpt_path last ({cli.out_dir / 'last.ckpt'} "
+            "holds its last finished epoch); make resumes it by itself.") from err
     seconds = time.perf_counter() - start
     epochs, score = _outcome(cli)
     rank_zero_info(_summary(cli, seconds, epochs, score))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from fct_lightning.checkpoints import CheckpointError, read_checkpoint
-from fct_lightning.cli import fit
+from fct_lightning.cli import build_cli, fit
 from fct_lightning.evaluation import main as eval_main
 from fct_lightning.report import main as report_main
 
@@ -150,6 +152,30 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path):
     assert (again["epochs"], again["best"]) == (done["epochs"], pytest.approx(done["best"]))
     assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != "done.json"} == {
         k: v for k, v in before.items() if k != "done.json"}
+
+
+def test_sigterm_ends_with_an_error_and_no_done_file(tmp_path):
+    """A scheduler's SIGTERM stopped the run with exit status 0 (Lightning's SIGTERMException is a SystemExit), and
+    `make` went on to train the next stage on an unfinished checkpoint."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "fct_lightning.cli", "--stage", "old", "--artifacts", str(tmp_path), *TINY,
+           *SMALL_NET, "--trainer.max_epochs", "3", "--trainer.callbacks+=tests.stages.signals.SigtermAt"]
+    res = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "stopped by SIGTERM" in res.stderr and "--ckpt_path last" in res.stderr
+    assert not (tmp_path / "digits" / "old" / "done.json").exists()
+
+
+def test_a_users_checkpoint_callback_is_announced(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fct_lightning.cli"):
+        cli, _ = build_cli(["--stage", "old", "--artifacts", str(tmp_path), *TINY, *SMALL_NET,
+                            "--trainer.callbacks+=ModelCheckpoint"])
+    assert "adds none of its own" in caplog.text and "filename=best" in caplog.text
+    assert sum(isinstance(c, pl.callbacks.ModelCheckpoint) for c in cli.trainer.callbacks) == 1
 
 
 def test_resume_in_a_copied_folder_keeps_the_better_best(tmp_path):
