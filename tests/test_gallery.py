@@ -174,6 +174,12 @@ def test_unreadable_images_are_left_out_on_request(chain, tmp_path):
     whole_ids = [json.loads(line) for line in whole.with_suffix(".ids.txt").read_text().splitlines()]
     keep = [whole_ids.index(i) for i in ids]  # the rows kept are the other images' rows, in order
     np.testing.assert_allclose(np.load(out), np.load(whole)[keep], rtol=1e-5, atol=1e-6)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="none of the 1 image files .* could be decoded"):
+        embed(run / "old" / "best.ckpt", tmp_path / "j.npy", images=junk, skip_unreadable=True)
+    assert not (tmp_path / "j.npy").exists()
 
 
 def test_serving_machine_without_config_or_training_data(chain, stored, tmp_path):

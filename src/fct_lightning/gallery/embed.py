@@ -188,6 +188,9 @@ def embed(
         arr.flush()
         del arr
         unreadable: list[str] = []
+        if not keep.any():
+            raise ValueError(f"none of the {rows} image files below {images} could be decoded (see the warnings); "
+                             "nothing was written")
         if not keep.all():  # rows of files that could not be decoded: drop them, and their ids
             unreadable = [ids[i] for i in np.flatnonzero(~keep)]
             ids = [i for i, k in zip(ids, keep, strict=True) if k]
