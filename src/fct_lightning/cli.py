@@ -233,11 +233,11 @@ def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
     return str(path)
 
 
-def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> tuple[int, int]:
+def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> tuple[int, int, float | None]:
     """The checkpoint given to ``--ckpt_path`` must be readable, of this stage and dataset, and shaped like the model
     this run builds; otherwise Lightning fails deep inside loading with a size-mismatch traceback.
 
-    Returns the epochs and optimiser steps the checkpoint has done.
+    Returns the epochs and optimiser steps the checkpoint has done, and the best monitored value it records.
     """
     from fct_lightning.checkpoints import (
         CheckpointError,
@@ -274,7 +274,7 @@ def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> tuple[int, int]:
             + (f" (they are in {config})" if config.is_file() else "")
             + ", or start a new run (drop --ckpt_path; --overwrite to replace this folder's checkpoints).")
     progress = (ckpt.get("loops") or {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    return int(progress.get("processed", ckpt.get("epoch", -1) + 1)), int(ckpt.get("global_step", 0))
+    return int(progress.get("processed", ckpt.get("epoch", -1) + 1)), int(ckpt.get("global_step", 0)), _best_score(ckpt)
 
 
 def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI, str | None]:
@@ -334,8 +334,10 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     if any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers):  # also one chosen with --trainer.logger
         ensure_wandb_mode()  # before the first wandb.init: offline without credentials, never a prompt or a failure
     _check_validation_runs(cli.trainer)
+    # a checkpoint from another folder starts this folder's run from it (see _check_overwrite below)
+    in_place = ckpt is not None and Path(ckpt).resolve().parent == cli.out_dir.resolve()
     if ckpt is not None:
-        epochs_done, steps_done = _check_resume_checkpoint(Path(ckpt), cli)
+        epochs_done, steps_done, best_done = _check_resume_checkpoint(Path(ckpt), cli)
         trainer = cli.trainer
         if (trainer.max_epochs or 0) > 0 and epochs_done >= trainer.max_epochs or 0 < trainer.max_steps <= steps_done:
             rank_zero_info(
@@ -344,15 +346,12 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
                 "to train, and no checkpoint was changed. To train longer, train anew with more epochs or steps "
                 "(drop --ckpt_path, pass --overwrite): the learning-rate schedule is laid out for a run's length.")
             done = cli.out_dir / DONE_FILE
-            in_place = Path(ckpt).resolve().parent == cli.out_dir.resolve()
             if in_place and trainer.is_global_zero and (cli.out_dir / "best.ckpt").is_file() and not done.is_file():
                 # stopped after its last checkpoint but before done.json (killed): the run is complete, say so
-                saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-                _write_done(cli, epochs_done, 0.0, _best_score(saved))
+                _write_done(cli, epochs_done, 0.0, best_done)
             return cli
     # every rank refuses (under torchrun each rank runs this), before any work. A checkpoint from another folder
     # starts this folder's run from it: like a fresh run, it must not silently replace the checkpoints here
-    in_place = ckpt is not None and Path(ckpt).resolve().parent == cli.out_dir.resolve()
     replaced = _check_overwrite(cli.out_dir, cli.stage, in_place, cli.overwrite, ckpt)
     cli.trainer.callbacks.append(_StartRun(cli, replaced))
     start = time.perf_counter()

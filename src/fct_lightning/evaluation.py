@@ -169,14 +169,23 @@ def embed_split(loader: Any, embedders: dict[str, Any],
 EVAL_DATA_KEYS = ("root", "image_size", "eval_split", "eval_batch_size", "train_dir", "eval_dir", "num_workers")
 
 
+def eval_data_settings(data: dict[str, Any] | None) -> dict[str, Any]:
+    """The evaluation-relevant entries (:data:`EVAL_DATA_KEYS`, those set) of a stage's datamodule arguments."""
+    return {k: data[k] for k in EVAL_DATA_KEYS if (data or {}).get(k) is not None}
+
+
+def config_data_settings(cfg: Path) -> dict[str, Any]:
+    """:func:`eval_data_settings` of the ``data`` section of a run's ``config.yaml``."""
+    return eval_data_settings((yaml.safe_load(cfg.read_text()) or {}).get("data"))
+
+
 def stage_data_config(artifacts: Path, dataset: str) -> dict[str, Any]:
     """The evaluation-relevant ``data`` settings (:data:`EVAL_DATA_KEYS`) of the first stage config found, so eval
     reads the same folders at the same image size as training (e.g. ``make folder EXTRA="--data.eval_dir test"``)."""
     for folder in ("new", "old", "transformation", "bct", "side_info", "transformation_noside"):
         cfg = artifacts / dataset / folder / "config.yaml"
         if cfg.is_file():
-            data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
-            return {k: data[k] for k in EVAL_DATA_KEYS if data.get(k) is not None}
+            return config_data_settings(cfg)
     return {}
 
 

@@ -110,7 +110,7 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
             kept[i] = run
     for i, what in dropped.items():
         others = sorted({other for _, other in what})
-        whole = not (i in kept)
+        whole = i not in kept
         log.warning(
             "results file %s repeats %s of %s: the same checkpoints (by content digest), so one trained chain "
             "evaluated twice (e.g. `make` wrote results/seedN.json and a later fct-eval results/eval.json); counted "

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -72,14 +71,12 @@ class ImageList(Dataset):
 def data_settings(checkpoint: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     """The evaluation-relevant data settings of the run that wrote ``checkpoint``: the datamodule's arguments
     saved in the checkpoint, updated by the run's ``config.yaml`` next to it when that is there."""
-    from fct_lightning.evaluation import EVAL_DATA_KEYS
+    from fct_lightning.evaluation import config_data_settings, eval_data_settings
 
-    saved = ckpt.get("datamodule_hyper_parameters") or {}
-    settings = {k: saved[k] for k in EVAL_DATA_KEYS if saved.get(k) is not None}
+    settings = eval_data_settings(ckpt.get("datamodule_hyper_parameters"))
     cfg = checkpoint.parent / "config.yaml"
     if cfg.is_file():
-        data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
-        settings.update({k: data[k] for k in EVAL_DATA_KEYS if data.get(k) is not None})
+        settings.update(config_data_settings(cfg))
     return settings
 
 

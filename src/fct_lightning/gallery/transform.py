@@ -113,7 +113,8 @@ def _same_items(old: Path, old_meta: dict[str, Any] | None, side: Path, side_met
         return
     src_a, src_b = old_meta.get("source") or {}, side_meta.get("source") or {}
     same_split = (src_a.get("dataset"), src_a.get("split")) == (src_b.get("dataset"), src_b.get("split"))
-    if not same_split or not np.array_equal(np.load(sidecar(old, "labels")), np.load(sidecar(side, "labels"))):
+    labels = [np.load(sidecar(p, "labels"), mmap_mode="r", allow_pickle=False) for p in (old, side)]
+    if not same_split or not np.array_equal(*labels):
         raise ValueError(f"{old} and {side} were embedded from different items ({src_a.get('dataset')}/"
                          f"{src_a.get('split')} vs {src_b.get('dataset')}/{src_b.get('split')}, or other labels); "
                          "embed both from the same split")
