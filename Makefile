@@ -34,15 +34,15 @@ export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
 DATASETS := digits cifar10 cifar100 imagenet places365 vggface2 folder
-STAGES   := old side_info new transformation transformation_noside fastfill fastfill_noside bct
 
-.PHONY: help install test test-all demo lint bench clean report $(DATASETS) $(foreach d,$(DATASETS),$(addprefix $(d)-,$(STAGES) eval report))
+.PHONY: help install test test-all demo lint bench clean report $(DATASETS) $(foreach d,$(DATASETS),$(addprefix $(d)-,$(CHAIN_VARIANTS) eval report))
 
 help:  ## list the targets and variables
 	@echo "targets:"
 	@grep -E '^[a-zA-Z0-9_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-24s %s\n", $$1, $$2}'
 	@echo "  <dataset>                the whole chain + eval + report; datasets: $(DATASETS)"
-	@echo "  <dataset>-<stage>        one stage (and its upstream stages); stages: $(STAGES)"
+	@echo "  <dataset>-<variant>      one variant (and its upstream ones); the variants, from src/fct_lightning/chain.py:"
+	@if [ -x $(BIN)/fct-chain ]; then $(BIN)/fct-chain list | sed 's/^/    /'; else echo "    (make install, then $(BIN)/fct-chain list)"; fi
 	@echo "  <dataset>-eval, <dataset>-report"
 	@echo "variables: ARTIFACTS=$(ARTIFACTS) SEED=$(SEED) (SEED=N>0 trains in ARTIFACTS/seedN/) DATA_ROOT=<dataset root> TRAINER=<presets in configs/trainer, e.g. 'gpu-fast' or 'ddp bf16'>"
 	@echo "           DEVICES=<n> EXTRA='<more fct-fit options>' POINTS=$(POINTS) (backfill curve points)"
@@ -62,8 +62,9 @@ test: $(SETUP)  ## run the default (fast) test suite; "no tests collected" (pyte
 test-all: $(SETUP)  ## every test, the slow ones included
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
-lint: $(SETUP)  ## static checks
+lint: $(SETUP)  ## static checks: ruff, and the import layers (no cycles, commands on top; see setup.cfg)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports --config setup.cfg
 
 bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementations run in the same process)
 	$(BIN)/python bench/bench_retrieval.py
@@ -71,49 +72,43 @@ bench: $(SETUP)  ## CPU benchmarks (print ratios against reference implementatio
 	$(BIN)/python bench/bench_transformation.py
 
 # ----------------------------------------------------------------------------- reproduction chains
-# How a stage starts, decided when its recipe runs ($(1) = the stage's folder): a run that was interrupted (a
-# last.ckpt but no done.json) resumes from last.ckpt, unless an upstream stage finished after that last.ckpt was
-# written (re-trained since: the run belongs to the previous upstream model, and fct-fit would refuse to resume
-# it); otherwise make runs the stage only because its done.json is missing or older than an upstream one, so the
-# stage is trained anew (--overwrite keeps the old files aside).
-start_opts = $$$$(r="--ckpt_path last"; if [ -f $(1)/done.json ] || [ ! -f $(1)/last.ckpt ]; then r=--overwrite; fi; \
-	for u in $$^; do [ $(1)/last.ckpt -nt "$$$$u" ] || r=--overwrite; done; echo $$$$r)
-# $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage). A target's variant
-# options (--model.use_side_info false, ...) come after these, so that no config file or EXTRA undoes them.
-fit_opts = --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
+# The chain's variants (old, side_info, new, bct, transformation, ...; their stages and upstream variants) come from
+# the registry in src/fct_lightning/chain.py: `fct-chain makefile` writes them to $(CHAIN_MK) as CHAIN_VARIANTS,
+# STAGE_<variant> and UPSTREAM_<variant>, so a registered variant gets its targets without an edit here.
+CHAIN_MK  := $(VENV)/chain.mk
+NO_CHAIN  := help install test test-all lint bench clean
+ifneq ($(filter-out $(NO_CHAIN),$(or $(MAKECMDGOALS),help)),)
+include $(CHAIN_MK)
+endif
+$(CHAIN_MK): src/fct_lightning/chain.py | $(SETUP)
+	@$(BIN)/fct-chain makefile > $@.tmp && mv $@.tmp $@
+
+# $(1) = dataset, $(2) = the stage's config name (a RECIPE folder holds one file per stage). How a stage starts is
+# fct-fit's decision (--resume auto): an interrupted run resumes from its last.ckpt, unless an upstream stage
+# finished after it (the run then belongs to the previous upstream model); anything else trains anew, keeping the old
+# checkpoints aside. make runs a stage only when its done.json is missing or older than an upstream one.
+fit_opts = $(strip --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $(if $(DATA_ROOT),--data.root $(DATA_ROOT)) \
 	$(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(RECIPE),--config configs/recipes/$(RECIPE)/$(2).yaml) \
-	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
+	$(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA))
 data_opts = $(if $(DATA_ROOT),--data_root $(DATA_ROOT))
 
-define CHAIN
-$(1)_DIR := $(RUNS)/$(1)
-$(1)_OUT := $(ARTIFACTS)/$(1)
-$$($(1)_DIR)/old/done.json: | $(SETUP) $(1)-data
-	$(FIT) --stage old $(call fit_opts,$(1),old) $(call start_opts,$$($(1)_DIR)/old)
-$$($(1)_DIR)/side_info/done.json: | $(SETUP) $(1)-data
-	$(FIT) --stage side_info $(call fit_opts,$(1),side_info) $(call start_opts,$$($(1)_DIR)/side_info)
-$$($(1)_DIR)/new/done.json: | $(SETUP) $(1)-data
-	$(FIT) --stage new $(call fit_opts,$(1),new) $(call start_opts,$$($(1)_DIR)/new)
-$$($(1)_DIR)/transformation/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) $(call start_opts,$$($(1)_DIR)/transformation)
-$$($(1)_DIR)/transformation_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) --model.use_side_info false $(call start_opts,$$($(1)_DIR)/transformation_noside)
-$$($(1)_DIR)/fastfill/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/side_info/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) --model.uncertainty true $(call start_opts,$$($(1)_DIR)/fastfill)
-$$($(1)_DIR)/fastfill_noside/done.json: $$($(1)_DIR)/old/done.json $$($(1)_DIR)/new/done.json
-	$(FIT) --stage transformation $(call fit_opts,$(1),transformation) --model.uncertainty true --model.use_side_info false $(call start_opts,$$($(1)_DIR)/fastfill_noside)
-$$($(1)_DIR)/bct/done.json: $$($(1)_DIR)/old/done.json
-	$(FIT) --stage bct $(call fit_opts,$(1),bct) $(call start_opts,$$($(1)_DIR)/bct)
-$$($(1)_OUT)/results/seed$(SEED).json: $$(foreach s,$(STAGES),$$($(1)_DIR)/$$(s)/done.json)
-	$(EVAL) --dataset $(1) --artifacts $(RUNS) $(data_opts) --backfill random,uncertainty,distance --points $(POINTS) --out $$@
-$$($(1)_OUT)/report.md: $$($(1)_OUT)/results/seed$(SEED).json
-	$(REPORT) --dataset $(1) --artifacts $(ARTIFACTS)
-$(1): $$($(1)_OUT)/report.md
-$(foreach s,$(STAGES),$(1)-$(s): $$($(1)_DIR)/$(s)/done.json
-)
-$(1)-eval: $$($(1)_OUT)/results/seed$(SEED).json
-$(1)-report: $$($(1)_OUT)/report.md
+# $(1) = dataset, $(2) = variant
+define VARIANT
+$(RUNS)/$(1)/$(2)/done.json: $(foreach u,$(UPSTREAM_$(2)),$(RUNS)/$(1)/$(u)/done.json) | $(SETUP) $(1)-data
+	$$(FIT) --stage $(2) $$(call fit_opts,$(1),$(STAGE_$(2))) --resume auto
+$(1)-$(2): $(RUNS)/$(1)/$(2)/done.json
 endef
+# $(1) = dataset
+define CHAIN
+$(ARTIFACTS)/$(1)/results/seed$(SEED).json: $(foreach v,$(CHAIN_VARIANTS),$(RUNS)/$(1)/$(v)/done.json)
+	$$(EVAL) --dataset $(1) --artifacts $(RUNS) $$(data_opts) --backfill random,uncertainty,distance --points $$(POINTS) --out $$@
+$(ARTIFACTS)/$(1)/report.md: $(ARTIFACTS)/$(1)/results/seed$(SEED).json
+	$$(REPORT) --dataset $(1) --artifacts $(ARTIFACTS)
+$(1): $(ARTIFACTS)/$(1)/report.md
+$(1)-eval: $(ARTIFACTS)/$(1)/results/seed$(SEED).json
+$(1)-report: $(ARTIFACTS)/$(1)/report.md
+endef
+$(foreach d,$(DATASETS),$(foreach v,$(CHAIN_VARIANTS),$(eval $(call VARIANT,$(d),$(v)))))
 $(foreach d,$(DATASETS),$(eval $(call CHAIN,$(d))))
 
 # ----------------------------------------------------------------------------- data checks

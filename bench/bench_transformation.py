@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 
 from fct_lightning.callbacks import ChannelsLast, Throughput
-from fct_lightning.cli import fit
+from fct_lightning.commands.fit import fit
 from fct_lightning.data import DATAMODULES
 from fct_lightning.stages import TransformationModel
 

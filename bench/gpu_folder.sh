@@ -37,7 +37,7 @@ echo "tree: $(find /tmp/fold/train -name '*.jpg' | wc -l) train, $(find /tmp/fol
   "nproc $(nproc), workers $WORKERS" | tee -a "$OUT/folder.txt"
 for mode in true false; do  # the in-memory path first: it is the one never measured on a GPU
   t=$(date +%s)
-  python3 -m fct_lightning.cli --stage old --dataset folder --data.root /tmp/fold --artifacts /tmp/fold_art/$mode \
+  python3 -m fct_lightning.commands.fit --stage old --dataset folder --data.root /tmp/fold --artifacts /tmp/fold_art/$mode \
     --trainer.accelerator $ACCEL --trainer.precision $PRECISION --trainer.max_epochs $EPOCHS \
     --trainer.enable_progress_bar false --trainer.callbacks+=fct_lightning.callbacks.Throughput \
     --trainer.logger pytorch_lightning.loggers.CSVLogger --trainer.logger.save_dir /tmp/fold_art/$mode/logs \

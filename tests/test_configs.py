@@ -6,7 +6,7 @@ Three kinds of configs ship under ``src/fct_lightning/configs``:
 * recipes ``recipes/<name>/<stage>.yaml``, override files passed with ``--config`` on top of a stage config;
 * trainer presets ``trainer/<name>.yaml`` (only a ``trainer:`` section).
 
-Fast tests (default suite): every config is instantiated through :func:`fct_lightning.cli.build_cli` (datamodule,
+Fast tests (default suite): every config is instantiated through :func:`fct_lightning.commands.fit.build_cli` (datamodule,
 model, trainer; no fitting) on generated folder trees with the real number of classes, and the whole chain
 ``old -> side_info -> new -> transformation (with and without side-info) -> bct`` trains one batch per stage on
 tiny CIFAR-10 data (ImageFolder layout). Upstream checkpoints for the transformation
@@ -30,9 +30,9 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from fct_lightning.checkpoints import read_checkpoint
-from fct_lightning.cli import CONFIG_DIR, build_cli, fit
+from fct_lightning.commands.fit import CONFIG_DIR, build_cli, fit
 from fct_lightning.data.cifar import CIFAR10_CLASSES
+from fct_lightning.stages.checkpoints import read_checkpoint
 from tests.data.fakes import make_cifar_pickles, make_imagefolder
 
 CHAIN = ("old", "side_info", "new", "transformation", "bct")
@@ -358,7 +358,7 @@ def test_ddp_preset_two_cpu_processes(tmp_path):
     """The DDP preset on 2 CPU processes, in a subprocess (DDP re-launches argv). Lightning's SyncBatchNorm needs
     GPU modules, so it is switched off here; the fast instantiate test checks that the preset turns it on."""
     root = make_data("cifar10", tmp_path / "data", images=True)
-    cmd = [sys.executable, "-m", "fct_lightning.cli",
+    cmd = [sys.executable, "-m", "fct_lightning.commands.fit",
            *preset_args("ddp", {"cifar10": root}, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                         "--trainer.sync_batchnorm", "false", *ONE_BATCH)]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")

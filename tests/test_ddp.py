@@ -37,14 +37,14 @@ def test_callback_is_exact_for_1_2_3_ranks(tmp_path):
     assert results[3] == results[1]
 
 
-FIT = [sys.executable, "-m", "fct_lightning.cli", "--dataset", "digits", "--trainer.accelerator", "cpu",
+FIT = [sys.executable, "-m", "fct_lightning.commands.fit", "--dataset", "digits", "--trainer.accelerator", "cpu",
        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
        "--trainer.limit_train_batches", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
        "--model.width", "8"]
 
 
 def test_fct_fit_two_process_ddp_chain(tmp_path):
-    from fct_lightning.cli import fit
+    from fct_lightning.commands.fit import fit
 
     art = str(tmp_path / "art")
     _run([*FIT, "--stage", "old", "--artifacts", art], tmp_path)

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fct_lightning.checkpoints import CheckpointError, load_stage
-from fct_lightning.cli import fit, transform_main
+from fct_lightning.commands.fit import fit
 from fct_lightning.data import DATAMODULES
-from fct_lightning.gallery import embed, embed_main, load_transformation, transform
+from fct_lightning.gallery import embed, transform
 from fct_lightning.gallery.files import _part_prefix
+from fct_lightning.stages import load_h, load_stage
+from fct_lightning.stages.checkpoints import CheckpointError
+from tests.commands import embed_main, transform_main
 from tests.data.fakes import make_imagefolder
 from tests.stages.test_query_gallery import (  # 16 px images, a width-8 ConvNet, one short epoch
     NET,
@@ -112,7 +114,7 @@ def test_h_loads_without_the_frozen_models(chain, tmp_path):
     _, run = chain
     lone = tmp_path / "h.ckpt"
     lone.write_bytes((run / "transformation" / "best.ckpt").read_bytes())
-    h, meta = load_transformation(lone)
+    h, meta = load_h(lone)
     assert (h.old_dim, h.side_dim, h.new_dim) == (128, 128, 128) and not h.training
     assert meta["old_digest"] and meta["side_info_digest"]
 
@@ -242,7 +244,7 @@ def test_transform_refuses_inputs_it_cannot_map(chain, stored, tmp_path):
         transform(h, old, tmp_path / "o.npy")
     with pytest.raises(ValueError, match="trained without side-info"):
         transform(run / "transformation_noside" / "best.ckpt", old, tmp_path / "o.npy", side=side)
-    with pytest.raises(CheckpointError, match="needs a transformation checkpoint"):
+    with pytest.raises(CheckpointError, match="h is read from a transformation checkpoint"):
         transform(run / "old" / "best.ckpt", old, tmp_path / "o.npy", side=side)
     corrupt = tmp_path / "corrupt.npy"
     corrupt.write_bytes(b"\x93NUMPY garbage")

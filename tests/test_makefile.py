@@ -3,7 +3,6 @@ checkpoints, every seed trains its own chain, and a missing dataset says where t
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shlex
@@ -14,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from fct_lightning import chain
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder")
-# make target -> (fct-fit stage, the options that pick its variant)
-STAGES = {
-    "old": ("old", ()),
-    "side_info": ("side_info", ()),
-    "new": ("new", ()),
-    "transformation": ("transformation", ()),
-    "transformation_noside": ("transformation", ("--model.use_side_info false",)),
-    "fastfill": ("transformation", ("--model.uncertainty true",)),
-    "fastfill_noside": ("transformation", ("--model.uncertainty true", "--model.use_side_info false")),
-    "bct": ("bct", ()),
-}
-UPSTREAM = {
-    "old": set(), "side_info": set(), "new": set(), "bct": {"old"},
-    "transformation": {"old", "side_info", "new"}, "fastfill": {"old", "side_info", "new"},
-    "transformation_noside": {"old", "new"}, "fastfill_noside": {"old", "new"},
-}
+# make target -> the variant fct-fit trains, and the targets it needs: both from the chain's registry
+STAGES = {name: v.stage for name, v in chain.VARIANTS.items()}
+UPSTREAM = {name: set(v.upstream) for name, v in chain.VARIANTS.items()}
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
@@ -64,13 +52,12 @@ def option(cmd: list[str], name: str) -> str:
     return cmd[cmd.index(name) + 1]
 
 
-def variant(cmd: list[str]) -> tuple[str, set[str]]:
-    """The fct-fit command's stage and its --model.uncertainty / --model.use_side_info options."""
-    opts = {f"{a} {b}" for a, b in itertools.pairwise(cmd) if a in ("--model.uncertainty", "--model.use_side_info")}
-    return option(cmd, "--stage"), opts
+def variant(cmd: list[str]) -> str:
+    """The variant an fct-fit command trains."""
+    return option(cmd, "--stage")
 
 
-def test_help_lists_datasets_stages_and_variables():
+def test_help_lists_datasets_variants_and_variables():
     out = make("help").stdout
     for word in (*DATASETS, *STAGES, "demo", "test", "SEED", "DATA_ROOT", "TRAINER", "RECIPE", "DEVICES"):
         assert word in out, word
@@ -78,11 +65,12 @@ def test_help_lists_datasets_stages_and_variables():
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_stage_target_resolves_with_its_upstream_stages(dataset, tmp_path):
-    for target, (stage, opts) in STAGES.items():
+    for target in STAGES:
         out = make("-n", f"{dataset}-{target}", f"ARTIFACTS={tmp_path}").stdout
         fits = commands(out, "fct-fit")
         # the last command trains the target itself; the ones before are exactly its upstream stages
-        assert variant(fits[-1]) == (stage, set(opts)), out
+        assert variant(fits[-1]) == target, out
+        assert all(c[-2:] == ["--resume", "auto"] for c in fits), out  # fct-fit decides how each stage starts
         assert {option(c, "--stage") for c in fits[:-1]} == UPSTREAM[target], out
         for cmd in fits:
             assert option(cmd, "--dataset") == dataset and option(cmd, "--artifacts") == str(tmp_path)
@@ -93,8 +81,7 @@ def test_every_stage_target_resolves_with_its_upstream_stages(dataset, tmp_path)
 def test_dataset_target_runs_the_whole_chain_then_eval_and_report(dataset, tmp_path):
     out = make("-n", dataset, f"ARTIFACTS={tmp_path}", "POINTS=5").stdout
     fits = commands(out, "fct-fit")
-    assert sorted(variant(c)[0] for c in fits) == sorted(s for s, _ in STAGES.values())
-    assert len({(s, frozenset(o)) for s, o in map(variant, fits)}) == len(STAGES)  # four distinct transformations
+    assert sorted(map(variant, fits)) == sorted(STAGES)
     (ev,), (rep,) = commands(out, "fct-eval"), commands(out, "fct-report")
     assert option(ev, "--out") == f"{tmp_path}/{dataset}/results/seed0.json" and option(ev, "--points") == "5"
     assert option(rep, "--artifacts") == str(tmp_path)
@@ -106,7 +93,7 @@ def test_finished_stages_are_not_retrained(tmp_path):
         (tmp_path / "digits" / stage).mkdir(parents=True)
         (tmp_path / "digits" / stage / "done.json").touch()
     out = make("-n", "digits-transformation", f"ARTIFACTS={tmp_path}").stdout
-    assert [variant(c)[0] for c in commands(out, "fct-fit")] == ["transformation"]
+    assert [variant(c) for c in commands(out, "fct-fit")] == ["transformation"]
 
 
 def test_each_seed_trains_its_own_chain(tmp_path):
@@ -136,7 +123,7 @@ def test_presets_recipe_devices_and_extra_reach_every_stage(tmp_path):
         assert configs[:2] == ["configs/trainer/ddp.yaml", "configs/trainer/bf16.yaml"], cmd
         recipe = configs[2]
         assert re.fullmatch(r"configs/recipes/cifar10_cpu/(old|side_info|new|transformation|bct)\.yaml", recipe)
-        assert recipe.endswith(f"/{option(cmd, '--stage')}.yaml")
+        assert recipe.endswith(f"/{STAGES[option(cmd, '--stage')]}.yaml")
         for path in configs:
             assert (ROOT / path).is_file(), path
         assert option(cmd, "--trainer.devices") == "8" and option(cmd, "--data.root") == "/data/c10"
@@ -167,15 +154,6 @@ def test_data_checks_find_torchvision_files_below_the_dataset_name(dataset, fold
     assert make("imagenet-data", f"DATA_ROOT={tmp_path / 'c'}", check=False).returncode != 0
 
 
-def test_variant_options_come_after_every_config(tmp_path):
-    """A recipe's transformation.yaml sets use_side_info: true; the _noside and FastFill targets' own options must
-    come after it (the last value wins), or they would train the side-info model into its folder."""
-    out = make("-n", "cifar100", f"ARTIFACTS={tmp_path}", "RECIPE=cifar100_resnet50", "EXTRA=--model.lr 0.1").stdout
-    for cmd in commands(out, "fct-fit"):
-        flags = [i for i, a in enumerate(cmd) if a in ("--model.use_side_info", "--model.uncertainty")]
-        assert all(i > max(j for j, a in enumerate(cmd) if a in ("--config", "--model.lr")) for i in flags), cmd
-
-
 def test_data_checks_follow_fct_data_root(tmp_path, monkeypatch):
     """fct-fit reads $FCT_DATA_ROOT when --data.root is not given; the Makefile's checks look in the same place."""
     for split in ("train", "val"):
@@ -195,34 +173,21 @@ def test_missing_cifar10_without_archive_says_where_to_put_it(tmp_path):
     assert not (tmp_path / "art").exists()
 
 
-def test_interrupted_stage_resumes_and_outdated_stage_is_trained_anew(tmp_path):
-    """best.ckpt exists after the first validation; without done.json the stage did not finish: make resumes it
-    from last.ckpt. A finished stage older than its upstream is trained anew (its old files kept aside)."""
-    old, new, h = (tmp_path / "digits" / s for s in ("old", "new", "transformation_noside"))
-    for folder in (old, new, h):
-        folder.mkdir(parents=True)
-    for name in ("best.ckpt", "last.ckpt"):
-        (old / name).touch()
-    out = make("-n", "digits-old", f"ARTIFACTS={tmp_path}").stdout
-    (cmd,) = commands(out, "fct-fit")
-    assert option(cmd, "--stage") == "old" and option(cmd, "--ckpt_path") == "last" and "--overwrite" not in cmd
-    # old and new finished; h finished before new was re-trained
-    for path, age in ((old / "done.json", 3600), (new / "done.json", 60), (h / "done.json", 600),
-                      (h / "last.ckpt", 600)):
-        path.touch()
-        os.utime(path, (time.time() - age, time.time() - age))
-    out = make("-n", "digits-transformation_noside", f"ARTIFACTS={tmp_path}").stdout
-    (cmd,) = commands(out, "fct-fit")
-    assert option(cmd, "--stage") == "transformation" and "--overwrite" in cmd and "--ckpt_path" not in cmd
-    # h interrupted (no done.json) before new was re-trained: its last.ckpt belongs to the previous new model
-    (h / "done.json").unlink()
-    out = make("-n", "digits-transformation_noside", f"ARTIFACTS={tmp_path}").stdout
-    (cmd,) = commands(out, "fct-fit")
-    assert "--overwrite" in cmd and "--ckpt_path" not in cmd
-    # h interrupted after its upstream finished: resumed
-    os.utime(h / "last.ckpt", (time.time() - 10, time.time() - 10))
-    (cmd,) = commands(make("-n", "digits-transformation_noside", f"ARTIFACTS={tmp_path}").stdout, "fct-fit")
-    assert option(cmd, "--ckpt_path") == "last" and "--overwrite" not in cmd
-    # a fresh stage starts with --overwrite too (nothing to keep aside; harmless)
-    (cmd,) = commands(make("-n", "digits-bct", f"ARTIFACTS={tmp_path}").stdout, "fct-fit")
-    assert option(cmd, "--stage") == "bct" and "--overwrite" in cmd
+def test_a_registered_variant_gets_its_targets(tmp_path):
+    """The Makefile's variants come from the registry (fct-chain makefile): a variant registered in Python is a make
+    target, with its upstream targets, and part of the whole chain, without editing the Makefile."""
+    from fct_lightning.commands.chain import makefile_text
+
+    extra = chain.Variant("transformation_tiny", "transformation", {"use_side_info": True, "uncertainty": False,
+                                                                  "mixer_width": 8}, upstream=("old", "new"))
+    chain.register(extra)
+    try:
+        text = makefile_text()
+    finally:
+        chain.unregister(extra.name)
+    mk = tmp_path / "chain.mk"
+    mk.write_text(text)
+    out = make("-n", "digits-transformation_tiny", f"ARTIFACTS={tmp_path}", f"CHAIN_MK={mk}").stdout
+    assert [variant(c) for c in commands(out, "fct-fit")] == ["old", "new", "transformation_tiny"], out
+    out = make("-n", "digits", f"ARTIFACTS={tmp_path}", f"CHAIN_MK={mk}").stdout
+    assert "transformation_tiny" in {variant(c) for c in commands(out, "fct-fit")}

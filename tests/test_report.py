@@ -12,8 +12,8 @@ import types
 
 import pytest
 
-from fct_lightning.report import main as report_main
 from fct_lightning.report import make_report
+from tests.commands import report_main
 
 META = {"dataset": "digits", "split": "test", "distance": "l2", "n_items": 540}
 
@@ -148,7 +148,7 @@ def test_wandb_runs_share_one_project_and_carry_backfill_aucs(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("FCT_WANDB_PROJECT", "my-project")
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    from fct_lightning.evaluation import log_to_wandb
+    from fct_lightning.loggers import log_to_wandb
 
     res = results({"old/old": 0.5}, "s0")
     res["backfill"] = {"fct+side random": {"auc_mean": {"top1": 0.61, "map": 0.42}}}

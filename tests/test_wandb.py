@@ -45,7 +45,7 @@ def test_fct_fit_logs_an_offline_wandb_run(tmp_path, explicit):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), OMP_NUM_THREADS="1")
     art = tmp_path / "art"
-    cmd = [sys.executable, "-m", "fct_lightning.cli", "--stage", "old", "--artifacts", str(art),
+    cmd = [sys.executable, "-m", "fct_lightning.commands.fit", "--stage", "old", "--artifacts", str(art),
            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
            "--model.width", "8"]
     if explicit:
@@ -62,7 +62,7 @@ def test_fct_fit_logs_an_offline_wandb_run(tmp_path, explicit):
 
 def test_run_names_tell_variants_and_seeds_apart(monkeypatch, tmp_path):
     """One project for every run; name = dataset, stage variant (artifacts folder) and the run's --seed."""
-    from fct_lightning.cli import build_cli
+    from fct_lightning.commands.fit import build_cli
     from fct_lightning.loggers import default_logger
 
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -389,14 +389,3 @@ def transform_features(module: Any, old: Tensor, side: Tensor | None, new: Tenso
                          f"labels {len(labels)}" + ("" if side is None else f", side-info {len(side)}"))
     pred, unc = module.h.transform_stored(old, side, batch_size, uncertainty=bool(module.uncertainty))
     return {"transformed": pred, "new": new.float(), "labels": labels.long(), "uncertainty": unc}
-
-
-def compute_uncertainty(module: Any, loader: Any, device: torch.device | str) -> Tensor:
-    """Per-item predicted log-variance ``[N]`` (mean over the head's dims) in item-index order.
-
-    Raises:
-        ValueError: If the transformation was trained without FastFill's uncertainty head.
-    """
-    if not getattr(module, "uncertainty", False):
-        raise ValueError(f"this transformation has no uncertainty head (uncertainty=False); {_UNCERTAINTY_HINT}.")
-    return embed_for_backfill(module, loader, device)["uncertainty"]

@@ -6,6 +6,7 @@ import logging
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 
 from pytorch_lightning.loggers import Logger
 
@@ -93,3 +94,35 @@ def _quiet_settings():
     import wandb
 
     return wandb.Settings(silent=True, console="off")
+
+
+RESULT_METRICS = ("top1", "top5", "map", "map@r")
+
+
+def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None) -> None:
+    """Results as a W&B Table plus summary metrics, in the dataset's group (offline without credentials).
+
+    Summary keys: ``<case>/<metric>`` and, for backfilling curves, ``backfill/<gallery> <policy>/auc/<metric>``
+    (mean over the curve's points). The run is named ``name`` (default ``<dataset>-<job_type>``).
+    """
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed; results are not logged to W&B (pip install wandb)")
+        return
+
+    mode = ensure_wandb_mode("skip W&B with --no_wandb")
+    dataset = results["meta"]["dataset"]
+    run = wandb.init(project=wandb_project(), group=dataset, job_type=job_type, name=name or f"{dataset}-{job_type}",
+                     dir=str(artifacts), mode=mode if mode in ("online", "offline", "disabled") else None,
+                     config=results["meta"], reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"))
+    table = wandb.Table(columns=["case", *RESULT_METRICS])
+    for case, m in results["cases"].items():
+        table.add_data(case, *(m[k] for k in RESULT_METRICS))
+        for k in RESULT_METRICS:
+            run.summary[f"{case}/{k}"] = m[k]
+    for curve_name, curve in results.get("backfill", {}).items():
+        for k, v in curve.get("auc_mean", {}).items():
+            run.summary[f"backfill/{curve_name}/auc/{k}"] = v
+    run.log({"results": table})
+    run.finish()

@@ -14,12 +14,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fct_lightning import chain
+
 log = logging.getLogger(__name__)
+
+
+def _spaces_of(case: str) -> tuple[str, str] | None:
+    known = {c.name: (c.query, c.gallery) for c in chain.cases()}
+    return known.get(case)
 
 METRICS = ("top1", "top5", "map", "map@r")
 HEADERS = {"top1": "top-1", "top5": "top-5", "map": "mAP", "map@r": "mAP@R"}
-CROSS_MODEL = ("new/old", "bct/old", "fct/old", "fct+side/old")
-ORDER = ("old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old", "side/side")
 
 
 def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
@@ -71,8 +76,6 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
     ``results/seed0.json``): only the newest file's numbers are kept, with a warning, so the spread is over
     distinct chains. Returns the runs, each with the cases it contributes (a run left with none is dropped).
     """
-    from fct_lightning.evaluation import CASE_SPACES
-
     names = [str(p) for p in paths]
     for key in SETTING:
         pairs = [(n, run.get("meta", {}).get(key)) for n, run in zip(names, runs)]
@@ -94,7 +97,7 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
     for i in sorted(range(len(runs)), key=age, reverse=True):
         run = dict(runs[i], cases=dict(runs[i]["cases"]), backfill=dict(runs[i].get("backfill", {})))
         new_digest = run.get("meta", {}).get("checkpoints", {}).get("new", {}).get("digest")
-        entries = [("cases", c, _case_models(run, c, CASE_SPACES.get(c))) for c in run["cases"]]
+        entries = [("cases", c, _case_models(run, c, _spaces_of(c))) for c in run["cases"]]
         entries += [("backfill", b, (f"backfill {b}", curve.get("digest") or curve.get("checkpoint"), new_digest)
                      if (curve.get("digest") or curve.get("checkpoint")) and new_digest else None)
                     for b, curve in run["backfill"].items()]
@@ -161,7 +164,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, fl
             for kind in ("auc_mean", "auc_trapz"):
                 for k, v in curve.get(kind, {}).items():
                     rows.setdefault(f"backfill {policy} ({kind[4:]} AUC)", {}).setdefault(k, []).append(float(v))
-    order = {c: i for i, c in enumerate(ORDER)}
+    order = {c.name: i for i, c in enumerate(chain.cases())}
     return {
         case: {k: (*mean_std(v), len(v)) for k, v in metrics.items()}
         for case, metrics in sorted(rows.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
@@ -174,7 +177,7 @@ def compatibility(table: dict[str, dict[str, tuple[float, float, int]]], case: s
     Not judged (empty) when the case and old/old come from different numbers of runs: their means would be over
     other chains (e.g. a seed whose file lacks old/old).
     """
-    if case not in CROSS_MODEL or "old/old" not in table or metric not in table[case] \
+    if case not in {c.name for c in chain.cases() if c.cross} or "old/old" not in table or metric not in table[case] \
             or metric not in table["old/old"] or table[case][metric][2] != table["old/old"][metric][2]:
         return ""
     return "yes" if table[case][metric][0] > table["old/old"][metric][0] else "no"
@@ -298,43 +301,3 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str,
     if plot_curves(runs, out / "backfill.png", title + ": backfilling"):
         files["backfill"] = out / "backfill.png"
     return files
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="fct-report", description=__doc__.split("\n")[0])
-    p.add_argument("results", nargs="*", help="results JSON files (default: <artifacts>/<dataset>/results/*.json)")
-    p.add_argument("--dataset", default=None, help="default: the results files' dataset (digits without files)")
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--out_dir", default=None, help="default <artifacts>/<dataset>")
-    p.add_argument("--no_wandb", action="store_true")
-    args = p.parse_args(argv)
-    folder = Path(args.artifacts) / (args.dataset or "digits") / "results"
-    paths = args.results or sorted(folder.glob("*.json"))
-    try:
-        if not paths:
-            raise ValueError(f"no results files in {folder}: run fct-eval first (make <dataset>-eval), or pass the "
-                             "files (fct-report FILE [FILE ...]) or --artifacts DIR --dataset NAME")
-        runs = select_runs(paths)
-        dataset = runs[0].get("meta", {}).get("dataset") or args.dataset or "digits"
-        if args.dataset and dataset != args.dataset:
-            raise ValueError(f"--dataset {args.dataset}, but the results files are of {dataset}; drop --dataset or "
-                             "pass that dataset's files")
-        out_dir = Path(args.out_dir) if args.out_dir else Path(args.artifacts) / dataset
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"--out_dir {out_dir} is a file; pass a folder for report.md, .csv and .png")
-        table = aggregate(runs)
-        files = write_report(runs, out_dir, f"{dataset}: compatibility", table)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fct-report: {err}") from err
-    print(files["md"].read_text())
-    print("written: " + ", ".join(str(f) for f in files.values()))
-    if not args.no_wandb:
-        from fct_lightning.evaluation import log_to_wandb
-
-        log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in table.items() if not c.startswith("backfill")},
-                      "meta": dict(runs[0]["meta"], n_runs=len(runs))},
-                     Path(args.artifacts), job_type="report", name=f"{dataset}-report")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

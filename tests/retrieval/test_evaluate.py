@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fct_lightning.retrieval import CASES, evaluate, evaluate_mixtures
+from fct_lightning.retrieval import evaluate, evaluate_mixtures
 
 
 @pytest.fixture
@@ -59,10 +59,6 @@ def test_cosine_equals_l2_on_normalised(clustered) -> None:
     a = evaluate(x * 5.0, y, x, y, exclude_self=True, distance="cosine")
     b = evaluate(F.normalize(x * 5.0, p=2, dim=1), y, F.normalize(x, p=2, dim=1), y, exclude_self=True)
     assert a == b
-
-
-def test_cases_vocabulary() -> None:
-    assert CASES == ("old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old", "side/side")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -13,10 +13,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from fct_lightning.checkpoints import CheckpointError, read_checkpoint
-from fct_lightning.cli import build_cli, fit
-from fct_lightning.evaluation import main as eval_main
-from fct_lightning.report import main as report_main
+from fct_lightning.commands.fit import build_cli, fit
+from fct_lightning.stages import load_stage
+from fct_lightning.stages.checkpoints import CheckpointError, read_checkpoint
+from tests.commands import eval_main, fit_main, report_main
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger", "false", "--trainer.enable_model_summary", "false"]
@@ -162,7 +162,7 @@ def test_sigterm_ends_with_an_error_and_no_done_file(tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "fct_lightning.cli", "--stage", "old", "--artifacts", str(tmp_path), *TINY,
+    cmd = [sys.executable, "-m", "fct_lightning.commands.fit", "--stage", "old", "--artifacts", str(tmp_path), *TINY,
            *SMALL_NET, "--trainer.max_epochs", "3", "--trainer.callbacks+=tests.stages.signals.SigtermAt"]
     res = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr[-2000:]
@@ -171,7 +171,7 @@ def test_sigterm_ends_with_an_error_and_no_done_file(tmp_path):
 
 
 def test_a_users_checkpoint_callback_is_announced(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="fct_lightning.cli"):
+    with caplog.at_level(logging.WARNING, logger="fct_lightning.commands.fit"):
         cli, _ = build_cli(["--stage", "old", "--artifacts", str(tmp_path), *TINY, *SMALL_NET,
                             "--trainer.callbacks+=ModelCheckpoint"])
     assert "adds none of its own" in caplog.text and "filename=best" in caplog.text
@@ -201,7 +201,7 @@ def test_resume_in_a_copied_folder_keeps_the_better_best(tmp_path):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="cannot resume"):
-        fit(["--stage", "old", "--artifacts", str(tmp_path), *TINY, "--ckpt_path", "last"])
+        fit_main(["--stage", "old", "--artifacts", str(tmp_path), *TINY, "--ckpt_path", "last"])
 
 
 def test_wrong_checkpoint_for_role(chain, tmp_path):
@@ -243,7 +243,7 @@ def test_ckpt_path_from_another_folder_does_not_replace_checkpoints(chain, tmp_p
     mine = art / "digits" / "old"
     before = {p.name: p.read_bytes() for p in mine.glob("*.ckpt")}
     other = ["--ckpt_path", str(chain / "digits" / "old" / "last.ckpt"), "--trainer.max_epochs", "2", *SMALL_NET]
-    with pytest.raises(SystemExit, match="a run started from .* would replace them"):
+    with pytest.raises(ValueError, match="a run started from .* would replace them"):
         run("old", art, *other)
     assert {p.name: p.read_bytes() for p in mine.glob("*.ckpt")} == before
     run("old", art, *other, "--overwrite")
@@ -265,7 +265,7 @@ def test_resume_checkpoint_is_checked_before_training(chain, tmp_path):
 
 
 def test_fct_fit_prints_user_errors_without_a_traceback(tmp_path, monkeypatch):
-    from fct_lightning.cli import fit_main
+    from tests.commands import fit_main
 
     monkeypatch.delenv("FCT_DEBUG", raising=False)
     base = ["--stage", "old", "--artifacts", str(tmp_path / "art"), *TINY, *SMALL_NET]
@@ -292,27 +292,26 @@ def test_unknown_option_is_an_error(tmp_path):
         fit(["--stage", "old", "--artifacts", str(tmp_path), *TINY, "--model.no_such_option", "1"])
 
 
-def test_gallery_export_from_stored_features_matches_images(full_chain, tmp_path):
-    chain = full_chain
-    from fct_lightning.checkpoints import load_stage
-    from fct_lightning.data import DATAMODULES
+def test_stored_features_transformed_by_fct_transform_match_images(full_chain, tmp_path):
+    """h loaded alone (fct-transform's load_h) maps stored features to what the stage computes from images."""
+    import numpy as np
 
-    module, _ = load_stage(chain / "digits" / "transformation" / "best.ckpt", "transformation", ("transformation",))
+    from fct_lightning.data import DATAMODULES
+    from fct_lightning.gallery import transform
+
+    ckpt = full_chain / "digits" / "transformation" / "best.ckpt"
+    module, _ = load_stage(ckpt, "transformation", ("transformation",))
     images, _, _ = next(iter(DATAMODULES["digits"]().eval_dataloader("test")))
     with torch.no_grad():
         f = module.frozen_embeddings(images)
         direct = module.gallery_embed(images)
     np_old, np_side = tmp_path / "old.npy", tmp_path / "side.npy"
-    import numpy as np
-
     np.save(np_old, f["old"].numpy())
     np.save(np_side, f["side"].numpy())
-    out = module.export_gallery(np_old, np_side, tmp_path / "gallery.npy")
+    out = transform(ckpt, np_old, tmp_path / "gallery.npy", np_side, device="cpu")
     torch.testing.assert_close(torch.from_numpy(np.load(out)), direct, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="side-info"):
-        module.transform_stored(f["old"], None)
-    with pytest.raises(ValueError, match="rows"):
-        module.transform_stored(f["old"], f["side"][:3])
+        transform(ckpt, np_old, tmp_path / "g2.npy", device="cpu")
 
 
 @pytest.mark.slow
@@ -506,7 +505,7 @@ def test_done_marker_and_no_silent_overwrite(tmp_path):
     assert done["stage"] == "old" and done["epochs"] == 1 and 0 <= done["best"] <= 1
     first = (out / "best.ckpt").read_bytes()
     # a second fresh run would replace the checkpoints the later stages were trained from: refused, nothing touched
-    with pytest.raises(SystemExit, match="already holds checkpoints of the old stage.*--ckpt_path last.*--overwrite"):
+    with pytest.raises(ValueError, match="already holds checkpoints of the old stage.*--ckpt_path last.*--overwrite"):
         run("old", tmp_path, *SMALL_NET)
     assert (out / "best.ckpt").read_bytes() == first and (out / "done.json").is_file()
     # --overwrite: the previous files are kept aside; a crash after the first validation leaves no done.json

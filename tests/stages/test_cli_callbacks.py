@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
-from fct_lightning.cli import PROGRESS_REFRESH_STEPS, build_cli
+from fct_lightning.commands.fit import PROGRESS_REFRESH_STEPS, build_cli
 
 BASE = ["--stage", "old", "--trainer.logger", "false", "--model.width", "4"]
 
@@ -34,7 +34,7 @@ def test_user_bar_is_kept(tmp_path):
 def test_compile_adds_to_a_preset_callback_list(tmp_path):
     """The README's way to compile: appended to the gpu-fast preset's callbacks, which stay."""
     from fct_lightning.callbacks import ChannelsLast, Compile, Throughput
-    from fct_lightning.cli import CONFIG_DIR
+    from fct_lightning.commands.fit import CONFIG_DIR
 
     cli, _ = build_cli([*BASE, "--artifacts", str(tmp_path), "--config", str(CONFIG_DIR / "trainer" / "gpu-fast.yaml"),
                         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",

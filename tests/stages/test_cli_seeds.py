@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fct_lightning.cli import _pre_parser, _run_seed_args, build_cli
+from fct_lightning.commands.fit import _pre_parser, _run_seed_args, build_cli
 from fct_lightning.stages import TransformationModel
 
 BASE = ["--trainer.logger", "false", "--model.width", "4"]
@@ -32,6 +32,6 @@ def test_lightning_group_options_are_not_read_as_dataset():
 def test_an_explicit_seed_everything_is_warned_about(tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="fct_lightning.cli"):
+    with caplog.at_level(logging.WARNING, logger="fct_lightning.commands.fit"):
         cli, _ = build_cli(["--stage", "old", "--artifacts", str(tmp_path), *BASE, "--seed_everything", "7"])
     assert cli.config["seed_everything"] == 7 and "same initial weights" in caplog.text

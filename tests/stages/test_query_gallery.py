@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from fct_lightning.checkpoints import load_stage
-from fct_lightning.cli import fit
+from fct_lightning.commands.fit import fit
 from fct_lightning.data import DATAMODULES
-from fct_lightning.evaluation import main as eval_main
 from fct_lightning.retrieval.evaluate import evaluate
+from fct_lightning.stages import load_stage
+from tests.commands import eval_main
 from tests.data.fakes import make_imagefolder
 
 SMALL = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
@@ -99,7 +99,7 @@ def test_a_class_inserted_in_the_tree_is_refused_and_one_appended_is_not(tmp_pat
     re-label them under BCT, fct-eval and a resume; one that sorts after them keeps every index."""
     import shutil
 
-    from fct_lightning.checkpoints import CheckpointError
+    from fct_lightning.stages.checkpoints import CheckpointError
 
     root = make_imagefolder(tmp_path / "data", ["c0", "c1", "c2", "c3"], {"train": 4, "val": 2}, size=16)
     art = tmp_path / "art"

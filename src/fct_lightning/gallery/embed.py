@@ -15,12 +15,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fct_lightning.checkpoints import (
-    CheckpointError,
-    checkpoint_meta,
-    load_stage,
-    read_checkpoint,
-)
+from fct_lightning import chain
+from fct_lightning.data import DATAMODULES
+from fct_lightning.data.transforms import build_transforms
+from fct_lightning.devices import resolve_device
 from fct_lightning.gallery.files import (
     FORMAT,
     check_out,
@@ -29,10 +27,20 @@ from fct_lightning.gallery.files import (
     write_json,
     writing,
 )
+from fct_lightning.runs import config_data_settings, eval_data_settings
+from fct_lightning.stages.checkpoints import (
+    CheckpointError,
+    checkpoint_meta,
+    read_checkpoint,
+)
+from fct_lightning.stages.loading import load_stage
 
 log = logging.getLogger(__name__)
 
-IMAGE_STAGES = ("old", "side_info", "new", "bct")
+#: the stages whose model embeds images by itself (their variants' spaces are query spaces); a transformation's
+#: gallery space maps stored embeddings instead
+IMAGE_STAGES = tuple(dict.fromkeys(v.stage for v in chain.VARIANTS.values()
+                                   if v.spaces and all(s.embed == "query" for s in v.spaces)))
 NATIVE_SIZE = {"cifar": 32}  # families whose images are stored at one size (the datamodules refuse others)
 
 
@@ -71,8 +79,6 @@ class ImageList(Dataset):
 def data_settings(checkpoint: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     """The evaluation-relevant data settings of the run that wrote ``checkpoint``: the datamodule's arguments
     saved in the checkpoint, updated by the run's ``config.yaml`` next to it when that is there."""
-    from fct_lightning.evaluation import config_data_settings, eval_data_settings
-
     settings = eval_data_settings(ckpt.get("datamodule_hyper_parameters"))
     cfg = checkpoint.parent / "config.yaml"
     if cfg.is_file():
@@ -86,9 +92,7 @@ def _image_loader(folder: Path, dataset: str, settings: dict[str, Any], skip_unr
 
     No datamodule is built: it would look for the training data, which a serving machine need not have.
     """
-    from fct_lightning.data import DATAMODULES
     from fct_lightning.data.folder import IMG_EXTENSIONS, find_images
-    from fct_lightning.data.transforms import build_transforms
 
     if not folder.is_dir():
         raise FileNotFoundError(f"--images {folder} is not a folder of images")
@@ -129,9 +133,6 @@ def embed(
     Rows follow the split's item order, or the sorted file paths (``out.ids.txt``). With ``skip_unreadable``,
     files that cannot be decoded are left out of the rows and listed in ``out.json``.
     """
-    from fct_lightning.data import DATAMODULES
-    from fct_lightning.evaluation import resolve_device
-
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
     out = check_out(out, overwrite)

@@ -14,12 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fct_lightning.checkpoints import (
-    CheckpointError,
-    checkpoint_meta,
-    file_digest,
-    read_checkpoint,
-)
+from fct_lightning.devices import resolve_device
 from fct_lightning.gallery.files import (
     FORMAT,
     check_out,
@@ -33,40 +28,9 @@ from fct_lightning.gallery.files import (
     write_json,
     writing,
 )
-from fct_lightning.models.transformation import Transformation
+from fct_lightning.stages.loading import load_h
 
 log = logging.getLogger(__name__)
-
-
-def load_transformation(path: str | Path) -> tuple[Transformation, dict[str, Any]]:
-    """h from a transformation checkpoint, without the frozen image models it was trained with.
-
-    The checkpoint holds h's weights only (the frozen models are not saved with it), so a serving machine needs
-    nothing else. Returns ``(h in eval mode, the checkpoint's fct metadata + path and digest)``.
-    """
-    path = Path(path)
-    ckpt = read_checkpoint(path, "transformation")
-    meta = checkpoint_meta(ckpt, path, "transformation")
-    if meta["stage"] != "transformation":
-        raise CheckpointError(
-            f"{path} is a '{meta['stage']}' checkpoint; fct-transform needs a transformation checkpoint "
-            "(artifacts/<dataset>/transformation/best.ckpt, or fastfill/ ... for the other variants).")
-    hp = ckpt.get("hyper_parameters", {})
-    state = {k[2:]: v for k, v in ckpt["state_dict"].items() if k.startswith("h.")}
-    try:
-        side = state.get("side_branch.0.0.weight")
-        h = Transformation(
-            old_dim=int(state["old_branch.0.0.weight"].shape[1]), new_dim=int(state["head.weight"].shape[0]),
-            side_dim=None if side is None else int(side.shape[1]),
-            branch_width_factor=int(hp.get("branch_width_factor", 2)), mixer_width=int(hp.get("mixer_width", 2048)),
-            mixer_depth=int(hp.get("mixer_depth", 2)), uncertainty=bool(hp.get("uncertainty", False)),
-        )
-        h.load_state_dict(state, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"the transformation checkpoint {path} does not fit the current Transformation "
-                              f"({type(err).__name__}: {err}); it was written by an incompatible version. "
-                              "Re-train the transformation stage.") from err
-    return h.eval(), dict(meta, path=str(path.resolve()), digest=file_digest(path))
 
 
 def _check_input(arr: np.ndarray, path: Path, role: str, dim: int, h_meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -147,8 +111,6 @@ def transform(
     ``uncertainty_out`` (FastFill h only): each item's predicted log-variance, ``[N]``; backfill the highest
     first. Inputs are read ``batch_size`` rows at a time from memory-mapped files.
     """
-    from fct_lightning.evaluation import resolve_device
-
     started = time.perf_counter()
     out = check_out(out, overwrite)
     unc_out = check_out(uncertainty_out, overwrite, "--uncertainty_out") if uncertainty_out is not None else None
@@ -160,7 +122,7 @@ def transform(
     if unc_out is not None and unc_out.resolve() == out.resolve():
         raise ValueError("--uncertainty_out must be another file than --out")
     dev = resolve_device(device)
-    h, h_meta = load_transformation(checkpoint)
+    h, h_meta = load_h(checkpoint)
     old_arr = load_array(old_path, "old embeddings")
     old_meta = _check_input(old_arr, old_path, "old", h.old_dim, h_meta)
     side_arr = side_meta = None

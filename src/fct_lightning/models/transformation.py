@@ -87,6 +87,10 @@ class Transformation(nn.Module):
             else None
         )
         self._bn_frozen = False
+        self.config = {"old_dim": old_dim, "new_dim": new_dim, "side_dim": side_dim,
+                       "branch_width_factor": branch_width_factor, "mixer_width": mixer_width,
+                       "mixer_depth": mixer_depth, "uncertainty": uncertainty, "uncertainty_dim": uncertainty_dim}
+        """The constructor arguments: ``Transformation(**h.config)`` builds the same architecture."""
 
     @property
     def has_side_info(self) -> bool:

@@ -16,8 +16,13 @@ import torch
 from torch import Tensor
 
 from fct_lightning.losses import check_finite
+from fct_lightning.stages.checkpoints import CheckpointError, check_class_names
 
 OPTIMIZERS = ("sgd", "adamw")
+
+STAGE_CLASSES: dict[str, type[RetrievalStage]] = {}
+"""Every stage's LightningModule by its ``stage`` name (filled as the classes are defined: see
+:meth:`RetrievalStage.__init_subclass__`); checkpoints name their stage, and loading looks the class up here."""
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -55,6 +60,14 @@ class RetrievalStage(pl.LightningModule):
     deferred_check_every: ClassVar[int] = 50
     #: Defer the checks on CPU too (tests use it to exercise the GPU path).
     defer_checks_on_cpu: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = vars(cls).get("stage")
+        if name:
+            if name in STAGE_CLASSES and STAGE_CLASSES[name].__qualname__ != cls.__qualname__:
+                raise ValueError(f"two stage classes are named {name!r}: {STAGE_CLASSES[name]} and {cls}")
+            STAGE_CLASSES[name] = cls
 
     def __init__(
         self,
@@ -191,9 +204,7 @@ class RetrievalStage(pl.LightningModule):
 
     def check_frozen_classes(self) -> None:
         """Each frozen upstream model must have been trained on this run's class list (see
-        :func:`~fct_lightning.checkpoints.check_class_names`)."""
-        from fct_lightning.checkpoints import check_class_names
-
+        :func:`~fct_lightning.stages.checkpoints.check_class_names`)."""
         current = self.dataset_class_names()
         for role, meta in self.frozen_inputs().items():
             if meta:
@@ -213,8 +224,6 @@ class RetrievalStage(pl.LightningModule):
         """Refuse to resume with upstream checkpoints other than the ones the run started with (their content
         digests are in the checkpoint's metadata), then put the frozen upstream weights this module already holds
         back into the state to load."""
-        from fct_lightning.checkpoints import CheckpointError
-
         saved = checkpoint.get("fct", {})
         for role, mine in self.frozen_inputs().items():
             want = saved.get(f"{role}_digest")

@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fct_lightning.checkpoints import check_dims, load_stage
 from fct_lightning.losses import (
     bct_influence_loss,
     label_smoothed_cross_entropy,
     synthesize_classifier_rows,
 )
 from fct_lightning.stages.base import freeze
+from fct_lightning.stages.checkpoints import check_dims
 from fct_lightning.stages.embedding import EmbeddingModel
+from fct_lightning.stages.loading import load_stage
 
 
 class BCTModel(EmbeddingModel):

@@ -32,13 +32,8 @@ class EmbeddingModel(RetrievalStage):
         normalize: L2-normalise the embedding.
         width: Width of the small ConvNet backbone.
         label_smoothing: Label smoothing of the cross-entropy.
-        dataset: Dataset name (linked from the datamodule by the CLI).
-        optimizer: ``sgd`` or ``adamw``.
-        lr: Peak learning rate.
-        weight_decay: Weight decay.
-        momentum: SGD momentum.
-        warmup_epochs: Linear warm-up in epochs.
-        min_lr_ratio: Final cosine learning rate as a fraction of ``lr``.
+        **kwargs: The dataset name and optimiser settings of
+            :class:`~fct_lightning.stages.base.RetrievalStage`.
     """
 
     role: ClassVar[str] = ""
@@ -54,15 +49,9 @@ class EmbeddingModel(RetrievalStage):
         normalize: bool = False,
         width: int = 32,
         label_smoothing: float = 0.1,
-        dataset: str = "",
-        optimizer: str = "sgd",
-        lr: float = 0.1,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        min_lr_ratio: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(dataset, optimizer, lr, weight_decay, momentum, warmup_epochs, min_lr_ratio)
+        super().__init__(**kwargs)
         classes = [int(c) for c in classes]
         if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
             raise ValueError(f"classes={classes} must be a non-empty list of distinct non-negative class indices.")

@@ -32,13 +32,8 @@ class SideInfoModel(RetrievalStage):
         projection_dim: Output size of the projection head.
         projection_hidden: Hidden size of the projection head.
         temperature: NT-Xent temperature.
-        dataset: Dataset name (linked by the CLI).
-        optimizer: ``sgd`` or ``adamw``.
-        lr: Peak learning rate.
-        weight_decay: Weight decay.
-        momentum: SGD momentum.
-        warmup_epochs: Linear warm-up in epochs.
-        min_lr_ratio: Final cosine learning rate as a fraction of ``lr``.
+        **kwargs: The dataset name and optimiser settings of
+            :class:`~fct_lightning.stages.base.RetrievalStage`.
     """
 
     stage = "side_info"
@@ -54,15 +49,9 @@ class SideInfoModel(RetrievalStage):
         projection_dim: int = 128,
         projection_hidden: int = 512,
         temperature: float = 0.1,
-        dataset: str = "",
-        optimizer: str = "sgd",
-        lr: float = 0.1,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        min_lr_ratio: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(dataset, optimizer, lr, weight_decay, momentum, warmup_epochs, min_lr_ratio)
+        super().__init__(**kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive.")
         self.save_hyperparameters()

@@ -14,11 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from fct_lightning.checkpoints import load_stage
 from fct_lightning.data.features import (
     FeatureBatches,
     build_or_load,
@@ -28,6 +26,7 @@ from fct_lightning.data.features import (
 from fct_lightning.losses import fastfill_loss, transformation_loss
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.base import RetrievalStage, freeze
+from fct_lightning.stages.loading import load_stage
 
 FROZEN = ("old_net", "side_net", "new_net", "new_classifier")
 
@@ -55,13 +54,10 @@ class TransformationModel(RetrievalStage):
         fastfill_similarity: FastFill's similarity term (per-item MSE).
         fastfill_discriminative: FastFill's discriminative term (the frozen new classifier on h's output).
         label_smoothing: Label smoothing of the discriminative term.
-        dataset: Dataset name (linked by the CLI; checked against the checkpoints).
-        optimizer: ``sgd`` or ``adamw``.
+        optimizer: ``sgd`` or ``adamw`` (AdamW by default here).
         lr: Peak learning rate.
-        weight_decay: Weight decay.
-        momentum: SGD momentum.
-        warmup_epochs: Linear warm-up in epochs.
-        min_lr_ratio: Final cosine learning rate as a fraction of ``lr``.
+        **kwargs: The dataset name (linked by the CLI; checked against the checkpoints) and the other optimiser
+            settings of :class:`~fct_lightning.stages.base.RetrievalStage`.
     """
 
     stage = "transformation"
@@ -87,15 +83,11 @@ class TransformationModel(RetrievalStage):
         fastfill_similarity: bool = True,
         fastfill_discriminative: bool = True,
         label_smoothing: float = 0.1,
-        dataset: str = "",
         optimizer: str = "adamw",
         lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        min_lr_ratio: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(dataset, optimizer, lr, weight_decay, momentum, warmup_epochs, min_lr_ratio)
+        super().__init__(optimizer=optimizer, lr=lr, **kwargs)
         if loss not in ("mse", "cosine"):
             raise ValueError(f"loss={loss!r} is not known; choose 'mse' or 'cosine'.")
         if cache_dtype not in ("float16", "float32", "bfloat16"):
@@ -110,6 +102,7 @@ class TransformationModel(RetrievalStage):
         self.uncertainty = uncertainty
         self.fastfill_terms = (fastfill_similarity, fastfill_discriminative)
         self.label_smoothing = label_smoothing
+        dataset = self.dataset
         old, self.old_meta = load_stage(old_checkpoint, "old", ("old",), dataset)
         new, self.new_meta = load_stage(new_checkpoint, "new", ("new",), dataset)
         self.old_net, self.new_net = freeze(old.net), freeze(new.net)
@@ -130,13 +123,6 @@ class TransformationModel(RetrievalStage):
 
     # ----------------------------------------------------------------- frozen parts
     @property
-    def artifact_name(self) -> str:
-        """Artifact folder: ``transformation`` / ``transformation_noside``, or ``fastfill`` / ``fastfill_noside``
-        with the uncertainty head, so all four variants can sit side by side."""
-        base = "fastfill" if self.uncertainty else "transformation"
-        return base if self.use_side_info else f"{base}_noside"
-
-    @property
     def gallery_space(self) -> str:
         return "fct+side" if self.use_side_info else "fct"
 
@@ -148,7 +134,7 @@ class TransformationModel(RetrievalStage):
         meta.update(use_side_info=self.use_side_info, uncertainty=self.uncertainty)
         meta.update(old_digest=self.old_meta["digest"], new_digest=self.new_meta["digest"],
                     side_info_digest=self.side_meta.get("digest"))
-        meta.update(embedding_dim=self.new_meta.get("embedding_dim"))
+        meta.update(embedding_dim=self.new_meta.get("embedding_dim"), h=self.h.config)
         return meta
 
     # ----------------------------------------------------------------- embeddings
@@ -265,22 +251,3 @@ class TransformationModel(RetrievalStage):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.h.parameters() if p.requires_grad]
-
-    # ----------------------------------------------------------------- gallery export
-    @torch.no_grad()
-    def transform_stored(self, old: Tensor | np.ndarray, side: Tensor | np.ndarray | None = None,
-                         batch_size: int = 65536) -> Tensor:
-        """Map stored gallery features (no images) into the new space: ``[N, d_old], [N, d_side] -> [N, d_new]``."""
-        old = torch.as_tensor(old, dtype=torch.float32)
-        side = None if side is None or not self.use_side_info else torch.as_tensor(side, dtype=torch.float32)
-        if self.use_side_info and side is None:
-            raise ValueError("this transformation uses side-info: pass the stored side-info features too")
-        return self.h.transform_stored(old, side, batch_size, out_device="cpu")[0]  # batches visit the device
-
-    def export_gallery(self, old: Any, side: Any, out: str | Path) -> Path:
-        """Write ``transform_stored(old, side)`` to ``out`` (``.npy``); inputs may be arrays or ``.npy`` paths."""
-        load = lambda a: np.load(a) if isinstance(a, (str, Path)) else a
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, self.transform_stored(load(old), None if side is None else load(side)).numpy())
-        return out

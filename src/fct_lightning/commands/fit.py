@@ -1,25 +1,24 @@
-"""Command-line entry points: ``fct-fit``, ``fct-eval`` and ``fct-report``.
+"""``fct-fit``: train one variant of the chain.
 
-``fct-fit --stage S [--dataset D] [--artifacts DIR] [--ckpt_path last|PATH] [LightningCLI options]``
-picks the stage's LightningModule and the dataset's LightningDataModule, loads the packaged default config
-``configs/<D>/<S>.yaml`` and hands everything else to LightningCLI (``--trainer.devices 8``,
-``--trainer.max_epochs 3``, ``--data.root ...``, ``--config my.yaml``; unknown keys are errors). It writes
-``<DIR>/<D>/<S>/best.ckpt``, ``last.ckpt`` and the resolved ``config.yaml``.
+``fct-fit --stage V [--dataset D] [--artifacts DIR] [--resume auto | --ckpt_path last|PATH | --overwrite]
+[LightningCLI options]`` looks the variant ``V`` up in :mod:`fct_lightning.chain` (its stage's LightningModule and
+the options that make the variant), takes the dataset's LightningDataModule, loads the packaged configs
+``configs/<D>/data.yaml`` and ``configs/<D>/<stage>.yaml`` and hands everything else to LightningCLI
+(``--trainer.devices 8``, ``--trainer.max_epochs 3``, ``--data.root ...``, ``--config my.yaml``; unknown keys are
+errors). It writes ``<DIR>/<D>/<V>/best.ckpt``, ``last.ckpt``, the resolved ``config.yaml`` and, when the run
+completes, ``done.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import (
     Callback,
@@ -32,41 +31,38 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from fct_lightning import chain
 from fct_lightning.callbacks import StageCheckpoint
+from fct_lightning.commands import run_command
 from fct_lightning.data import DATAMODULES
 from fct_lightning.loggers import default_logger, ensure_wandb_mode
 from fct_lightning.retrieval.callback import RetrievalEvaluation
-from fct_lightning.stages import STAGES
+from fct_lightning.runs import (
+    DONE_FILE,
+    aside,
+    replaced_by_fresh_run,
+    stage_dir,
+    start_mode,
+    write_done,
+)
+from fct_lightning.stages.checkpoints import best_score, check_resume, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: fct-fit's progress bar redraws every this many training steps (and at the end of each epoch)
 PROGRESS_REFRESH_STEPS = 10
 
 
-def stage_config(dataset: str, stage: str) -> Path:
-    """The packaged default config of ``stage`` on ``dataset``."""
+def stage_configs(dataset: str, stage: str) -> list[Path]:
+    """The packaged default configs of ``stage`` on ``dataset``: the dataset's shared ``data.yaml`` (when there is
+    one), then the stage's own file, which wins where both set a value."""
     path = CONFIG_DIR / dataset / f"{stage}.yaml"
     if not path.is_file():
         have = sorted(p.stem for p in (CONFIG_DIR / dataset).glob("*.yaml"))
-        raise SystemExit(f"fct-fit: no packaged config {path} for --dataset {dataset} --stage {stage} (it has: {have}).")
-    return path
-
-
-# Written into a stage's folder when its fct-fit run has completed (best.ckpt appears at the first validation,
-# so it alone does not tell a finished stage from an interrupted one); the Makefile's targets.
-DONE_FILE = "done.json"
-
-
-def stage_dir(artifacts: str | Path, dataset: str, stage: str) -> Path:
-    """Where a stage's checkpoints and resolved config live: ``<artifacts>/<dataset>/<stage>``."""
-    return Path(artifacts) / dataset / stage
-
-
-# Each stage gets its own seed (``1000 * --seed + offset``) so that, e.g., the old and new models do not
-# start from the same initial weights: independently trained models must really be independent.
-STAGE_SEED_OFFSETS = {"old": 0, "side_info": 1, "new": 2, "transformation": 3, "bct": 4}
+        raise ValueError(f"no packaged config {path} for --dataset {dataset} --stage {stage} (it has: {have}).")
+    base = CONFIG_DIR / dataset / "data.yaml"
+    return [base, path] if base.is_file() else [path]
 
 
 def _init_params(cls: type) -> set[str]:
@@ -99,9 +95,15 @@ class FCTCLI(LightningCLI):
         parser.add_class_arguments(RetrievalEvaluation, "retrieval", fail_untyped=True)
 
     @property
+    def variant(self) -> chain.Variant:
+        """The registered variant the built model is (e.g. ``--stage transformation --model.use_side_info false``
+        is ``transformation_noside``)."""
+        return chain.variant_of(self.stage, self.model.hparams)
+
+    @property
     def out_dir(self) -> Path:
-        """``<artifacts>/<dataset>/<name>``; the name is the stage's, or e.g. ``transformation_noside``."""
-        return stage_dir(self.artifacts, self.dataset, getattr(self.model, "artifact_name", self.stage))
+        """``<artifacts>/<dataset>/<variant>``."""
+        return stage_dir(self.artifacts, self.dataset, self.variant.name)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
         out = self.out_dir
@@ -136,12 +138,14 @@ class FCTCLI(LightningCLI):
 def _pre_parser(prog: str) -> argparse.ArgumentParser:
     # no abbreviations: LightningCLI's own `--data FILE` / `--data=...` must not be read as `--dataset`
     p = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
-    p.add_argument("--stage", choices=sorted(STAGES))
+    p.add_argument("--stage", choices=list(chain.VARIANTS), metavar="{" + ",".join(chain.VARIANTS) + "}")
     p.add_argument("--dataset", default="digits", choices=sorted(DATAMODULES))
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--ckpt_path", default=None)
     p.add_argument("--seed", type=int, default=0, help="run seed; each stage derives its own from it")
     p.add_argument("--overwrite", action="store_true", help="replace a stage's existing checkpoints")
+    p.add_argument("--resume", choices=("auto",), default=None,
+                   help="auto: skip a finished run, resume an interrupted one, else train anew (old files kept aside)")
     return p
 
 
@@ -157,39 +161,31 @@ def _run_seed_args(stage_cls: type, seed: int) -> list[str]:
     return args
 
 
-def _default_args(stage_cls: type, artifacts: Path, dataset: str) -> list[str]:
-    """Point a stage's upstream-checkpoint arguments at ``<artifacts>/<dataset>/<role>/best.ckpt``."""
+def _default_args(variant: chain.Variant, artifacts: Path, dataset: str) -> list[str]:
+    """Point the variant's upstream-checkpoint arguments at ``<artifacts>/<dataset>/<role>/best.ckpt``."""
     args = []
-    for name in _init_params(stage_cls):
-        if name.endswith("_checkpoint"):
-            role = name[: -len("_checkpoint")]
+    for name in sorted(_init_params(variant.stage_class)):
+        role = name[: -len("_checkpoint")] if name.endswith("_checkpoint") else None
+        if role in variant.upstream:
             args += [f"--model.{name}", str(stage_dir(artifacts, dataset, role) / "best.ckpt")]
         if name == "cache_dir":
             args += ["--model.cache_dir", str(Path(artifacts) / dataset / "cache")]
     return args
 
 
-def _check_overwrite(out: Path, stage: str, resuming: bool, overwrite: bool, start: str | None = None) -> list[Path]:
-    """A fresh run must not silently replace a stage's checkpoints (later stages were trained from them).
-
-    ``resuming``: the run continues one of ``out``'s own checkpoints. ``start``: the checkpoint of another folder
-    that a run into ``out`` starts from (as replacing as a fresh run). Returns the files that ``--overwrite`` will
-    move aside (see :class:`_StartRun`).
-    """
-    found = [out / name for name in ("best.ckpt", "last.ckpt") if (out / name).is_file()]
-    if resuming or not found:
+def _variant_args(variant: chain.Variant, rest: list[str]) -> list[str]:
+    """The variant's own options, last (no config file or later option undoes them); an option that contradicts
+    one is an error instead of losing silently. A stage's own name (``--stage transformation``) imposes nothing: its
+    options, and those given, pick the variant (``--model.uncertainty true`` trains ``fastfill``)."""
+    if variant.name == variant.stage:
         return []
-    if not overwrite:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in found)))
-        run = f"a run started from {start}" if start else "a new run"
-        raise SystemExit(
-            f"fct-fit: {out} already holds checkpoints of the {stage} stage ({', '.join(f.name for f in found)}, "
-            f"written {when}); {run} would replace them. Continue that run with --ckpt_path last, train into "
-            "another folder with --artifacts DIR (one per seed, as `make SEED=N` does), or replace them with "
-            "--overwrite (the old files are kept as *.replaced.ckpt; stages trained from them must then be "
-            "re-trained, and fct-eval refuses them until they are)."
-        )
-    return found
+    given = {a.split("=", 1)[0] for a in rest if a.startswith("--model.")}
+    clash = [f"--model.{k}" for k in variant.options if f"--model.{k}" in given]
+    if clash:
+        raise ValueError(f"--stage {variant.name} sets {', '.join(clash)} itself (options {dict(variant.options)}); "
+                         f"drop {', '.join(clash)}, or choose the variant with the options you want (--stage "
+                         f"{variant.stage} plus your options picks it: {[v for v in chain.VARIANTS]})")
+    return variant.cli_options()
 
 
 class _StartRun(Callback):
@@ -203,7 +199,7 @@ class _StartRun(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        kept = [f.replace(_aside(f)).name for f in self.replaced if f.is_file()]
+        kept = [f.replace(aside(f)).name for f in self.replaced if f.is_file()]
         if kept:
             rank_zero_info(f"fct-fit: --overwrite: the previous {', '.join(f.name for f in self.replaced)} of "
                            f"{self.cli.out_dir} are kept as {', '.join(kept)}")
@@ -211,70 +207,16 @@ class _StartRun(Callback):
         _save_config(self.cli)
 
 
-def _aside(f: Path) -> Path:
-    """Where ``--overwrite`` keeps a previous checkpoint: ``best.replaced.ckpt``, then ``best.replaced-2.ckpt`` and
-    so on, so that a second overwrite (e.g. after a failed run) does not destroy the first one's files."""
-    n, path = 1, f.with_name(f"{f.stem}.replaced.ckpt")
-    while path.exists():
-        n += 1
-        path = f.with_name(f"{f.stem}.replaced-{n}.ckpt")
-    return path
-
-
 def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
     if ckpt_path is None:
         return None
     path = out / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
-        raise SystemExit(
-            f"fct-fit: cannot resume: checkpoint {path} does not exist. Train the stage first, or pass "
+        raise FileNotFoundError(
+            f"cannot resume: checkpoint {path} does not exist. Train the stage first, or pass "
             "--ckpt_path with an existing .ckpt file."
         )
     return str(path)
-
-
-def _check_resume_checkpoint(path: Path, cli: FCTCLI) -> tuple[int, int, float | None]:
-    """The checkpoint given to ``--ckpt_path`` must be readable, of this stage and dataset, and shaped like the model
-    this run builds; otherwise Lightning fails deep inside loading with a size-mismatch traceback.
-
-    Returns the epochs and optimiser steps the checkpoint has done, and the best monitored value it records.
-    """
-    from fct_lightning.checkpoints import (
-        CheckpointError,
-        check_class_names,
-        checkpoint_meta,
-        read_checkpoint,
-    )
-
-    ckpt = read_checkpoint(path, cli.stage)
-    meta = checkpoint_meta(ckpt, path, cli.stage)
-    if meta["stage"] != cli.stage:
-        raise CheckpointError(
-            f"--ckpt_path {path} is a checkpoint of the '{meta['stage']}' stage, not of '{cli.stage}'; resume a "
-            f"{cli.stage} run (its last.ckpt, e.g. --ckpt_path last) or run fct-fit --stage {meta['stage']}.")
-    if meta.get("dataset") and meta["dataset"] != cli.dataset:
-        raise CheckpointError(
-            f"--ckpt_path {path} was trained on '{meta['dataset']}' but this run uses --dataset {cli.dataset}; "
-            f"pass --dataset {meta['dataset']} or a checkpoint of {cli.dataset}.")
-    check_class_names(meta, path, cli.stage, getattr(cli.datamodule, "class_names", None))
-    own = cli.model.state_dict()
-    frozen = getattr(cli.model, "frozen_prefixes", ())
-    saved = ckpt["state_dict"]
-    problems = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in this run"
-                for k, v in saved.items() if k in own and getattr(v, "shape", None) != own[k].shape]
-    problems += [f"{k} is in the checkpoint, not in this run's model" for k in saved if k not in own]
-    problems += [f"{k} is in this run's model, not in the checkpoint" for k in own
-                 if k not in saved and k.split(".")[0] not in frozen]
-    if problems:
-        config = path.parent / "config.yaml"
-        raise CheckpointError(
-            f"--ckpt_path {path} was written by a model of the {cli.stage} stage built with other options ("
-            + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            + "). Resume with the options that run used"
-            + (f" (they are in {config})" if config.is_file() else "")
-            + ", or start a new run (drop --ckpt_path; --overwrite to replace this folder's checkpoints).")
-    progress = (ckpt.get("loops") or {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    return int(progress.get("processed", ckpt.get("epoch", -1) + 1)), int(ckpt.get("global_step", 0)), _best_score(ckpt)
 
 
 def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI, str | None]:
@@ -282,40 +224,57 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, rest = _pre_parser("fct-fit").parse_known_args(argv)
     if pre.stage is None:
-        stages, datasets = ",".join(sorted(STAGES)), ",".join(sorted(DATAMODULES))
+        stages, datasets = ",".join(chain.VARIANTS), ",".join(sorted(DATAMODULES))
         usage = (
             f"usage: fct-fit --stage {{{stages}}} [--dataset {{{datasets}}}] [--artifacts DIR] [--seed N] "
-            "[--ckpt_path last|PATH] [--overwrite] [LightningCLI options, see fct-fit --stage S --help]"
+            "[--resume auto | --ckpt_path last|PATH | --overwrite] [LightningCLI options, see fct-fit --stage S "
+            "--help]"
         )
         if {"-h", "--help"} & set(rest):
             print(usage)
             raise SystemExit(0)
         raise SystemExit(f"fct-fit: --stage is required.\n{usage}")
-    stage_cls = STAGES[pre.stage]
+    variant = chain.get(pre.stage)
+    stage_cls = variant.stage_class
     if pre.seed < 0:
-        raise SystemExit(f"fct-fit: --seed {pre.seed} is negative; use a seed of 0 or more.")
+        raise ValueError(f"--seed {pre.seed} is negative; use a seed of 0 or more.")
+    if pre.resume and (pre.ckpt_path or pre.overwrite):
+        raise ValueError("--resume auto decides by itself whether to resume or train anew; leave out --ckpt_path "
+                         "and --overwrite with it")
     artifacts = Path(pre.artifacts)
     if artifacts.exists() and not artifacts.is_dir():
-        raise SystemExit(f"fct-fit: --artifacts {artifacts} is a file, not a folder; pass a folder (it is created if "
+        raise ValueError(f"--artifacts {artifacts} is a file, not a folder; pass a folder (it is created if "
                          "missing) where the stages' checkpoints go.")
     if any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in rest):
         log.warning("fct-fit: --seed_everything replaces the seed this stage derives from --seed; stages given the "
                     "same value start from the same initial weights (e.g. old and new). Prefer --seed N.")
-    seed = ["--seed_everything", str(1000 * pre.seed + STAGE_SEED_OFFSETS.get(pre.stage, 0))]
-    args = ["--config", str(stage_config(pre.dataset, pre.stage)), *seed, *_run_seed_args(stage_cls, pre.seed),
-            *_default_args(stage_cls, artifacts, pre.dataset), *rest]
+    seed = ["--seed_everything", str(1000 * pre.seed + variant.seed_offset)]
+    configs = [a for path in stage_configs(pre.dataset, variant.stage) for a in ("--config", str(path))]
+    args = [*configs, *seed, *_run_seed_args(stage_cls, pre.seed), *_default_args(variant, artifacts, pre.dataset),
+            *rest, *_variant_args(variant, rest)]
     saved_argv = sys.argv
     sys.argv = sys.argv[:1]  # the arguments come from `args`; the DDP launcher later re-runs the real sys.argv
     try:
         cli = FCTCLI(
-            stage_cls, DATAMODULES[pre.dataset], stage=pre.stage, dataset=pre.dataset, artifacts=artifacts,
+            stage_cls, DATAMODULES[pre.dataset], stage=variant.stage, dataset=pre.dataset, artifacts=artifacts,
             run_seed=pre.seed, args=args, run=False, seed_everything_default=0, save_config_callback=None,
             parser_kwargs={"prog": f"fct-fit --stage {pre.stage}", "allow_abbrev": False}, **cli_kwargs,
         )
     finally:
         sys.argv = saved_argv
-    cli.overwrite = pre.overwrite
+    cli.overwrite, cli.resume = pre.overwrite, pre.resume
     return cli, _resolve_ckpt(pre.ckpt_path, cli.out_dir)
+
+
+def _auto_start(cli: FCTCLI) -> str | None:
+    """``--resume auto``: ``"skip"``, or the checkpoint to resume from (None: train anew, old files kept aside)."""
+    upstream = [Path(v) for k, v in cli.model.hparams.items() if k.endswith("_checkpoint") and v]
+    mode, why = start_mode(cli.out_dir, upstream)
+    rank_zero_info(f"fct-fit --resume auto: {mode} ({why})")
+    if mode == "resume":
+        return str(cli.out_dir / "last.ckpt")
+    cli.overwrite = True
+    return "skip" if mode == "skip" else None
 
 
 def _save_config(cli: FCTCLI) -> None:
@@ -334,10 +293,15 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     if any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers):  # also one chosen with --trainer.logger
         ensure_wandb_mode()  # before the first wandb.init: offline without credentials, never a prompt or a failure
     _check_validation_runs(cli.trainer)
-    # a checkpoint from another folder starts this folder's run from it (see _check_overwrite below)
+    if cli.resume == "auto":
+        ckpt = _auto_start(cli)
+        if ckpt == "skip":
+            return cli
+    # a checkpoint from another folder starts this folder's run from it (see replaced_by_fresh_run below)
     in_place = ckpt is not None and Path(ckpt).resolve().parent == cli.out_dir.resolve()
     if ckpt is not None:
-        epochs_done, steps_done, best_done = _check_resume_checkpoint(Path(ckpt), cli)
+        epochs_done, steps_done, best_done = check_resume(Path(ckpt), cli.stage, cli.dataset, cli.model,
+                                                            getattr(cli.datamodule, "class_names", None))
         trainer = cli.trainer
         if (trainer.max_epochs or 0) > 0 and epochs_done >= trainer.max_epochs or 0 < trainer.max_steps <= steps_done:
             rank_zero_info(
@@ -352,7 +316,7 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
             return cli
     # every rank refuses (under torchrun each rank runs this), before any work. A checkpoint from another folder
     # starts this folder's run from it: like a fresh run, it must not silently replace the checkpoints here
-    replaced = _check_overwrite(cli.out_dir, cli.stage, in_place, cli.overwrite, ckpt)
+    replaced = [] if in_place else replaced_by_fresh_run(cli.out_dir, cli.stage, cli.overwrite, ckpt)
     cli.trainer.callbacks.append(_StartRun(cli, replaced))
     start = time.perf_counter()
     try:
@@ -421,24 +385,15 @@ def _outcome(cli: FCTCLI) -> tuple[int, float | None]:
     score = None if ckpt_cb is None or ckpt_cb.best_model_score is None else float(ckpt_cb.best_model_score)
     last = cli.out_dir / "last.ckpt"
     if isinstance(cli.trainer.strategy.launcher, _MultiProcessingLauncher) and last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        saved = read_checkpoint(last, cli.stage)
         epochs = int(saved.get("epoch", -1)) + 1
-        score = _best_score(saved)
+        score = best_score(saved)
     return epochs, score
 
 
-def _best_score(saved: dict[str, Any]) -> float | None:
-    """The best monitored value recorded by the checkpoint callbacks' state in a saved checkpoint."""
-    states = [v for k, v in saved.get("callbacks", {}).items() if str(k).startswith("ModelCheckpoint")]
-    best = next((v["best_model_score"] for v in states if v.get("best_model_score") is not None), None)
-    return None if best is None else float(best)
-
-
 def _write_done(cli: FCTCLI, epochs: int, seconds: float, score: float | None) -> None:
-    """``done.json``: the stage finished (the Makefile's targets are these files)."""
-    (cli.out_dir / DONE_FILE).write_text(json.dumps(
-        {"stage": cli.stage, "dataset": cli.dataset, "epochs": epochs, "seconds": round(seconds, 1),
-         "monitor": cli.model.monitor, "best": score, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    write_done(cli.out_dir, {"stage": cli.stage, "variant": cli.variant.name, "dataset": cli.dataset, "epochs": epochs,
+                             "seconds": round(seconds, 1), "monitor": cli.model.monitor, "best": score})
 
 
 def _summary(cli: FCTCLI, seconds: float, epochs: int, score: float | None) -> str:
@@ -457,58 +412,7 @@ def _summary(cli: FCTCLI, seconds: float, epochs: int, score: float | None) -> s
 
 def fit_main(argv: list[str] | None = None) -> None:
     """Entry point of ``fct-fit`` (console scripts must return None)."""
-    from fct_lightning.checkpoints import CheckpointError
-    from fct_lightning.data.features import CacheError
-
-    try:
-        fit(argv)
-    except (CheckpointError, CacheError, FileNotFoundError, ValueError, FloatingPointError) as err:
-        # options out of range, NaN losses, unusable checkpoints or caches: the message names the problem and
-        # the fix; a traceback would bury it (FCT_DEBUG=1 keeps it, for bug reports)
-        if os.environ.get("FCT_DEBUG"):
-            raise
-        raise SystemExit(f"fct-fit: {err}\n(set FCT_DEBUG=1 to see the traceback)") from err
-
-
-def eval_main(argv: list[str] | None = None) -> None:
-    """Entry point of ``fct-eval``."""
-    from fct_lightning.evaluation import main
-
-    main(argv)
-
-
-def _user_errors(prog: str, main: Any, argv: list[str] | None) -> None:
-    """Run ``main``; a user error (bad path, wrong checkpoint, mismatched dimensions, corrupt file) ends with its
-    one-line message instead of a traceback (``FCT_DEBUG=1`` keeps the traceback)."""
-    from fct_lightning.checkpoints import CheckpointError
-
-    try:
-        main(argv)
-    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as err:
-        if os.environ.get("FCT_DEBUG"):
-            raise
-        raise SystemExit(f"{prog}: {err}\n(set FCT_DEBUG=1 to see the traceback)") from err
-
-
-def embed_main(argv: list[str] | None = None) -> None:
-    """Entry point of ``fct-embed``."""
-    from fct_lightning.gallery import embed_main as main
-
-    _user_errors("fct-embed", main, argv)
-
-
-def transform_main(argv: list[str] | None = None) -> None:
-    """Entry point of ``fct-transform``."""
-    from fct_lightning.gallery import transform_main as main
-
-    _user_errors("fct-transform", main, argv)
-
-
-def report_main(argv: list[str] | None = None) -> None:
-    """Entry point of ``fct-report``."""
-    from fct_lightning.report import main
-
-    main(argv)
+    run_command("fct-fit", fit, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,8 @@
 """Reading stage checkpoints with checks: right stage, same dataset, matching dimensions, intact file.
 
 Every checkpoint written by a stage carries ``checkpoint["fct"] = {"stage", "dataset", ...}``. Later stages
-load their frozen inputs through :func:`load_stage`, which turns each possible mistake into one message
-that names the file, what was expected, what was found, and what to do.
+load their frozen inputs through :func:`~fct_lightning.stages.loading.load_stage`, which uses these checks to turn
+each possible mistake into one message that names the file, what was expected, what was found, and what to do.
 """
 
 from __future__ import annotations
@@ -85,30 +85,6 @@ def check_meta(
         )
 
 
-def load_stage(path: str | Path, role: str, stages: tuple[str, ...], dataset: str | None = None):
-    """Load a stage's LightningModule from ``path`` after checking its metadata; returns ``(module, meta)``."""
-    from fct_lightning.stages import STAGES
-
-    ckpt = read_checkpoint(path, role)
-    meta = checkpoint_meta(ckpt, path, role)
-    check_meta(meta, path, role, stages, dataset)
-    cls = STAGES[meta["stage"]]
-    try:
-        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        relocate_inputs(hparams, meta, Path(path))
-        module = cls(**hparams)
-        module.on_load_checkpoint(ckpt)
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except (TypeError, RuntimeError) as err:
-        raise CheckpointError(
-            f"the {role} checkpoint {path} does not fit the current {cls.__name__} ({err}); it was written by an "
-            "incompatible version. Re-train the stage."
-        ) from err
-    module.eval()
-    meta = dict(meta, path=str(path), digest=file_digest(path))
-    return module, meta
-
-
 def relocate_inputs(hparams: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
     """Point a stage's frozen-input paths (``old_checkpoint``, ...) at the chain ``path`` now sits in.
 
@@ -164,3 +140,48 @@ def check_dims(expected: int, got: int, what: str, path: str | Path, fix: str) -
     """Raise a clear error when two embedding dimensions that must agree do not."""
     if expected != got:
         raise CheckpointError(f"dimension mismatch: {what} is {got}-d in {path} but {expected}-d is needed; {fix}")
+
+
+def check_resume(path: Path, stage: str, dataset: str, model: Any,
+                 class_names: list[str] | None) -> tuple[int, int, float | None]:
+    """The checkpoint given to ``--ckpt_path`` must be readable, of this stage and dataset, and shaped like the model
+    this run builds; otherwise Lightning fails deep inside loading with a size-mismatch traceback.
+
+    Returns the epochs and optimiser steps the checkpoint has done, and the best monitored value it records.
+    """
+    ckpt = read_checkpoint(path, stage)
+    meta = checkpoint_meta(ckpt, path, stage)
+    if meta["stage"] != stage:
+        raise CheckpointError(
+            f"--ckpt_path {path} is a checkpoint of the '{meta['stage']}' stage, not of '{stage}'; resume a "
+            f"{stage} run (its last.ckpt, e.g. --ckpt_path last) or run fct-fit --stage {meta['stage']}.")
+    if meta.get("dataset") and meta["dataset"] != dataset:
+        raise CheckpointError(
+            f"--ckpt_path {path} was trained on '{meta['dataset']}' but this run uses --dataset {dataset}; "
+            f"pass --dataset {meta['dataset']} or a checkpoint of {dataset}.")
+    check_class_names(meta, path, stage, class_names)
+    own = model.state_dict()
+    frozen = getattr(model, "frozen_prefixes", ())
+    saved = ckpt["state_dict"]
+    problems = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in this run"
+                for k, v in saved.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    problems += [f"{k} is in the checkpoint, not in this run's model" for k in saved if k not in own]
+    problems += [f"{k} is in this run's model, not in the checkpoint" for k in own
+                 if k not in saved and k.split(".")[0] not in frozen]
+    if problems:
+        config = path.parent / "config.yaml"
+        raise CheckpointError(
+            f"--ckpt_path {path} was written by a model of the {stage} stage built with other options ("
+            + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            + "). Resume with the options that run used"
+            + (f" (they are in {config})" if config.is_file() else "")
+            + ", or start a new run (drop --ckpt_path; --overwrite to replace this folder's checkpoints).")
+    progress = (ckpt.get("loops") or {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", ckpt.get("epoch", -1) + 1)), int(ckpt.get("global_step", 0)), best_score(ckpt)
+
+
+def best_score(saved: dict[str, Any]) -> float | None:
+    """The best monitored value recorded by the checkpoint callbacks' state in a saved checkpoint."""
+    states = [v for k, v in saved.get("callbacks", {}).items() if str(k).startswith("ModelCheckpoint")]
+    best = next((v["best_model_score"] for v in states if v.get("best_model_score") is not None), None)
+    return None if best is None else float(best)

@@ -1,0 +1,74 @@
+"""Loading stage checkpoints: a whole stage (:func:`load_stage`) or a transformation's h alone (:func:`load_h`).
+
+Both read the file through :func:`~fct_lightning.stages.checkpoints.read_checkpoint` and check its metadata first,
+so a wrong, stale or damaged file ends in one message naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fct_lightning.models.transformation import Transformation
+from fct_lightning.stages.base import STAGE_CLASSES, RetrievalStage
+from fct_lightning.stages.checkpoints import (
+    CheckpointError,
+    check_meta,
+    checkpoint_meta,
+    file_digest,
+    read_checkpoint,
+    relocate_inputs,
+)
+
+
+def load_stage(path: str | Path, role: str, stages: tuple[str, ...],
+               dataset: str | None = None) -> tuple[RetrievalStage, dict[str, Any]]:
+    """Load a stage's LightningModule from ``path`` after checking its metadata; returns ``(module, meta)``.
+
+    ``meta`` is the checkpoint's ``fct`` metadata plus its ``path`` and content ``digest``.
+    """
+    ckpt = read_checkpoint(path, role)
+    meta = checkpoint_meta(ckpt, path, role)
+    check_meta(meta, path, role, stages, dataset)
+    cls = STAGE_CLASSES[meta["stage"]]
+    try:
+        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        relocate_inputs(hparams, meta, Path(path))
+        module = cls(**hparams)
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except (TypeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"the {role} checkpoint {path} does not fit the current {cls.__name__} ({err}); it was written by an "
+            "incompatible version. Re-train the stage."
+        ) from err
+    module.eval()
+    return module, dict(meta, path=str(path), digest=file_digest(path))
+
+
+def load_h(path: str | Path) -> tuple[Transformation, dict[str, Any]]:
+    """h from a transformation checkpoint, without the frozen image models it was trained with.
+
+    The checkpoint holds h's weights (the frozen models are not saved with it) and the arguments h was built
+    with (``fct["h"]``), so a serving machine needs nothing else. Returns ``(h in eval mode, the checkpoint's fct
+    metadata + path and digest)``.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path, "transformation")
+    meta = checkpoint_meta(ckpt, path, "transformation")
+    if meta["stage"] != "transformation":
+        raise CheckpointError(
+            f"{path} is a '{meta['stage']}' checkpoint; h is read from a transformation checkpoint "
+            "(artifacts/<dataset>/transformation/best.ckpt, or fastfill/ ... for the other variants).")
+    if not isinstance(meta.get("h"), dict):
+        raise CheckpointError(f"the transformation checkpoint {path} does not record the arguments h was built with "
+                              "(written by an older version); re-train the transformation stage.")
+    state = {k[2:]: v for k, v in ckpt["state_dict"].items() if k.startswith("h.")}
+    try:
+        h = Transformation(**meta["h"])
+        h.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"the transformation checkpoint {path} does not fit the current Transformation "
+                              f"({type(err).__name__}: {err}); it was written by an incompatible version. "
+                              "Re-train the transformation stage.") from err
+    return h.eval(), dict(meta, path=str(path.resolve()), digest=file_digest(path))
