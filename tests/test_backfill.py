@@ -263,7 +263,7 @@ def test_embed_without_uncertainty_head() -> None:
     emb = embed_for_backfill(module, loader, "cpu")
     assert emb["uncertainty"] is None and emb["transformed"].shape == (11, 5)
     with pytest.raises(ValueError, match="--model.uncertainty true"):
-        compute_uncertainty(module, loader, "cpu")
+        get_policy("uncertainty").order(BackfillContext.from_embeddings(emb), 0)
 
 
 def test_embed_missing_items_is_an_error() -> None:

@@ -9,15 +9,11 @@ Results JSON: ``{"cases": {case: {top1, top5, map, "map@r"}}, "missing": {case: 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 from fct_lightning import chain

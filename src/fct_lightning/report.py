@@ -6,7 +6,6 @@ the compatibility criterion of Shen et al. (2020): M(new query, old gallery) > M
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging

@@ -23,12 +23,17 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Names
     return args
 
 
+def _inputs(p: argparse.ArgumentParser, checkpoint: str, out: str) -> None:
+    """The model to run and the file to write, which both commands take."""
+    p.add_argument("--checkpoint", required=True, help=checkpoint)
+    p.add_argument("--out", required=True, help=out)
+
+
 def embed_command(argv: list[str] | None = None) -> Path:
     """``fct-embed`` with ``argv``; returns the embeddings file written."""
     p = argparse.ArgumentParser(prog="fct-embed", description="Embed a split or a folder of images with one "
                                 "stage's image model; writes OUT.npy and OUT.json (which checkpoint, which items).")
-    p.add_argument("--checkpoint", required=True, help="an old, side_info, new or bct checkpoint (best.ckpt)")
-    p.add_argument("--out", required=True, help="the embeddings file to write (.npy)")
+    _inputs(p, "an old, side_info, new or bct checkpoint (best.ckpt)", "the embeddings file to write (.npy)")
     p.add_argument("--split", default=None, help="a split of the checkpoint's dataset (default: its eval split)")
     p.add_argument("--images", default=None, help="instead: a folder of image files (searched recursively)")
     p.add_argument("--data_root", "--data.root", dest="data_root", default=None,
@@ -49,10 +54,10 @@ def transform_command(argv: list[str] | None = None) -> Path:
     """``fct-transform`` with ``argv``; returns the transformed gallery written."""
     p = argparse.ArgumentParser(prog="fct-transform", description="Map a stored gallery (old embeddings and "
                                 "side-info, no images) into the new model's space with a trained transformation.")
-    p.add_argument("--checkpoint", required=True, help="the transformation's checkpoint (transformation/best.ckpt)")
+    _inputs(p, "the transformation's checkpoint (transformation/best.ckpt)",
+            "the transformed gallery to write (.npy, [N, d_new])")
     p.add_argument("--old", required=True, help="the stored old-model embeddings (.npy, [N, d_old])")
     p.add_argument("--side", default=None, help="the stored side-info features (.npy, [N, d_side])")
-    p.add_argument("--out", required=True, help="the transformed gallery to write (.npy, [N, d_new])")
     p.add_argument("--uncertainty_out", default=None,
                    help="FastFill: also write each item's log-variance (.npy, [N]); backfill the highest first")
     p.add_argument("--batch_size", type=int, default=8192,

@@ -328,6 +328,20 @@ class RetrievalStage(pl.LightningModule):
             self.log(key, total / count, on_step=False, on_epoch=True, sync_dist=True)
 
 
+class ImageModelStage(RetrievalStage):
+    """A stage whose model is one image network, ``self.net`` (an
+    :class:`~fct_lightning.models.backbones.EmbeddingNet`): the old, new, BCT and side-info models."""
+
+    net: torch.nn.Module
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.net.embedding_dim
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """Put ``module`` in eval mode and stop its gradients (frozen inputs of later stages)."""
     module.eval()

@@ -15,10 +15,10 @@ from torch import Tensor
 
 from fct_lightning.losses import label_smoothed_cross_entropy
 from fct_lightning.models.backbones import EmbeddingNet, make_classifier
-from fct_lightning.stages.base import RetrievalStage
+from fct_lightning.stages.base import ImageModelStage
 
 
-class EmbeddingModel(RetrievalStage):
+class EmbeddingModel(ImageModelStage):
     """Backbone + embedding + classifier, trained with label-smoothed cross-entropy.
 
     Args:
@@ -68,13 +68,6 @@ class EmbeddingModel(RetrievalStage):
         # Training accuracy is summed on the device per step (see log_accuracy), not with torchmetrics.
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(
             num_classes=len(classes), average="micro", validate_args=False)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.net.embedding_dim
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.net(images)
 
     def rows_of(self, labels: Tensor) -> Tensor:
         """Classifier rows of ``labels``; -1 for classes this model was not trained on."""

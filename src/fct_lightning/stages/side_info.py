@@ -16,10 +16,10 @@ from torch import Tensor
 
 from fct_lightning.losses import nt_xent
 from fct_lightning.models.backbones import EmbeddingNet, ProjectionHead
-from fct_lightning.stages.base import RetrievalStage
+from fct_lightning.stages.base import ImageModelStage
 
 
-class SideInfoModel(RetrievalStage):
+class SideInfoModel(ImageModelStage):
     """Contrastive side-information model (stage ``side_info``).
 
     Args:
@@ -59,13 +59,6 @@ class SideInfoModel(RetrievalStage):
         self.temperature = temperature
         self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, width=width)
         self.projection = ProjectionHead(embedding_dim, projection_hidden, projection_dim)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.net.embedding_dim
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.net(images)
 
     def _gather(self, z: Tensor) -> Tensor:
         if self.trainer is None or self.trainer.world_size == 1:
