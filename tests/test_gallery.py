@@ -14,7 +14,7 @@ import torch
 from fct_lightning.commands.fit import fit
 from fct_lightning.data import DATAMODULES
 from fct_lightning.gallery import embed, transform
-from fct_lightning.gallery.files import _part_prefix
+from fct_lightning.gallery.files import FORMAT, _part_prefix, fingerprint, partial_fingerprint, read_meta
 from fct_lightning.stages import load_h, load_stage
 from fct_lightning.stages.checkpoints import CheckpointError
 from tests.commands import embed_main, transform_main
@@ -275,6 +275,52 @@ def test_a_description_that_does_not_match_its_array_is_refused(chain, stored, t
     np.save(tmp_path / "old.npy", np.load(old) + 1)  # same shape, other rows
     with pytest.raises(ValueError, match="old.json does not describe"):
         transform(run / "transformation" / "best.ckpt", tmp_path / "old.npy", tmp_path / "o.npy", side=side)
+
+
+def _described(path: Path, rows: int, fp: str) -> None:
+    path.with_suffix(".json").write_text(json.dumps({"format": FORMAT, "rows": rows, "fingerprint": fp}))
+
+
+def _flip_middle_byte(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 1]))
+
+
+def test_the_fingerprint_covers_the_whole_array(tmp_path):
+    """One byte changed in the middle of an 8 MiB gallery (far from its first and last MiB) is detected."""
+    path = tmp_path / "g.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((16384, 128), dtype=np.float32))
+    fp = fingerprint(path)
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64
+    _described(path, 16384, fp)
+    assert read_meta(path, 16384)["fingerprint"] == fp
+    _flip_middle_byte(path)
+    with pytest.raises(ValueError, match=r"g.json does not describe .*g.npy: .*\(one was replaced or changed\)"):
+        read_meta(path, 16384)
+
+
+def test_a_fingerprint_of_the_older_kind_is_checked_with_a_warning(tmp_path, caplog):
+    """Descriptions written before whole-file fingerprints (16 hex digits: size, first and last MiB) stay usable:
+    what they cover is checked, and a warning says what is not."""
+    path = tmp_path / "g.npy"
+    np.save(path, np.zeros((16384, 128), dtype=np.float32))
+    _described(path, 16384, partial_fingerprint(path))
+    with caplog.at_level("WARNING", logger="fct_lightning.gallery.files"):
+        assert read_meta(path, 16384) is not None
+    assert "older, partial fingerprint" in caplog.text and "fct-embed" in caplog.text
+    _flip_middle_byte(path)
+    assert read_meta(path, 16384) is not None  # the limit of the older kind: the middle was never covered
+    with open(path, "r+b") as fh:  # its first MiB still is
+        fh.seek(1000)
+        fh.write(b"\x01")
+    with pytest.raises(ValueError, match="does not describe"):
+        read_meta(path, 16384)
+    _described(path, 16384, "md5:0123")
+    with pytest.raises(ValueError, match="g.json holds a fingerprint of an unknown kind"):
+        read_meta(path, 16384)
 
 
 def test_a_killed_runs_temporary_file_is_removed_by_the_next_run(chain, stored, tmp_path):

@@ -45,7 +45,7 @@ from fct_lightning.runs import (
     start_mode,
     write_done,
 )
-from fct_lightning.stages.checkpoints import best_score, check_resume, read_checkpoint
+from fct_lightning.stages.checkpoints import best_score, check_resume, checkpoint_globals, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,8 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     cli.trainer.callbacks.append(_StartRun(cli, replaced))
     start = time.perf_counter()
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        with checkpoint_globals():  # Lightning's own load of --ckpt_path: weights-only too, whatever the environment
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     except SIGTERMException as err:  # a SystemExit with status 0: `make` would go on to the next stage
         raise SystemExit(
             f"fct-fit: the {cli.stage} run was stopped by SIGTERM in epoch {cli.trainer.current_epoch}; done.json "

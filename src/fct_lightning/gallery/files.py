@@ -1,10 +1,10 @@
 """Stored embeddings on disk: a ``.npy`` array and the files that describe it, written so that nothing is lost.
 
 ``x.npy`` (float32 ``[N, d]``) comes with ``x.json`` (which checkpoint made it, from which items, and a
-fingerprint of ``x.npy``), and either ``x.ids.txt`` (image files, one JSON string per line, in row order) or
-``x.labels.npy`` (a dataset split's labels). A new ``x.npy`` is written to a temporary file that replaces the old
-one only when complete; the old ``x.json`` is removed just before, and the new one written last, so a crash
-never leaves a description next to rows it does not describe.
+fingerprint of ``x.npy``: the sha256 of its whole content), and either ``x.ids.txt`` (image files, one JSON string
+per line, in row order) or ``x.labels.npy`` (a dataset split's labels). A new ``x.npy`` is written to a temporary
+file that replaces the old one only when complete; the old ``x.json`` is removed just before, and the new one
+written last, so a crash never leaves a description next to rows it does not describe.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fct-lightning embeddings"
 COMPANIONS = {"meta": ".json", "ids": ".ids.txt", "labels": ".labels.npy"}
@@ -104,8 +108,24 @@ def writing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+BLOCK = 4 << 20
+"""Bytes read at a time by :func:`fingerprint`."""
+
+
 def fingerprint(path: Path) -> str:
-    """A cheap content fingerprint of a (possibly huge) file: its size, first and last MiB."""
+    """``"sha256:<hex>"``: the sha256 of the whole file, streamed in :data:`BLOCK` blocks (about 1 s per GB)."""
+    h = hashlib.sha256()
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return f"sha256:{h.hexdigest()}"
+
+
+def partial_fingerprint(path: Path) -> str:
+    """The fingerprint descriptions held before whole-file ones (16 hex digits): the file's size, first and last
+    MiB only. Still checked, with a warning, so that stored galleries described that way stay usable."""
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as fh:
@@ -114,6 +134,19 @@ def fingerprint(path: Path) -> str:
             fh.seek(max(size - (1 << 20), 1 << 20))
             h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+def fingerprint_matches(path: Path, recorded: Any, side: Path) -> bool:
+    """Whether ``recorded`` (the fingerprint ``side`` holds) is that of ``path`` as it is now."""
+    if isinstance(recorded, str) and recorded.startswith("sha256:"):
+        return recorded == fingerprint(path)
+    if isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{16}", recorded):
+        log.warning("%s holds an older, partial fingerprint of %s (its size and first and last MiB): a change in the "
+                    "middle of the array goes unnoticed. Re-create the files with fct-embed (or fct-transform) to "
+                    "have all of it checked.", side, path.name)
+        return recorded == partial_fingerprint(path)
+    raise ValueError(f"{side} holds a fingerprint of an unknown kind ({recorded!r}; fct-lightning writes "
+                     "'sha256:<hex>'); re-create the embeddings with fct-embed (or fct-transform)")
 
 
 def publish(tmp: Path, out: Path) -> str:
@@ -188,9 +221,10 @@ def read_meta(path: Path, rows: int) -> dict[str, Any] | None:
                          "it to skip the checks it allows") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{side} is not an fct-lightning embeddings description; rename it or delete it")
-    stale = f"{side} does not describe {path}: the two files do not belong together (one was replaced). " \
-            "Re-create both with fct-embed."
-    if meta.get("rows") != rows or (meta.get("fingerprint") and meta["fingerprint"] != fingerprint(path)):
+    stale = f"{side} does not describe {path}: the two files do not belong together (one was replaced or " \
+            "changed). Re-create both with fct-embed."
+    if meta.get("rows") != rows or (meta.get("fingerprint") and not fingerprint_matches(path, meta["fingerprint"],
+                                                                                          side)):
         raise ValueError(stale)
     if meta.get("ids"):
         ids = sidecar(path, "ids")

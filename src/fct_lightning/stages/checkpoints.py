@@ -3,12 +3,21 @@
 Every checkpoint written by a stage carries ``checkpoint["fct"] = {"stage", "dataset", ...}``. Later stages
 load their frozen inputs through :func:`~fct_lightning.stages.loading.load_stage`, which uses these checks to turn
 each possible mistake into one message that names the file, what was expected, what was found, and what to do.
+
+Checkpoints are read weights-only (:func:`read_checkpoint`): a ``.ckpt`` is a pickle, and a crafted one would
+otherwise run code on the machine that loads it. Only tensors, numbers, strings, containers and the few plain
+types in :data:`SAFE_GLOBALS` are rebuilt; a file that asks for anything else is refused before it is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import pathlib
+import pickle
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +39,62 @@ def file_digest(path: str | Path, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+SAFE_GLOBALS: tuple[type, ...] = (pathlib.PosixPath,)
+"""What a checkpoint may ask for beyond ``torch.load(weights_only=True)``'s own allowlist (tensors and their
+storages, ``collections.OrderedDict``, the builtin containers and scalars), which covers every checkpoint
+``fct-fit`` writes. ``pathlib.PosixPath``: the hyperparameters a stage or datamodule built from Python were given
+(``root=Path(...)``, ``old_checkpoint=Path(...)``) are saved as they are; rebuilding a path from its parts only
+makes the object (no file access)."""
+
+
+@contextlib.contextmanager
+def checkpoint_globals() -> Iterator[None]:
+    """Allow :data:`SAFE_GLOBALS` to ``torch.load(weights_only=True)`` inside this context only (torch < 2.5 has
+    no such context: there, only torch's own allowlist applies)."""
+    serialization = torch.serialization
+    if not hasattr(serialization, "safe_globals"):
+        yield
+        return
+    extra = [g for g in SAFE_GLOBALS if g not in serialization.get_safe_globals()]  # leave a caller's own in place
+    with serialization.safe_globals(extra):
+        yield
+
+
+_ASKED = (re.compile(r"GLOBAL (\S+) was not an allowed global"), re.compile(r"unsupported GLOBAL (\S+) whose module"))
+
+
+def _refused_globals(path: Path, err: BaseException) -> list[str]:
+    """The Python objects a weights-only load refused in ``path`` ([] if it failed for another reason)."""
+    message = str(err)
+    if not message.startswith("Weights only load failed"):
+        return []
+    with contextlib.suppress(Exception), checkpoint_globals():  # every refused one, read from the pickle opcodes
+        found = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        if found:
+            return found
+    return [m.group(1) for pattern in _ASKED if (m := pattern.search(message))][:1]
+
+
+def _reason(err: BaseException) -> str:
+    """``err`` in a few words; of a weights-only failure, torch's own line without its advice to load unsafely."""
+    message = str(err)
+    if message.startswith("Weights only load failed"):
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        message = next((line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation",
+                                                                            "(1)", "(2)"))), "unsupported content")
+    return f"{type(err).__name__}: {message}"
+
+
 def read_checkpoint(path: str | Path, role: str) -> dict[str, Any]:
-    """Load a checkpoint file on CPU, with clear errors for a missing or unreadable file.
+    """Load a checkpoint file on CPU, weights-only, with clear errors for a missing, unreadable or unsafe file.
 
     Args:
         path: The ``.ckpt`` file.
         role: What it is for (``old``, ``side_info``, ...), used in messages.
+
+    Raises:
+        CheckpointError: If the file is missing, corrupt, not a Lightning checkpoint, or asks for a Python object
+            outside torch's weights-only allowlist and :data:`SAFE_GLOBALS` (it is then not loaded).
     """
     path = Path(path)
     if not path.is_file():
@@ -47,10 +106,18 @@ def read_checkpoint(path: str | Path, role: str) -> dict[str, Any]:
             f"right file with --model.{role}_checkpoint PATH."
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with checkpoint_globals():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling or zip failure means the same thing to the user
+        asked = _refused_globals(path, err) if isinstance(err, pickle.UnpicklingError) else []
+        if asked:
+            raise CheckpointError(
+                f"the {role} checkpoint {path} asks for a Python object that is not allowed in a checkpoint "
+                f"({', '.join(asked)}): unpickling it could run code, so it was not loaded. Use a checkpoint "
+                "written by fct-fit (it holds only tensors, numbers, strings and containers)."
+            ) from err
         raise CheckpointError(
-            f"the {role} checkpoint {path} cannot be read ({type(err).__name__}: {err}); the file is corrupt or "
+            f"the {role} checkpoint {path} cannot be read ({_reason(err)}); the file is corrupt or "
             f"not a PyTorch checkpoint. Re-train the stage or restore the file (last.ckpt sits next to best.ckpt)."
         ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
