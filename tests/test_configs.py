@@ -159,7 +159,7 @@ def shipped_configs() -> set[str]:
 
 
 def covered_configs() -> set[str]:
-    stages = {f"{d}/{s}.yaml" for d in DATASETS for s in CHAIN}
+    stages = {f"{d}/{s}.yaml" for d in DATASETS for s in CHAIN} | {f"{d}/data.yaml" for d in DATASETS}
     recipes = {f"recipes/{r}/{s}.yaml" for r in RECIPES for s in CHAIN}
     return stages | recipes | {f"trainer/{p}.yaml" for p in PRESETS}
 
@@ -168,7 +168,7 @@ def test_every_shipped_config_is_tested():
     assert shipped_configs() == covered_configs()
 
 
-@pytest.mark.parametrize("name", sorted(covered_configs() - {f"digits/{s}.yaml" for s in CHAIN}))
+@pytest.mark.parametrize("name", sorted(covered_configs() - {f"digits/{s}.yaml" for s in (*CHAIN, "data")}))
 def test_config_header_says_what_and_how(name):
     """Each config opens with a comment saying what it is and the command that runs it."""
     text = (CONFIG_DIR / name).read_text()
@@ -219,7 +219,7 @@ def test_stage_config_instantiates(dataset, stage, extra, trees, upstream):
     cli, ckpt = build_cli(stage_args(stage, dataset, art, trees[dataset], *extra))
     assert ckpt is None
     assert cli.model.stage == stage and cli.datamodule.name == dataset
-    check_values(cli, CONFIG_DIR / dataset / f"{stage}.yaml", overridden=extra)
+    check_values(cli, CONFIG_DIR / dataset / "data.yaml", CONFIG_DIR / dataset / f"{stage}.yaml", overridden=extra)
     check_classes(cli, dataset, stage)
     if stage == "transformation":
         assert cli.out_dir.name == ("transformation_noside" if extra else "transformation")
@@ -243,7 +243,8 @@ def test_recipe_instantiates(recipe, stage, extra, trees, upstream):
     override = CONFIG_DIR / "recipes" / recipe / f"{stage}.yaml"
     art = upstream(dataset, recipe) if stage == "transformation" else trees[dataset].parent / "art-recipe"
     cli, _ = build_cli(stage_args(stage, dataset, art, trees[dataset], "--config", str(override), *extra))
-    check_values(cli, CONFIG_DIR / dataset / f"{stage}.yaml", override, overridden=extra)
+    check_values(cli, CONFIG_DIR / dataset / "data.yaml", CONFIG_DIR / dataset / f"{stage}.yaml", override,
+                 overridden=extra)
     check_classes(cli, dataset, stage)
     if stage != "transformation":
         trunk = (cli.model.net.trunk.__class__.__name__, cli.model.net.feature_dim)

@@ -34,13 +34,13 @@ def test_attributes_and_eval_all_classes():
 def test_train_subset_indices_are_positions():
     dm = DigitsDataModule(train_classes=4, batch_size=50)
     seen_idx, seen_y = [], []
-    for x, y, idx in dm.train_dataloader():
+    for _x, y, idx in dm.train_dataloader():
         seen_idx += idx.tolist()
         seen_y += y.tolist()
     ds = dm.dataset("train", dm.train_class_ids)
     assert sorted(seen_idx) == list(range(len(ds)))
     assert set(seen_y) == {0, 1, 2, 3}
-    for i, y in zip(seen_idx[:20], seen_y[:20]):
+    for i, y in zip(seen_idx[:20], seen_y[:20], strict=True):
         assert int(ds.targets[i]) == y
 
 

@@ -13,7 +13,7 @@ from fct_lightning.data import (
     Places365DataModule,
     VGGFace2DataModule,
 )
-from fct_lightning.data.folder import order_classes
+from fct_lightning.data.image_tree import order_classes
 from tests.data.fakes import make_imagefolder, save_image
 
 
@@ -47,7 +47,7 @@ def test_imagenet_loaders_counts_subsets_views(tmp_path):
     assert x.shape == (4, 2, 3, 16, 16) and x.dtype == torch.float32
     assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(6))
     assert set(torch.cat([b[1] for b in batches]).tolist()) == {1, 4}
-    xs, ys, idx = zip(*dm.val_dataloader())
+    xs, ys, idx = zip(*dm.val_dataloader(), strict=True)
     assert torch.cat(idx).tolist() == list(range(10)) and sorted(set(torch.cat(ys).tolist())) == list(range(5))
     assert xs[0].shape[1:] == (3, 16, 16)
     assert len(dm.eval_dataloader("train").dataset) == 15
@@ -208,7 +208,7 @@ def test_pillow_formats_and_corrupt_files(tmp_path, in_memory):
 
 def test_prepare_data_decodes_once_for_the_other_ranks(tmp_path, monkeypatch):
     """prepare_data (one process per node) writes the decoded cache; a rank's setup then reads it, decoding nothing."""
-    from fct_lightning.data import folder
+    from fct_lightning.data import decode
 
     root = _nonsquare_tree(tmp_path)
     ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True).prepare_data()
@@ -217,7 +217,7 @@ def test_prepare_data_decodes_once_for_the_other_ranks(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(folder, "read_image_file", no_decoding)
+    monkeypatch.setattr(decode, "read_image_file", no_decoding)
     other_rank = ImageNetDataModule(root=str(root), image_size=24, in_memory_gpu=True)
     other_rank.setup("fit")
     assert len(other_rank.source("train")) == 21 and len(other_rank.source("val")) == 21
@@ -229,7 +229,7 @@ def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fct_lightning.data.folder import decode_all, load_image
+    from fct_lightning.data.decode import decode_all, load_image
 
     a = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)  # up to 59,900
     path = tmp_path / "deep.png"
@@ -247,7 +247,7 @@ def test_file_stats_go_to_threads_only_on_slow_storage(tmp_path, monkeypatch, sl
     import threading
     import time
 
-    from fct_lightning.data.base import files_fingerprint, stat_all
+    from fct_lightning.data.fingerprint import files_fingerprint, stat_all
 
     paths = []
     for i in range(700):
@@ -275,7 +275,7 @@ def test_file_stats_go_to_threads_only_on_slow_storage(tmp_path, monkeypatch, sl
 def test_deep_pillow_images_are_scaled_not_clipped(tmp_path):
     """16-bit / 32-bit / float TIFF and 16-bit PGM (read by Pillow) are scaled to 8 bits like 16-bit PNGs, not clipped
     to 0 or 255 by ``convert("RGB")``; 8-bit modes decode exactly as before."""
-    from fct_lightning.data.folder import decode_all, load_image
+    from fct_lightning.data.decode import decode_all, load_image
 
     def gray(t):
         return t.expand(3, *t.shape[-2:]) if t.ndim == 2 else t
@@ -293,7 +293,8 @@ def test_deep_pillow_images_are_scaled_not_clipped(tmp_path):
     pgm12 = tmp_path / "d12.pgm"
     pgm12.write_bytes(b"P5\n30 20\n4095\n" + a12.astype(">u2").tobytes())
     got = load_image(str(pgm12))[0].int()
-    assert (got - torch.from_numpy(np.rint(a12.astype(np.float64) * 255 / 4095)).int()).abs().max() <= 1 and got.max() > 200
+    want = torch.from_numpy(np.rint(a12.astype(np.float64) * 255 / 4095)).int()
+    assert (got - want).abs().max() <= 1 and got.max() > 200
 
     ramp = np.linspace(-0.25, 1, 20 * 30, dtype=np.float32).reshape(20, 30)  # floats in [0, 1], negatives clipped
     f01 = save_image(tmp_path / "f01.tif", ramp)
@@ -323,7 +324,7 @@ def test_exif_orientation_is_applied_on_every_path(tmp_path):
     PNG, Pillow for WebP with EXIF and TIFF) and in memory (batched JPEG decoding), with identical pixels."""
     from torchvision.io import decode_image
 
-    from fct_lightning.data.folder import (
+    from fct_lightning.data.decode import (
         decode_all,
         load_image,
         read_image_file,
@@ -354,8 +355,8 @@ def test_decode_errors_name_the_file(tmp_path, monkeypatch):
     import os
     import shutil
 
-    from fct_lightning.data.base import files_fingerprint
-    from fct_lightning.data.folder import load_image
+    from fct_lightning.data.decode import load_image
+    from fct_lightning.data.fingerprint import files_fingerprint
 
     root = _nonsquare_tree(tmp_path / "t")
     latin1 = root / "train" / "c0" / os.fsdecode(b"caf\xe9.png")
@@ -426,7 +427,7 @@ def test_listing_walks_subfolders_and_symlinks_and_skips_hidden_files(tmp_path, 
         os.symlink(".", s / "linked" / "loop")  # a symlink loop: walked once
         os.symlink("/nonexistent/gone.jpg", s / "linked" / "gone.jpg")
         os.symlink("/nonexistent/share", s / "linked" / "unmounted")
-    with caplog.at_level("WARNING", logger="fct_lightning.data.folder"):
+    with caplog.at_level("WARNING", logger="fct_lightning.data.image_tree"):
         dm = ImageFolderDataModule(root=str(root), image_size=8, batch_size=4)
         src = dm.source("train")
     assert dm.class_names == ["gifs", "linked", "nested", "plain"]
@@ -469,7 +470,7 @@ def test_named_dataset_dir_wins_over_a_tree_at_the_root(tmp_path, caplog):
 
     make_imagefolder(tmp_path, ["c0", "c1"], ("train", "val"), per_class=1, size=8)
     make_imagefolder(tmp_path / "imagenet", ["n01", "n02", "n03"], ("train", "val"), per_class=1, size=8)
-    with caplog.at_level("WARNING", logger="fct_lightning.data.folder"):
+    with caplog.at_level("WARNING", logger="fct_lightning.data.image_tree"):
         dm = ImageNetDataModule(root=str(tmp_path))
     assert dm.dataset_dir == tmp_path / "imagenet" and dm.class_names == ["n01", "n02", "n03"]
     assert str(tmp_path / "imagenet") in caplog.text and str(tmp_path / "train") in caplog.text
@@ -506,14 +507,14 @@ def test_cache_key_has_the_decoder_version_and_old_caches_are_removed(tmp_path, 
     import os
     import time
 
-    from fct_lightning.data import folder
+    from fct_lightning.data import decode
 
     root = _nonsquare_tree(tmp_path)
     cache = root / ".cache"
     paths = [str(p) for p in sorted((root / "val" / "c0").iterdir())]
-    folder.decode_all(paths, 9, cache, square_for=8)
-    monkeypatch.setattr(folder, "DECODER_VERSION", folder.DECODER_VERSION + 1)  # a decoder giving other pixels
-    folder.decode_all(paths, 9, cache, square_for=8)
+    decode.decode_all(paths, 9, cache, square_for=8)
+    monkeypatch.setattr(decode, "DECODER_VERSION", decode.DECODER_VERSION + 1)  # a decoder giving other pixels
+    decode.decode_all(paths, 9, cache, square_for=8)
     assert len(list(cache.glob("decoded-s9c8-7-*.npy"))) == 2  # a new key, not the old cache
     for f in cache.iterdir():
         f.unlink()

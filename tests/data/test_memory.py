@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from fct_lightning.data import DigitsDataModule, InMemoryAugmentedLoader
-from fct_lightning.data.memory import crop_flip
+from fct_lightning.data import DigitsDataModule, InMemoryAugmentedLoader, recipe_for
+from fct_lightning.data.augment import augment_batch
+from fct_lightning.data.kernels import crop_flip, gaussian_blur, jitter
+from fct_lightning.data.recipes import Erasing, Recipe
 
 
 def _images(n=23, size=8, channels=3):
@@ -31,7 +33,7 @@ def test_seeded_determinism_and_epochs():
     a = InMemoryAugmentedLoader(x, y, 8, seed=3, device="cpu", views=2)
     b = InMemoryAugmentedLoader(x, y, 8, seed=3, device="cpu", views=2)
     ea, eb = list(a), list(b)
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[2], q[2]) for p, q in zip(ea, eb))
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[2], q[2]) for p, q in zip(ea, eb, strict=True))
     second = list(a)  # next epoch: new order and augmentation
     assert not torch.equal(second[0][2], ea[0][2]) or not torch.equal(second[0][0], ea[0][0])
     a.set_epoch(0)
@@ -67,7 +69,9 @@ def test_eval_mode_is_normalisation_only():
 
 def test_crop_flip_is_a_shifted_window():
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
-    out = crop_flip(x, 2, torch.Generator().manual_seed(0), flip=False)
+    g = torch.Generator().manual_seed(0)
+    oy, ox = (torch.randint(0, 5, (2, 1, 1), generator=g) for _ in range(2))
+    out = crop_flip(x, 2, oy, ox)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(2):
         windows = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
@@ -116,23 +120,20 @@ def test_sharding_under_torch_distributed(tmp_path):
 def test_batched_blur_matches_torchvision(sigma):
     from torchvision.transforms.v2 import functional as TF
 
-    from fct_lightning.data.memory import gaussian_blur
-
     x = torch.rand(3, 3, 20, 17, generator=torch.Generator().manual_seed(0))
-    out = gaussian_blur(x, torch.Generator().manual_seed(1), 5, sigma=(sigma, sigma), p=1.0)
+    out = gaussian_blur(x, torch.full((3,), sigma), torch.ones(3, dtype=torch.bool), 5)
     for i in range(3):
         torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [5, 5], [sigma, sigma]), atol=1e-5, rtol=0)
-    assert torch.equal(gaussian_blur(x, torch.Generator().manual_seed(1), 5, p=0.0), x)
+    assert torch.equal(gaussian_blur(x, torch.full((3,), sigma), torch.zeros(3, dtype=torch.bool), 5), x)
 
 
 def test_blur_filters_the_drawn_images_only():
     """Half the images drawn: those are blurred as torchvision does, the others come back untouched."""
     from torchvision.transforms.v2 import functional as TF
 
-    from fct_lightning.data.memory import gaussian_blur
-
     x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
-    out = gaussian_blur(x, torch.Generator().manual_seed(2), 5, sigma=(0.8, 0.8), p=0.5)
+    on = torch.rand(16, generator=torch.Generator().manual_seed(2)) < 0.5
+    out = gaussian_blur(x, torch.full((16,), 0.8), on, 5)
     same = [bool(torch.equal(out[i], x[i])) for i in range(16)]
     assert 0 < sum(same) < 16
     for i in (i for i in range(16) if not same[i]):
@@ -144,10 +145,10 @@ def test_folded_jitter_matches_torchvision_steps(channels):
     """The one-pass jitter equals torchvision's brightness, contrast, saturation steps wherever those do not clip."""
     from torchvision.transforms.v2 import functional as TF
 
-    from fct_lightning.data.memory import jitter
-
     x = 0.35 + 0.3 * torch.rand(4, channels, 9, 7, generator=torch.Generator().manual_seed(0))  # no clipping
-    f = lambda lo, hi: torch.linspace(lo, hi, 4).view(4, 1, 1, 1)
+    def f(lo, hi):
+        return torch.linspace(lo, hi, 4).view(4, 1, 1, 1)
+
     b, c, s = f(0.8, 1.2), f(1.15, 0.85), f(0.9, 1.1)
     out = jitter(x, b, c, s)
     for i in range(4):
@@ -160,16 +161,15 @@ def test_folded_jitter_matches_torchvision_steps(channels):
 
 @pytest.mark.parametrize("strong", [False, True])
 def test_imagenet_family_augmentation(strong):
-    from fct_lightning.data.memory import augment_batch
-
+    recipe = recipe_for("imagenet", strong)
     x = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    a = augment_batch(x, "imagenet", strong, 32, torch.Generator().manual_seed(5))
-    b = augment_batch(x, "imagenet", strong, 32, torch.Generator().manual_seed(5))
+    a = augment_batch(x, recipe, 32, torch.Generator().manual_seed(5))
+    b = augment_batch(x, recipe, 32, torch.Generator().manual_seed(5))
     assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
     assert 0 <= a.min() and a.max() <= 1
     # a random resized crop of a constant image is that constant (inside the image)
     flat = torch.full((4, 3, 40, 40), 128, dtype=torch.uint8)
-    c = augment_batch(flat, "imagenet", False, 32, torch.Generator().manual_seed(5))
+    c = augment_batch(flat, recipe_for("imagenet", False), 32, torch.Generator().manual_seed(5))
     torch.testing.assert_close(c, torch.full_like(c, 128 / 255))
 
 
@@ -177,10 +177,8 @@ def test_imagenet_family_augmentation(strong):
 def test_resized_crops_do_not_darken_the_edges(family):
     """Crops reaching the image edge sample up to half a pixel beyond the last pixel centre: with zero padding the
     border row faded towards black; the crop's pixels must all come from the image."""
-    from fct_lightning.data.memory import augment_batch
-
     flat = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
-    out = augment_batch(flat, family, True, 32, torch.Generator().manual_seed(0))
+    out = augment_batch(flat, recipe_for(family, True), 32, torch.Generator().manual_seed(0))
     # jitter and grayscale change an image's colour, but a constant image stays constant (blur reflects)
     spread = out.flatten(2).amax(-1) - out.flatten(2).amin(-1)
     assert float(spread.max()) < 1e-5
@@ -191,10 +189,12 @@ def test_eval_loader_for_all_ranks_is_not_sharded(monkeypatch):
     classifier rows for the new classes) gives every rank the whole split, as the per-item loader does."""
     from fct_lightning.data import DigitsDataModule, memory
 
-    monkeypatch.setattr(memory, "_dist_info", lambda: (1, 2))  # rank 1 of 2
+    monkeypatch.setattr(memory, "dist_info", lambda: (1, 2))  # rank 1 of 2
     dm = DigitsDataModule(in_memory_gpu=True)
     n = len(dm.dataset("train"))
-    count = lambda loader: sum(len(b[1]) for b in loader)
+    def count(loader):
+        return sum(len(b[1]) for b in loader)
+
     assert count(dm.eval_dataloader("train")) == (n + 1) // 2
     assert count(dm.eval_dataloader("train", all_ranks=True)) == n
     assert count(DigitsDataModule(in_memory_gpu=False).eval_dataloader("train", all_ranks=True)) == n
@@ -202,7 +202,8 @@ def test_eval_loader_for_all_ranks_is_not_sharded(monkeypatch):
 
 def test_batched_random_erasing():
     """p=1: every image gets one zeroed rectangle of 2-12 % of its area (up to rounding); p=0: untouched."""
-    from fct_lightning.data.memory import random_erasing
+    def random_erasing(x, gen, p):
+        return augment_batch(x, Recipe("erase", erasing=Erasing(p=p, scale=(0.02, 0.12))), 32, gen)
 
     x = torch.ones(200, 1, 32, 32)
     out = random_erasing(x, torch.Generator().manual_seed(0), p=1.0)

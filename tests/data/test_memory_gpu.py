@@ -1,12 +1,15 @@
-"""InMemoryAugmentedLoader on a CUDA device: correctness, and throughput (printed; run with -s)."""
+"""InMemoryAugmentedLoader on a CUDA device: items, determinism, evaluation pixels, and the recipes' distributions.
 
-import time
+Throughput is measured by ``bench/bench_train_throughput.py`` and ``bench/bench_augment.py --device cuda``.
+"""
 
 import pytest
 import torch
 
-from fct_lightning.data import InMemoryAugmentedLoader
+from fct_lightning.data import RECIPES, InMemoryAugmentedLoader
+from fct_lightning.data.recipes import ResizedCrop
 from fct_lightning.data.transforms import CIFAR10_MEAN, CIFAR10_STD
+from tests.data.test_recipes import N, colour, fitted_maps, geometry, only, patches, ramp, same
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -25,7 +28,7 @@ def test_cuda_items_determinism_and_eval():
     a, b = _loader(x, y, seed=1, views=2), _loader(x, y, seed=1, views=2)
     ba, bb = list(a), list(b)
     assert ba[0][0].is_cuda and ba[0][0].shape == (512, 2, 3, 32, 32)
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[2], q[2]) for p, q in zip(ba, bb))
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[2], q[2]) for p, q in zip(ba, bb, strict=True))
     idx = torch.cat([t[2] for t in ba])
     assert sorted(idx.tolist()) == list(range(5_000))
     assert torch.equal(torch.cat([t[1] for t in ba]).cpu(), y[idx.cpu()])
@@ -33,46 +36,6 @@ def test_cuda_items_determinism_and_eval():
     xe, _, _ie = next(iter(ev))
     mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     assert torch.allclose(xe.cpu(), (x[:512].float() / 255 - mean) / std, atol=1e-5)
-
-
-def _rate(loader, epochs=3, step=None):
-    n = 0
-    for e in range(epochs + 1):
-        if e == 1:  # epoch 0 is warm-up (device copy, kernels)
-            torch.cuda.synchronize()
-            t, n = time.perf_counter(), 0
-        for xb, yb, ib in loader:
-            if step is not None:
-                step(xb, yb)
-            n += len(yb)
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t)
-
-
-@pytest.mark.slow
-def test_throughput_loader_and_resnet18():
-    import torchvision
-
-    x, y = _cifar_like()
-    for views in (1, 2):
-        print(f"\nloader only, views={views}: {_rate(_loader(x, y, views=views)):,.0f} img/s")
-    model = torchvision.models.resnet18(num_classes=10)
-    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = torch.nn.Identity()
-    model = model.cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-    def step(xb, yb):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(xb.contiguous(memory_format=torch.channels_last)), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    fixed = next(iter(_loader(x, y)))
-    synthetic = [fixed] * 98  # one epoch's worth of batches, no data pipeline
-    print(f"resnet18 bf16 channels_last, fixed batch: {_rate(synthetic, 2, step):,.0f} img/s")
-    print(f"resnet18 bf16 channels_last, loader:      {_rate(_loader(x, y), 2, step):,.0f} img/s")
 
 
 @pytest.mark.parametrize("views", [1, 2])
@@ -88,3 +51,31 @@ def test_cuda_imagenet_family_matches_cpu_shapes_and_is_seeded(views):
     ev = list(_loader(x, y, family="imagenet", image_size=64, train=False, shuffle=False, device="cuda"))
     cpu = list(_loader(x, y, family="imagenet", image_size=64, train=False, shuffle=False, device="cpu"))
     torch.testing.assert_close(ev[0][0].cpu(), cpu[0][0], atol=1e-6, rtol=0)  # crop, scale, normalise only
+
+
+def _on(device, recipe, probe, size):
+    zeros, ones = (0.0,) * probe.shape[0], (1.0,) * probe.shape[0]
+    loader = InMemoryAugmentedLoader(probe.expand(N, *probe.shape).contiguous(), torch.zeros(N), 500,
+                                     family=recipe.name.split("/")[0], recipe=recipe, image_size=size, mean=zeros,
+                                     std=ones, shuffle=False, seed=0, device=device)
+    out = torch.cat([b[0] for b in loader])
+    assert out.device.type == torch.device(device).type and out.shape == (N, *probe.shape[:1], size, size)
+    assert 0 <= float(out.min()) and float(out.max()) <= 1 and torch.isfinite(out).all()
+    return out.cpu()
+
+
+@pytest.mark.parametrize("key", list(RECIPES), ids=[f"{f}-{'strong' if s else 'weak'}" for f, s in RECIPES])
+def test_cuda_batches_draw_the_recipes_distribution(key):
+    """The device's generator (Philox) must give the same parameter distributions as the CPU's (tests/data/
+    test_recipes.py compares the CPU batched path with the per-item one)."""
+    recipe = RECIPES[key]
+    geo = only(recipe, "crop", "flip_p", "affine")
+    side = 48 if isinstance(geo.crop, ResizedCrop) else 32
+    a, b = (geometry(fitted_maps(_on(d, geo, ramp(side), 32)), geo) for d in ("cuda", "cpu"))
+    for name in a:
+        same(f"cuda vs cpu {name}", a[name], b[name])
+    if recipe.jitter is not None or recipe.grayscale_p:
+        col = only(recipe, "jitter", "grayscale_p")
+        a, b = (colour(_on(d, col, patches(), 30)) for d in ("cuda", "cpu"))
+        for name in a:
+            same(f"cuda vs cpu {name}", a[name], b[name])

@@ -1,14 +1,8 @@
 """Seeded augmentation: a function of (seed, epoch, item, view), independent of workers and order."""
 
-import pytest
 import torch
 
-from fct_lightning.data import (
-    DATAMODULES,
-    DigitsDataModule,
-    get_datamodule_class,
-    mix_seed,
-)
+from fct_lightning.data import DATAMODULES, DigitsDataModule, mix_seed
 
 
 def _all(loader):
@@ -66,8 +60,5 @@ def test_mix_seed_stable():
 
 def test_registry():
     assert set(DATAMODULES) == {"digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder"}
-    assert get_datamodule_class("digits") is DigitsDataModule
-    with pytest.raises(ValueError, match="dataset='mnist'.*digits, cifar10, cifar100, imagenet, places365, vggface2, folder"):
-        get_datamodule_class("mnist")
     for name, cls in DATAMODULES.items():
         assert cls.name == name

@@ -11,11 +11,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from fct_lightning.data.features import CacheError
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FloatingPointError, CacheError)
-"""What a user can cause: options out of range, missing or wrong files, unusable checkpoints or caches (the
-checkpoint errors are ValueErrors), NaN losses. Anything else is a bug and keeps its traceback."""
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FloatingPointError)
+"""What a user can cause: options out of range, missing or wrong files, unusable checkpoints, caches or stores (their
+errors are ValueErrors), NaN losses. Anything else is a bug and keeps its traceback."""
 
 
 def run_command(prog: str, main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:

@@ -59,7 +59,7 @@ def stage_configs(dataset: str, stage: str) -> list[Path]:
     one), then the stage's own file, which wins where both set a value."""
     path = CONFIG_DIR / dataset / f"{stage}.yaml"
     if not path.is_file():
-        have = sorted(p.stem for p in (CONFIG_DIR / dataset).glob("*.yaml"))
+        have = sorted(p.stem for p in (CONFIG_DIR / dataset).glob("*.yaml") if p.stem != "data")
         raise ValueError(f"no packaged config {path} for --dataset {dataset} --stage {stage} (it has: {have}).")
     base = CONFIG_DIR / dataset / "data.yaml"
     return [base, path] if base.is_file() else [path]

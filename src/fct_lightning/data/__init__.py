@@ -6,7 +6,6 @@ from fct_lightning.data.base import (
     RetrievalDataModule,
     RetrievalDataset,
     TensorImages,
-    mix_seed,
     resolve_root,
 )
 from fct_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
@@ -19,6 +18,8 @@ from fct_lightning.data.folder import (
     VGGFace2DataModule,
 )
 from fct_lightning.data.memory import InMemoryAugmentedLoader
+from fct_lightning.data.recipes import RECIPES, Recipe, recipe_for
+from fct_lightning.data.sampling import mix_seed
 from fct_lightning.data.transforms import MultiView, build_transforms
 
 DATAMODULES: dict[str, type[RetrievalDataModule]] = {
@@ -32,20 +33,9 @@ DATAMODULES: dict[str, type[RetrievalDataModule]] = {
 }
 
 
-def get_datamodule_class(name: str) -> type[RetrievalDataModule]:
-    """The datamodule class registered as ``name``.
-
-    Raises:
-        ValueError: unknown name (the message lists the allowed names).
-    """
-    try:
-        return DATAMODULES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"dataset={name!r} is unknown; allowed: {', '.join(DATAMODULES)}") from None
-
-
 __all__ = [
     "DATAMODULES",
+    "RECIPES",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitsDataModule",
@@ -55,12 +45,13 @@ __all__ = [
     "InMemoryAugmentedLoader",
     "MultiView",
     "Places365DataModule",
+    "Recipe",
     "RetrievalDataModule",
     "RetrievalDataset",
     "TensorImages",
     "VGGFace2DataModule",
     "build_transforms",
-    "get_datamodule_class",
     "mix_seed",
+    "recipe_for",
     "resolve_root",
 ]

@@ -14,7 +14,6 @@ a *source* dataset (``source[i] -> (image tensor, label)`` with a ``targets`` at
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 import os
@@ -24,25 +23,13 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from fct_lightning.data.fingerprint import files_fingerprint
+from fct_lightning.data.memory import InMemoryAugmentedLoader
+from fct_lightning.data.recipes import Recipe, recipe_for
+from fct_lightning.data.sampling import EpochShuffleSampler, mix_seed, single_item_tail
 from fct_lightning.data.transforms import MultiView, build_transforms
-
-log = logging.getLogger(__name__)
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into one 63-bit seed (splitmix64 chain; stable across processes and platforms)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h >> 1
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -50,48 +37,6 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     if root is None:
         root = os.environ.get("FCT_DATA_ROOT") or "data"
     return Path(root).expanduser()
-
-
-def files_fingerprint(paths: Sequence[str], base: str | Path) -> str:
-    """Hash of a list of files: their paths relative to ``base``, byte sizes and modification times.
-
-    Caches derived from the files (decoded images, embedded features) are keyed by it, so an edited, added,
-    removed or replaced file makes them be built again, also when the edit keeps the file's size (uncompressed
-    formats). Moving the tree keeps it (relative paths; ``mv`` and ``cp -p`` keep the times). Paths are hashed as
-    the file system's bytes (:func:`os.fsencode`), so names that are not valid UTF-8 work too (the same hash as the
-    UTF-8 encoding for every valid name).
-    """
-    import hashlib
-
-    h = hashlib.sha1()
-    for p, st in zip(paths, stat_all(paths)):
-        h.update(os.fsencode(os.path.relpath(p, base)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-SLOW_STAT_S = 50e-6
-"""Mean time per ``os.stat`` of the first files above which :func:`stat_all` switches to threads: a local disk
-answers in about 2 us (cached), network storage in a round trip (0.1-1 ms)."""
-
-
-def stat_all(paths: Sequence[str], threads: int = 32, probe: int = 256) -> list[os.stat_result]:
-    """``os.stat`` of every path, in order. The first ``probe`` are timed; when storage answers slower than
-    :data:`SLOW_STAT_S` per file (a network file system), the rest are stat'ed by ``threads`` threads, since each
-    call then waits on the network (1.28M ImageNet files at 0.5 ms: 11 min in one thread). On a local disk
-    threads only add overhead (about 1.4x here), so it stays serial."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    paths = list(paths)
-    start = time.perf_counter()
-    head = [os.stat(p) for p in paths[:probe]]
-    rest = paths[probe:]
-    if not rest or (time.perf_counter() - start) / max(len(head), 1) < SLOW_STAT_S:
-        return head + [os.stat(p) for p in rest]
-    size = max(64, -(-len(rest) // (threads * 8)))
-    parts = [rest[i:i + size] for i in range(0, len(rest), size)]
-    with ThreadPoolExecutor(threads, thread_name_prefix="fct-stat") as pool:
-        return head + [st for part in pool.map(lambda ps: [os.stat(p) for p in ps], parts) for st in part]
 
 
 class TensorImages(Dataset):
@@ -186,46 +131,6 @@ class RetrievalDataset(Dataset):
         return self._augment(image, src), int(label), int(index)
 
 
-def single_item_tail(per_rank: int, batch_size: int) -> bool:
-    """Whether a rank's last training batch would hold a single item. The training loaders drop such a batch:
-    BatchNorm cannot normalise one item in training mode (h's BatchNorm1d layers raise on it)."""
-    return per_rank > 1 and per_rank % batch_size == 1
-
-
-class EpochShuffleSampler(RandomSampler):
-    """A shuffling sampler whose order is a function of ``(seed, epoch)``, so a resumed run continues it.
-
-    A plain ``RandomSampler`` with a seeded generator draws every epoch's order from one stream: a run resumed
-    at epoch ``e`` re-creates the stream from the seed and replays epoch 0's order instead of epoch ``e``'s.
-    Here Lightning's per-epoch :meth:`set_epoch` call (the one it makes for a ``DistributedSampler``) picks the
-    epoch, and the order is drawn from its own generator seeded by ``mix_seed(seed, epoch)``. Iterated
-    without :meth:`set_epoch` (a hand-written loop), each pass moves on to the next epoch's order.
-
-    ``loader_generator`` (the ``DataLoader``'s ``generator``, which draws the worker processes' base seed each
-    time an iterator is created) is re-seeded by :meth:`set_epoch` too, so a resumed epoch's workers get that
-    epoch's seeds rather than epoch 0's (exactly so without ``persistent_workers``, whose workers are seeded
-    once, at the first epoch they serve).
-
-    It is a ``RandomSampler``, so under DDP Lightning still replaces it with its ``DistributedSampler``.
-    """
-
-    def __init__(self, data_source: Any, seed: int, loader_generator: torch.Generator | None = None) -> None:
-        super().__init__(data_source)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.loader_generator = loader_generator
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if self.loader_generator is not None:
-            self.loader_generator.manual_seed(mix_seed(self.seed, self.epoch, 1))
-
-    def __iter__(self) -> Any:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0))
-        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
-
-
 def check_class_list(value: Any, num_classes: int, arg: str) -> list[int]:
     """Resolve ``None`` / int N / fraction f / list of ints to a sorted list of class indices, or raise ValueError.
 
@@ -267,29 +172,37 @@ def check_class_list(value: Any, num_classes: int, arg: str) -> list[int]:
 class RetrievalDataModule(pl.LightningDataModule):
     """Base datamodule: items are ``(image, label, index)``; see the module docstring.
 
-    Subclasses set the class attributes, load splits in :meth:`_load_split` and may scan their classes in
-    :meth:`_scan` (called in ``__init__``, before ``train_classes`` is checked).
+    The arguments every dataset takes are declared here, once; a dataset class declares only its own (and a
+    different default, e.g. ``eval_split``) and forwards ``**kwargs``. Subclasses set the class attributes, load
+    splits in :meth:`_load_split` and may scan their classes in :meth:`_scan` (called in ``__init__``, before
+    ``train_classes`` is checked).
 
     Args:
-        root: data root; None = ``$FCT_DATA_ROOT``, else ``data``.
+        root: data root: the dataset's folder, or a folder holding it as ``<name>/`` (see each dataset);
+            None = ``$FCT_DATA_ROOT``, else ``data``. Unused by ``digits`` (the data ships with scikit-learn).
         batch_size: training batch size (per device).
         eval_batch_size: batch size of the evaluation loaders; None = ``2 * batch_size``.
-        num_workers: DataLoader worker processes.
-        train_classes: classes of the training split: None = all, int N = the first N class indices, a fraction
-            f in (0, 1] = the first ``floor(f * num_classes)``, list = exactly those class indices. Labels keep
-            their original class index.
-        views: images per training item: 1, or V >= 2 contrastive views (a batch is then ``[B, V, C, H, W]``).
+        num_workers: DataLoader worker processes (the folder datasets decode images there: use several).
+        train_classes: classes of the training split: None = all, int N = the first N class indices (in the
+            dataset's documented order), a fraction f in (0, 1] = the first ``floor(f * num_classes)``, list =
+            exactly those class indices. Labels keep their original class index.
+        views: images per training item: 1, or V >= 2 contrastive views (a batch is then ``[B, V, C, H, W]``;
+            the augmentation is then the family's strong, SimCLR-style recipe).
         eval_split: split used by the val/test/predict loaders (all classes); one of :attr:`splits`.
-        augment: apply training augmentation in ``train_dataloader`` (False = evaluation transform).
+        augment: apply the family's training augmentation in ``train_dataloader`` (the recipes of
+            :mod:`fct_lightning.data.recipes`: digits shifts, affine and noise; CIFAR pad-crop and flip;
+            ImageNet-style RandomResizedCrop and flip); False = the evaluation transform.
         seed: seeds the training shuffle order, a function of ``(seed, epoch)`` so that ``--ckpt_path last``
-            continues it (single process; under DDP Lightning's DistributedSampler shuffles) and the in-memory
-            loader. Training augmentation itself uses ordinary randomness; use
+            continues it (single process; under DDP Lightning's DistributedSampler shuffles), and the in-memory
+            loader's augmentation. Per-item training augmentation uses ordinary randomness; use
             :meth:`eval_dataloader` with ``seed=`` for reproducible augmentation.
         pin_memory: DataLoader ``pin_memory``; None = True when CUDA is available.
         persistent_workers: keep workers alive between epochs (only used when ``num_workers > 0``).
-        image_size: output image side; None = the dataset default.
-        in_memory_gpu: serve batches from one in-memory tensor with batched augmentation on the GPU
-            (:class:`~fct_lightning.data.memory.InMemoryAugmentedLoader`); small-image datasets only.
+        image_size: output image side; None = the dataset default (digits 8, CIFAR 32, folder datasets 224, whose
+            evaluation resizes to ``image_size * 256 / 224`` first; digits and CIFAR resize other sizes).
+        in_memory_gpu: serve batches from one in-memory tensor with batched augmentation on the GPU when there is
+            one (:class:`~fct_lightning.data.memory.InMemoryAugmentedLoader`): digits, CIFAR and small folder
+            datasets (see :class:`~fct_lightning.data.folder.FolderDataModule` for the memory it takes).
     """
 
     name: ClassVar[str] = ""
@@ -399,6 +312,10 @@ class RetrievalDataModule(pl.LightningDataModule):
         for split in needed:
             self.source(split)
 
+    def recipe(self, strong: bool = False) -> Recipe:
+        """The dataset's training augmentation recipe (``strong``: the contrastive one of ``views >= 2``)."""
+        return recipe_for(self.family, strong)
+
     def transform(self, train: bool, views: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
         """The dataset's transform (training augmentation or evaluation) for ``views`` views."""
         return build_transforms(self.family, train, views, self.image_size, self.mean, self.std)
@@ -421,8 +338,17 @@ class RetrievalDataModule(pl.LightningDataModule):
         return RetrievalDataset(self.source(split), ids, transform, seed)
 
     # ----- loaders -----------------------------------------------------------------------------------
+    def serve_training_batches(self, loader: Any) -> None:
+        """From now on :meth:`train_dataloader` returns ``loader`` instead of the images: a stage that trains on
+        something else made from them (the transformation stage's cached features) hands it over here, in its
+        ``setup`` (Lightning asks for the training loader before ``on_fit_start``). None goes back to the images."""
+        self._served = loader
+
     def train_dataloader(self) -> Any:
-        """Training split restricted to :attr:`train_class_ids`, training augmentation, shuffled."""
+        """Training split restricted to :attr:`train_class_ids`, training augmentation, shuffled (or what a stage
+        handed to :meth:`serve_training_batches`)."""
+        if getattr(self, "_served", None) is not None:
+            return self._served
         if self.in_memory_gpu:
             return self._memory_loader("train", self.train_class_ids, self.augment, self.views, True,
                                        self.batch_size, self.seed)
@@ -497,8 +423,6 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _memory_loader(self, split: str, classes: list[int] | None, augment: bool, views: int,
                        shuffle: bool, batch_size: int, seed: int | None, whole: bool = False) -> Any:
-        from fct_lightning.data.memory import InMemoryAugmentedLoader
-
         self._check_split(split)
         ids = None if classes is None else check_class_list(classes, self.num_classes, "classes")
         src = self.source(split)

@@ -6,7 +6,7 @@ Accepted layouts, searched in ``root`` and then in ``root/<name>`` (``name`` = `
   ``cifar-100-python/{train, test, meta}`` (``download=True`` fetches them in ``prepare_data``; offline it fails);
 * an ImageFolder tree ``<train_dir>/<class>/*.jpg|png`` and ``<eval_dir>/<class>/...``, class folders named by
   the canonical class names (or by their integer index; one folder per class: a split holding both ``cat/`` and
-  ``3/`` is refused), read as in :mod:`fct_lightning.data.folder` (sub-folders searched, hidden files skipped,
+  ``3/`` is refused), read as in :mod:`fct_lightning.data.image_tree` (sub-folders searched, hidden files skipped,
   a training class folder without images refused). The offline JPEG archive extracts to
   ``<dir>/cifar10/{train,test}/<class>/NNNN.jpg``: point ``root`` at ``<dir>`` or ``<dir>/cifar10``.
 
@@ -16,21 +16,23 @@ whatever the layout. Splits are ``"train"`` and ``"test"``.
 ImageFolder splits of at most ``MAX_IN_MEMORY`` images are decoded once (batched libjpeg decoding, about 5 s for
 CIFAR-10's 60k JPEGs on 2 CPU cores) into one uint8 tensor, so epochs are not bound by JPEG decoding; the decoded
 array is cached as ``<dataset dir>/.cache/decoded-<split folder>-s32-<N>-<hash of the file list>.npy``
-(``cache_decoded=False`` disables it; a read-only tree just skips it; a new cache replaces the split's older ones). Larger splits are decoded lazily per item.
+(``cache_decoded=False`` disables it; a read-only tree just skips it; a new cache replaces the split's older ones).
+Larger splits are decoded lazily per item.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from fct_lightning.data.base import RetrievalDataModule, TensorImages
-from fct_lightning.data.folder import ImageFiles, decode_all, list_images, split_tag
+from fct_lightning.data.decode import ImageFiles, decode_all, split_tag
+from fct_lightning.data.image_tree import list_images
 from fct_lightning.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -57,13 +59,60 @@ CIFAR100_CLASSES = [
 
 
 def _unpickle(path: Path) -> dict:
+    """A torchvision CIFAR batch file: a pickled dict of strings, lists of numbers and one uint8 numpy array.
+
+    A pickle can run code, so only the objects such a file needs are rebuilt: numpy's array reconstruction
+    (``numpy.core.multiarray._reconstruct``, which numpy 2 writes as ``numpy._core.multiarray``, ``numpy.ndarray``,
+    ``numpy.dtype``) and ``_codecs.encode`` to latin-1 (how Python 3 stores bytes at pickle protocol 2). A file
+    that asks for anything else is refused with a ValueError naming the file, before it is loaded.
+    """
+    import codecs
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"{path} asks for {what}, which a CIFAR batch file does not need; it was not loaded "
+                          "(unpickling it could run code). Use torchvision's CIFAR files (download=True, or the "
+                          "original cifar-10-python.tar.gz / cifar-100-python.tar.gz).")
+
+    def latin1(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        if encoding not in ("latin1", "latin-1") or errors != "strict":
+            raise refuse(f"_codecs.encode with {encoding!r}, {errors!r}")
+        return codecs.encode(text, "latin1")
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # torchvision's files (Python 2, numpy 1)
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # the same array pickled by numpy 2
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): latin1,
+    }
+
+    class CIFARUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in allowed:
+                raise refuse(f"the Python object {module}.{name}")
+            return allowed[module, name]
+
     with open(path, "rb") as fh:
-        d = pickle.load(fh, encoding="latin1")
+        d = CIFARUnpickler(fh, encoding="latin1").load()
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 class CIFARDataModule(RetrievalDataModule):
-    """Shared CIFAR logic; use :class:`CIFAR10DataModule` or :class:`CIFAR100DataModule`."""
+    """Shared CIFAR logic; use :class:`CIFAR10DataModule` or :class:`CIFAR100DataModule`.
+
+    Args:
+        train_dir: ImageFolder training split folder.
+        eval_dir: ImageFolder test split folder.
+        download: download torchvision's files in ``prepare_data`` when nothing is found (needs internet).
+        cache_decoded: cache decoded ImageFolder images as ``.npy`` under ``<dataset dir>/.cache``.
+        **kwargs: the arguments of :class:`~fct_lightning.data.base.RetrievalDataModule` (``root``: the directory
+            with torchvision's files or the ImageFolder tree, or its parent holding ``cifar10/`` / ``cifar100/``).
+    """
 
     family = "cifar"
     in_channels = 3
@@ -74,36 +123,13 @@ class CIFARDataModule(RetrievalDataModule):
     label_key: str = "labels"
     torchvision_class: str = ""
 
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        train_classes: int | float | list[int] | None = None,  # noqa: PYI041 (int = a count, float = a fraction)
-        views: int = 1,
-        eval_split: str = "test",
-        augment: bool = True,
-        seed: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        image_size: int | None = None,
-        in_memory_gpu: bool = False,
-        train_dir: str = "train",
-        eval_dir: str = "test",
-        download: bool = False,
-        cache_decoded: bool = True,
-    ) -> None:
+    def __init__(self, *, train_dir: str = "train", eval_dir: str = "test", download: bool = False,
+                 cache_decoded: bool = True, **kwargs: Any) -> None:
         self.train_dir = train_dir
         self.eval_dir = eval_dir
         self.download = download
         self.cache_decoded = cache_decoded
-        super().__init__(
-            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
-            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
-            in_memory_gpu=in_memory_gpu,
-        )
+        super().__init__(**kwargs)
 
     def layout_help(self) -> str:
         r, n = self.root, self.name
@@ -187,31 +213,8 @@ class CIFARDataModule(RetrievalDataModule):
                             torch.as_tensor(targets))
 
 
-_CIFAR_ARGS = """
-    Args:
-        root: directory with torchvision's files or the ImageFolder tree (or their parent holding ``{name}/``);
-            None = ``$FCT_DATA_ROOT``, else ``data``.
-        batch_size: training batch size.
-        eval_batch_size: evaluation batch size; None = ``2 * batch_size``.
-        num_workers: DataLoader workers.
-        train_classes: None = all, int N = the first N classes (canonical order), list = those class indices.
-        views: 1, or V >= 2 contrastive (SimCLR-style) views.
-        eval_split: ``"test"`` (or ``"train"``).
-        augment: training augmentation (random crop with 4 px padding + horizontal flip).
-        seed: training shuffle seed (and the in-memory loader's augmentation seed).
-        pin_memory: None = when CUDA is available.
-        persistent_workers: keep workers between epochs when ``num_workers > 0``.
-        image_size: output side (default 32).
-        in_memory_gpu: serve batches from one uint8 tensor with batched augmentation on the GPU.
-        train_dir: ImageFolder training split folder.
-        eval_dir: ImageFolder test split folder.
-        download: download torchvision's files in ``prepare_data`` when nothing is found (needs internet).
-        cache_decoded: cache decoded ImageFolder images as ``.npy`` under ``<dataset dir>/.cache``.
-"""
-
-
 class CIFAR10DataModule(CIFARDataModule):
-    __doc__ = "CIFAR-10: 10 classes, 50k train / 10k test 32x32 images.\n" + _CIFAR_ARGS.format(name="cifar10")
+    """CIFAR-10: 10 classes, 50k train / 10k test 32x32 images; the arguments of :class:`CIFARDataModule`."""
 
     name = "cifar10"
     num_classes = 10
@@ -225,8 +228,7 @@ class CIFAR10DataModule(CIFARDataModule):
 
 
 class CIFAR100DataModule(CIFARDataModule):
-    __doc__ = ("CIFAR-100: 100 fine classes, 50k train / 10k test 32x32 images.\n"
-               + _CIFAR_ARGS.format(name="cifar100"))
+    """CIFAR-100: 100 fine classes, 50k train / 10k test 32x32 images; the arguments of :class:`CIFARDataModule`."""
 
     name = "cifar100"
     num_classes = 100

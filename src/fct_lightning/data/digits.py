@@ -36,20 +36,8 @@ def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 class DigitsDataModule(RetrievalDataModule):
     """scikit-learn digits: 1x8x8 grey images, 10 classes, fixed stratified 70/30 split.
 
-    Args:
-        root: unused (the data ships with scikit-learn); kept for a uniform interface.
-        batch_size: training batch size.
-        eval_batch_size: evaluation batch size; None = ``2 * batch_size``.
-        num_workers: DataLoader workers.
-        train_classes: None = all, int N = digits ``0..N-1``, list = those digits.
-        views: 1, or V >= 2 contrastive views.
-        eval_split: ``"test"`` (or ``"train"``).
-        augment: training augmentation (shift by up to 1 px, small affine, noise).
-        seed: training shuffle seed.
-        pin_memory: None = when CUDA is available.
-        persistent_workers: keep workers between epochs when ``num_workers > 0``.
-        image_size: output side (default 8; other sizes resize).
-        in_memory_gpu: batched augmentation from one tensor on the GPU.
+    Takes the arguments of :class:`~fct_lightning.data.base.RetrievalDataModule` (``root`` is unused: the data
+    ships with scikit-learn); ``train_classes`` N = digits ``0..N-1``.
     """
 
     name = "digits"
@@ -61,29 +49,6 @@ class DigitsDataModule(RetrievalDataModule):
     supports_in_memory = True
     num_classes = 10
     class_names: ClassVar[list[str]] = [str(d) for d in range(10)]
-
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        train_classes: int | float | list[int] | None = None,  # noqa: PYI041 (int = a count, float = a fraction)
-        views: int = 1,
-        eval_split: str = "test",
-        augment: bool = True,
-        seed: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        image_size: int | None = None,
-        in_memory_gpu: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            train_classes=train_classes, views=views, eval_split=eval_split, augment=augment, seed=seed,
-            pin_memory=pin_memory, persistent_workers=persistent_workers, image_size=image_size,
-            in_memory_gpu=in_memory_gpu,
-        )
 
     def _load_split(self, split: str) -> TensorImages:
         x, y = _digits_splits()[split]

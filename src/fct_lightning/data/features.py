@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,12 +28,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from fct_lightning.data.base import single_item_tail
+from fct_lightning.data.sampling import single_item_tail
 
 log = logging.getLogger(__name__)
 
 
-class CacheError(RuntimeError):
+class CacheError(ValueError):
     """A feature cache on disk that cannot be used (corrupt, incomplete); the message says what to delete."""
 
 SPACES = ("old", "side", "new")
@@ -173,7 +174,7 @@ def build_or_load(
                 tmp.replace(names[rank])
                 barrier()
             if rank == 0:
-                parts = [part] if world_size == 1 else [torch.load(n) for n in names]
+                parts = [part] if world_size == 1 else [torch.load(n, weights_only=True) for n in names]
                 tmp = folder / f"features.pt.{os.getpid()}.tmp"
                 torch.save(merge_parts(parts), tmp)
                 tmp.replace(path)
@@ -182,9 +183,12 @@ def build_or_load(
                 log.info("feature cache written to %s", path)
             barrier()
     try:
-        return torch.load(path)
+        return torch.load(path, weights_only=True)  # tensors only: a crafted cache cannot run code
     except Exception as err:
-        raise CacheError(f"the feature cache {path} is corrupt ({err}); delete {folder} and rerun") from err
+        asked = re.search(r"GLOBAL (\S+)", str(err))
+        why = (f"it asks for a Python object a feature cache never holds ({asked.group(1) if asked else 'unknown'}), "
+               "so it was not loaded" if str(err).startswith("Weights only load failed") else f"it is corrupt ({err})")
+        raise CacheError(f"the feature cache {path} cannot be used: {why}; delete {folder} and rerun") from err
 
 
 @contextlib.contextmanager

@@ -210,6 +210,8 @@ class TransformationModel(RetrievalStage):
             batching=[self.trainer.world_size, dm.eval_batch_size] if getattr(dm, "in_memory_gpu", False) else None,
             # and what the files hold: an image added, removed or edited in a folder dataset is a new cache
             content=dm.content_key("train") if hasattr(dm, "content_key") else None,
+            # and how the views were drawn: a cache made under another augmentation recipe is another cache
+            augmentation=repr(dm.recipe(strong=False)) if hasattr(dm, "recipe") else None,
         )
         rank, world = self.trainer.global_rank, self.trainer.world_size
         features = build_or_load(
@@ -220,7 +222,7 @@ class TransformationModel(RetrievalStage):
             rank=rank, world_size=world, barrier=self.trainer.strategy.barrier,
         )
         self._feature_loader = FeatureBatches(features, dm.batch_size, device, self.cache_seed, rank, world)
-        dm.train_dataloader = lambda: self._feature_loader  # the datamodule now serves cached features
+        dm.serve_training_batches(self._feature_loader)
 
     def on_train_epoch_start(self) -> None:
         if self.cached and hasattr(self, "_feature_loader"):
