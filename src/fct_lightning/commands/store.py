@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from fct_lightning.commands import run_command
+from fct_lightning.gallery.files import read_meta
 from fct_lightning.store import DEFAULT_SHARD_ROWS, DTYPES, Store, import_arrays, open_store, verify_store
 
 
@@ -65,7 +66,7 @@ def store_command(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.action == "import":
         store = import_arrays(args.out, _spaces(args.space), args.ids, args.labels, args.shard_rows, args.dtype,
-                              args.normalized, args.overwrite)
+                              args.normalized, args.overwrite, describe=read_meta)
         print("\n".join(_describe(store)))
         return 0
     if args.action == "info":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fct_lightning.store.create import create_store
-from fct_lightning.store.files import sha256_file
 from fct_lightning.store.format import DEFAULT_SHARD_ROWS, SpaceSpec, StoreError, check_space_name
 from fct_lightning.store.store import Store
 from fct_lightning.store.write import write_space
 
 log = logging.getLogger(__name__)
-LEGACY_FORMAT = "fct-lightning embeddings"
+Describe = Callable[[Path, int], dict[str, Any] | None]
 BATCH = 65536
 
 
@@ -47,14 +46,15 @@ class ArraySource:
     _data: Any = field(default=None, repr=False)
 
     @classmethod
-    def parse(cls, text: str | Path) -> ArraySource:
-        """The source named ``text`` (``x.npy`` or ``x.parquet:column``), opened and checked."""
+    def parse(cls, text: str | Path, describe: Describe | None = None) -> ArraySource:
+        """The source named ``text`` (``x.npy`` or ``x.parquet:column``), opened and checked; ``describe`` reads
+        the description an ``x.npy`` may come with (see :func:`import_arrays`)."""
         name, sep, column = str(text).rpartition(":")
         if sep and name.endswith(".parquet"):
             return cls(Path(name), column)._open_parquet()
-        return cls(Path(text))._open_npy()
+        return cls(Path(text))._open_npy(describe)
 
-    def _open_npy(self) -> ArraySource:
+    def _open_npy(self, describe: Describe | None) -> ArraySource:
         if self.path.suffix != ".npy":
             raise StoreError(f"{self.path}: give a .npy array file or FILE.parquet:COLUMN")
         if not self.path.is_file():
@@ -69,7 +69,11 @@ class ArraySource:
                              "[N, d] float array (one embedding per row, N, d > 0) is needed")
         self.rows, self.dim = map(int, self._data.shape)
         self.dtype = self._data.dtype.name if self._data.dtype.name in ("float16", "float32") else "float32"
-        self.legacy = _legacy(self.path, self.rows)
+        self.legacy = describe(self.path, self.rows) if describe is not None else None
+        for kind, suffix in (("ids", ".ids.txt"), ("labels", ".labels.npy")):
+            if (self.legacy or {}).get(kind) and not self.path.with_suffix(suffix).is_file():
+                raise StoreError(f"{self.path.with_suffix(suffix)} is missing ({self.path.with_suffix('.json')} "
+                                 "lists it); restore it")
         return self
 
     def _open_parquet(self) -> ArraySource:
@@ -122,33 +126,6 @@ class ArraySource:
         return f"{self.path}:{self.column}" if self.column else str(self.path)
 
 
-def _legacy(path: Path, rows: int) -> dict[str, Any] | None:
-    """The older format's description ``x.json`` of ``x.npy``, checked against the array and its sidecars."""
-    side = path.with_suffix(".json")
-    if not side.is_file():
-        return None
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{side} (the description of {path.name}) cannot be read ({err}); restore it, or move "
-                         "it away to import the array without it") from err
-    if not isinstance(meta, dict) or meta.get("format") != LEGACY_FORMAT:
-        return None
-    if meta.get("rows") != rows:
-        raise StoreError(f"{side} describes {meta.get('rows')} rows but {path} has {rows}: the files do not belong "
-                         "together; re-create them with fct-embed, or move the .json away")
-    fp = meta.get("fingerprint")
-    if isinstance(fp, str) and fp.startswith("sha256:") and sha256_file(path) != fp:
-        raise StoreError(f"{path} does not match the fingerprint in {side} (it was changed after it was written); "
-                         "re-create it with fct-embed, or move the .json away to import it as it is")
-    if isinstance(fp, str) and not fp.startswith("sha256:"):
-        log.warning("%s holds an older, partial fingerprint of %s: not checked", side, path.name)
-    for kind, suffix in (("ids", ".ids.txt"), ("labels", ".labels.npy")):
-        if meta.get(kind) and not path.with_suffix(suffix).is_file():
-            raise StoreError(f"{path.with_suffix(suffix)} is missing ({side} lists it); restore it")
-    return meta
-
-
 def read_ids(spec: str | Path) -> Iterator[str]:
     """The ids in ``spec``: ``FILE.parquet:COLUMN``, or a text file with one id per line (a ``.jsonl`` or
     ``.ids.txt`` file holds one JSON string per line, as this project's older format wrote them)."""
@@ -188,7 +165,7 @@ def _labels(path: str | Path) -> np.ndarray:
 
 def import_arrays(out: str | Path, spaces: Mapping[str, str | Path], ids: str | Path | None = None,
                   labels: str | Path | None = None, shard_rows: int = DEFAULT_SHARD_ROWS, dtype: str | None = None,
-                  normalized: Iterable[str] = (), overwrite: bool = False) -> Store:
+                  normalized: Iterable[str] = (), overwrite: bool = False, describe: Describe | None = None) -> Store:
     """Import aligned arrays (one per space) into the store ``out``, creating it (or adding to it); resumable.
 
     Args:
@@ -201,10 +178,14 @@ def import_arrays(out: str | Path, spaces: Mapping[str, str | Path], ids: str | 
         dtype: ``float16`` or ``float32`` on disk (default: each source's own, float32 for other floats).
         normalized: the spaces whose rows are L2-normalised (recorded in the manifest).
         overwrite: replace spaces of the same name written by another job.
+        describe: ``describe(path, rows) -> dict | None`` reads (and checks) the description of an ``x.npy`` in this
+            project's single-file format (``x.json``: ``stage``, ``digest``, ``ids``/``labels`` sidecars); its
+            role, checkpoint digest, ids and labels are then taken from it. ``fct-store import`` passes
+            :func:`fct_lightning.gallery.files.read_meta`; the store itself knows only its own format.
     """
     if not spaces:
         raise StoreError("give at least one space to import (NAME=FILE.npy or NAME=FILE.parquet:COLUMN)")
-    sources = {check_space_name(name): ArraySource.parse(src) for name, src in spaces.items()}
+    sources = {check_space_name(name): ArraySource.parse(src, describe) for name, src in spaces.items()}
     first = next(iter(sources.values()))
     for src in sources.values():
         if src.rows != first.rows:
