@@ -45,7 +45,8 @@ def worker(args: argparse.Namespace) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "cpu_seconds": time.process_time() - c0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"seconds": seconds, "cpu_seconds": time.process_time() - c0,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_before_mb": rss_before / 1024, "metrics": res}
     if dev.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -99,15 +100,15 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, device={args.device}, d={args.dim}, "
           f"cpus={os.cpu_count()}, load average {load:.1f} (timings are wall-clock; cpu_s = process CPU time)")
-    print(f"{'N':>7} {'classes':>7} {'backend':>7} {'time_s':>8} {'cpu_s':>8} {'peak_rss_mb':>11} {'top1':>7} {'map':>7} "
-          f"{'map@r':>7}")
+    print(f"{'N':>7} {'classes':>7} {'backend':>7} {'time_s':>8} {'cpu_s':>8} {'peak_rss_mb':>11} {'top1':>7} "
+          f"{'map':>7} {'map@r':>7}")
     for n in args.sizes:
         for c in args.classes:
             r = run_worker(n, c, args, args.backend)
             m = r["metrics"]
             extra = f" cuda_peak={r['peak_cuda_mb']:.0f}MB" if "peak_cuda_mb" in r else ""
-            print(f"{n:>7} {c:>7} {args.backend:>7} {r['seconds']:>8.2f} {r.get('cpu_seconds', float('nan')):>8.2f} {r['peak_rss_mb']:>11.0f} {m['top1']:>7.4f} "
-                  f"{m['map']:>7.4f} {m['map@r']:>7.4f}{extra}")
+            print(f"{n:>7} {c:>7} {args.backend:>7} {r['seconds']:>8.2f} {r.get('cpu_seconds', float('nan')):>8.2f} "
+                  f"{r['peak_rss_mb']:>11.0f} {m['top1']:>7.4f} {m['map']:>7.4f} {m['map@r']:>7.4f}{extra}")
     if args.ref_n and args.device == "cpu":
         from fct_lightning.retrieval import evaluate
 

@@ -273,7 +273,8 @@ def main() -> None:
             rows.append((f"Lightning end to end ({mode}) + Compile callback", batch / comp["items_per_s"], None))
         ref = rows[1][1] if cuda else rows[0][1]
         print(f"\n{net}, 32 px, batch {batch}, {name}")
-        print("| run | images/s | ms / step | GPU busy ms / step | vs " + ("plain bf16" if cuda else "plain fp32") + " |")
+        print("| run | images/s | ms / step | GPU busy ms / step | vs "
+              + ("plain bf16" if cuda else "plain fp32") + " |")
         print("|---|---|---|---|---|")
         for run, wall, busy in rows:
             b = "" if busy is None else f"{1000 * busy:.2f}"

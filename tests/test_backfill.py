@@ -134,7 +134,8 @@ def test_auc_hand_computed() -> None:
     assert auc_mean(v) == pytest.approx(0.5)
     assert auc_trapz(f, v) == pytest.approx(0.25 * (0.2 + 0.6) + 0.25 * (0.6 + 0.7))  # 0.525
     assert auc_trapz([0.0, 0.25, 1.0], [0.0, 1.0, 1.0]) == pytest.approx(0.125 + 0.75)
-    assert auc_mean([0.3] * 22) == pytest.approx(0.3) and auc_trapz(np.linspace(0, 1, 22), [0.3] * 22) == pytest.approx(0.3)
+    assert auc_mean([0.3] * 22) == pytest.approx(0.3)
+    assert auc_trapz(np.linspace(0, 1, 22), [0.3] * 22) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="increasing"):
         auc_trapz([1.0, 0.0], [0.0, 1.0])
 
@@ -178,7 +179,8 @@ def test_curves_layout_reproducible_and_random_averaged(synthetic: BackfillConte
     runs = [backfill_curve(c.gallery_new, c.labels, c.gallery_transformed, c.gallery_new, c.labels,
                            get_policy("random").order(c, s), points=6) for s in (0, 1)]
     for m in METRICS:
-        assert rnd["curves"][m] == pytest.approx([(a + b) / 2 for a, b in zip(runs[0]["curves"][m], runs[1]["curves"][m])])
+        pairs = zip(runs[0]["curves"][m], runs[1]["curves"][m], strict=True)
+        assert rnd["curves"][m] == pytest.approx([(a + b) / 2 for a, b in pairs])
         assert rnd["auc_mean"][m] == pytest.approx(np.mean(rnd["curves"][m]))
         assert rnd["auc_trapz"][m] == pytest.approx(auc_trapz(rnd["fractions"], rnd["curves"][m]))
     assert out["random"]["curves"] != backfill_curves(c, ["random"], seeds=(5,), points=6)["random"]["curves"]

@@ -6,14 +6,15 @@ Three kinds of configs ship under ``src/fct_lightning/configs``:
 * recipes ``recipes/<name>/<stage>.yaml``, override files passed with ``--config`` on top of a stage config;
 * trainer presets ``trainer/<name>.yaml`` (only a ``trainer:`` section).
 
-Fast tests (default suite): every config is instantiated through :func:`fct_lightning.commands.fit.build_cli` (datamodule,
-model, trainer; no fitting) on generated folder trees with the real number of classes, and the whole chain
+Fast tests (default suite): every config is instantiated through :func:`fct_lightning.commands.fit.build_cli`
+(datamodule, model, trainer; no fitting) on generated folder trees with the real number of classes, and the whole chain
 ``old -> side_info -> new -> transformation (with and without side-info) -> bct`` trains one batch per stage on
 tiny CIFAR-10 data (ImageFolder layout). Upstream checkpoints for the transformation
 configs come from models built with the upstream configs (written without training).
 
-Slow tests (``-m slow``): the chain on CIFAR-100 (torchvision pickles), on the ImageNet-style datasets (at ``--data.image_size 32`` for speed; every
-other value is the config's own) and with the ResNet-50 CIFAR-100 recipe, and the DDP preset on two CPU processes.
+Slow tests (``-m slow``): the chain on CIFAR-100 (torchvision pickles), on the ImageNet-style datasets (at
+``--data.image_size 32`` for speed; every other value is the config's own) and with the ResNet-50 CIFAR-100
+recipe, and the DDP preset on two CPU processes.
 ``fast_dev_run`` is not used for chains: Lightning's ModelCheckpoint skips saving under it (no ``best.ckpt``, which
 the downstream stages need), so a chain stage runs ``max_epochs 1`` with one training and one validation batch.
 """
@@ -301,7 +302,7 @@ def check_preset(preset: str, trainer) -> None:
 def run_chain(dataset: str, root: Path, art: Path, *extra: str, recipe: str | None = None,
               stage_extra: dict[str, list[str]] | None = None, default_extra: list[str] = ()) -> None:
     """old -> side_info -> new -> transformation (+ no side-info) -> bct, one batch each; checks best.ckpt."""
-    for (stage, variant), name in zip(VARIANTS, VARIANT_IDS):
+    for (stage, variant), name in zip(VARIANTS, VARIANT_IDS, strict=True):
         override = [] if recipe is None else ["--config", str(CONFIG_DIR / "recipes" / recipe / f"{stage}.yaml")]
         cache = FAST_CACHE if stage == "transformation" else []
         own = (stage_extra or {}).get(stage, list(default_extra))

@@ -84,7 +84,8 @@ def test_dataset_target_runs_the_whole_chain_then_eval_and_report(dataset, tmp_p
     (ev,), (rep,) = commands(out, "fct-eval"), commands(out, "fct-report")
     assert option(ev, "--out") == f"{tmp_path}/{dataset}/results/seed0.json" and option(ev, "--points") == "5"
     assert option(rep, "--artifacts") == str(tmp_path)
-    assert out.index("fct-eval") > max(out.index(" ".join(c[:3])) for c in fits) and out.index("fct-report") > out.index("fct-eval")
+    assert out.index("fct-eval") > max(out.index(" ".join(c[:3])) for c in fits)
+    assert out.index("fct-report") > out.index("fct-eval")
 
 
 def test_finished_stages_are_not_retrained(tmp_path):
@@ -148,7 +149,8 @@ def test_data_checks_find_torchvision_files_below_the_dataset_name(dataset, fold
     for where in (tmp_path / "a" / folder, tmp_path / "b" / dataset / folder):
         where.mkdir(parents=True)
     for root in ("a", "b"):
-        assert make(f"{dataset}-data", f"DATA_ROOT={tmp_path / root}", f"CIFAR10_ARCHIVE={tmp_path / 'none'}").returncode == 0
+        made = make(f"{dataset}-data", f"DATA_ROOT={tmp_path / root}", f"CIFAR10_ARCHIVE={tmp_path / 'none'}")
+        assert made.returncode == 0
     (tmp_path / "c" / "cifar-100-python").mkdir(parents=True)  # CIFAR-100's files are not ImageNet
     assert make("imagenet-data", f"DATA_ROOT={tmp_path / 'c'}", check=False).returncode != 0
 

@@ -143,7 +143,8 @@ def register_policy(cls: type[BackfillPolicy]) -> type[BackfillPolicy]:
     if not callable(getattr(cls, "order", None)):
         raise TypeError(f"policy class {cls!r} needs a method order(ctx, seed) -> LongTensor[N].")
     if name in POLICIES and POLICIES[name] is not cls:
-        raise ValueError(f"a different policy is already registered as {name!r} ({POLICIES[name]!r}); pick another name.")
+        raise ValueError(f"a different policy is already registered as {name!r} ({POLICIES[name]!r}); "
+                         "pick another name.")
     POLICIES[name] = cls
     return cls
 
@@ -164,7 +165,8 @@ def check_order(order: Tensor, n: int, name: str = "order") -> Tensor:
     """Validate that ``order`` is a permutation of ``0..n-1``; return it as int64."""
     order = torch.as_tensor(order)
     if order.shape != (n,) or order.dtype.is_floating_point or order.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer permutation of shape [{n}], got {order.dtype} {tuple(order.shape)}.")
+        raise ValueError(f"{name} must be an integer permutation of shape [{n}], "
+                         f"got {order.dtype} {tuple(order.shape)}.")
     order = order.long()
     if not torch.equal(torch.sort(order).values.cpu(), torch.arange(n)):
         raise ValueError(f"{name} must hold every item index 0..{n - 1} exactly once (a permutation).")
@@ -181,7 +183,8 @@ def auc_trapz(fractions: Sequence[float], values: Sequence[float]) -> float:
     """Area under a curve over backfill fractions in [0, 1] by the trapezoid rule."""
     f, v = np.asarray(fractions, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if f.shape != v.shape or f.ndim != 1 or len(f) < 2 or np.any(np.diff(f) < 0):
-        raise ValueError(f"fractions (shape {f.shape}) must be increasing and match values (shape {v.shape}), >= 2 points.")
+        raise ValueError(f"fractions (shape {f.shape}) must be increasing and match values (shape {v.shape}), "
+                         ">= 2 points.")
     return float(np.sum(np.diff(f) * (v[1:] + v[:-1]) / 2.0))
 
 
@@ -295,7 +298,7 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
     exclude_self = own if exclude_self is None else exclude_self
     orders: list[Tensor] = []  # every (policy, seed) order, evaluated together in one pass
     spans = []
-    for name, policy in zip(policies, instances):
+    for name, policy in zip(policies, instances, strict=True):
         start = len(orders)
         for seed in (seeds if policy.stochastic else seeds[:1]):
             orders.append(check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order"))
@@ -303,7 +306,7 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
     all_runs = _curves(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, orders, points,
                        exclude_self=exclude_self, distance=distance, backend=backend, chunk_size=chunk_size)
     out: dict[str, Any] = {}
-    for name, policy, (start, end) in zip(policies, instances, spans):
+    for name, policy, (start, end) in zip(policies, instances, spans, strict=True):
         runs = all_runs[start:end]
         fractions = runs[0]["fractions"]
         curves = {m: [float(v) for v in np.mean([r["curves"][m] for r in runs], axis=0)] for m in METRICS}

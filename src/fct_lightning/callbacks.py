@@ -31,11 +31,12 @@ class StageCheckpoint(ModelCheckpoint):
             here = self.dirpath
 
             def moved(path: Any) -> Any:
-                same = isinstance(path, str) and path and os.path.normpath(os.path.dirname(path)) == os.path.normpath(saved)
+                same = (isinstance(path, str) and path
+                        and os.path.normpath(os.path.dirname(path)) == os.path.normpath(saved))
                 return os.path.join(here, os.path.basename(path)) if same else path
 
-            state_dict = dict(state_dict, dirpath=here, **{k: moved(state_dict.get(k)) for k in
-                                                           ("best_model_path", "kth_best_model_path", "last_model_path")})
+            state_dict = dict(state_dict, dirpath=here, **{
+                k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")})
             state_dict["best_k_models"] = {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}
         super().load_state_dict(state_dict)
 

@@ -13,5 +13,6 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError as err:
         raise ValueError(f"--device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asks for a GPU, but CUDA is not available here; use --device cpu (or auto)")
+        raise ValueError(f"--device {device} asks for a GPU, but CUDA is not available here; "
+                         "use --device cpu (or auto)")
     return dev

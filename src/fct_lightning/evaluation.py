@@ -201,7 +201,8 @@ def run_eval(
     embs, labels, feats = embed(dm.eval_split, {case_spaces[c][1] for c in cases} if separate else spaces)
     q_embs, q_labels, _ = embed(query_split, {case_spaces[c][0] for c in cases}) if separate else (embs, labels, {})
     results: dict[str, Any] = {"cases": {}, "missing": {}, "meta": {
-        "dataset": dataset, "split": dm.eval_split, "distance": distance, "n_items": 0 if labels is None else len(labels),
+        "dataset": dataset, "split": dm.eval_split, "distance": distance,
+        "n_items": 0 if labels is None else len(labels),
         "checkpoints": {s: {"path": e[2]["path"], "digest": e[2]["digest"]} for s, e in embedders.items()},
     }}
     if separate:
@@ -285,7 +286,8 @@ def run_backfill(
             query = {"query_new": queries[0], "query_labels": queries[1], "exclude_self": False}
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
                                  points=points, distance=distance, **query)
-        out.update({f"{space} {policy}": dict(curve, checkpoint=str(path), digest=meta["digest"], source=path.parent.name)
+        out.update({f"{space} {policy}": dict(curve, checkpoint=str(path), digest=meta["digest"],
+                                              source=path.parent.name)
                     for policy, curve in curves.items()})
     return out
 
@@ -298,5 +300,6 @@ def markdown_table(results: dict[str, Any]) -> str:
     for case, why in results["missing"].items():
         lines.append(f"| {case} | missing: {why} | | | |")
     for name, curve in results.get("backfill", {}).items():
-        lines.append(f"| backfill {name} (AUC) | " + " | ".join(f"{100 * curve['auc_mean'][k]:.1f}" for k in METRICS) + " |")
+        lines.append(f"| backfill {name} (AUC) | "
+                     + " | ".join(f"{100 * curve['auc_mean'][k]:.1f}" for k in METRICS) + " |")
     return "\n".join(lines)

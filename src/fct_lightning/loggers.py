@@ -115,7 +115,8 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
     dataset = results["meta"]["dataset"]
     run = wandb.init(project=wandb_project(), group=dataset, job_type=job_type, name=name or f"{dataset}-{job_type}",
                      dir=str(artifacts), mode=mode if mode in ("online", "offline", "disabled") else None,
-                     config=results["meta"], reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"))
+                     config=results["meta"], reinit="finish_previous",
+                     settings=wandb.Settings(silent=True, console="off"))
     table = wandb.Table(columns=["case", *RESULT_METRICS])
     for case, m in results["cases"].items():
         table.add_data(case, *(m[k] for k in RESULT_METRICS))

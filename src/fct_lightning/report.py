@@ -77,7 +77,7 @@ def check_runs(runs: list[dict[str, Any]], paths: list[str | Path]) -> list[dict
     """
     names = [str(p) for p in paths]
     for key in SETTING:
-        pairs = [(n, run.get("meta", {}).get(key)) for n, run in zip(names, runs)]
+        pairs = [(n, run.get("meta", {}).get(key)) for n, run in zip(names, runs, strict=True)]
         if key == "split_folder":  # recorded by newer fct-eval versions: files without it are not compared
             pairs = [(n, v) for n, v in pairs if v is not None]
         if len({str(v) for _, v in pairs}) > 1:
@@ -128,7 +128,7 @@ def _check_backfill_grids(runs: list[dict[str, Any]], names: list[str]) -> None:
     not): an AUC over 2 points is not one over 22."""
     for what in ("fractions", "source"):
         seen: dict[str, tuple[str, Any]] = {}
-        for name, run in zip(names, runs):
+        for name, run in zip(names, runs, strict=True):
             for policy, curve in run.get("backfill", {}).items():
                 value = curve.get(what)
                 if value is None:
@@ -257,14 +257,15 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("top1", "map")):
+    for ax, metric in zip(axes, ("top1", "map"), strict=True):
         for policy, curves in by_policy.items():
             x = [100 * f for f in curves[0]["fractions"]]
             ys = [[100 * v for v in c["curves"][metric]] for c in curves if c["fractions"] == curves[0]["fractions"]]
-            mean = [sum(col) / len(col) for col in zip(*ys)]
+            mean = [sum(col) / len(col) for col in zip(*ys, strict=True)]
             line = ax.plot(x, mean, label=policy if len(ys) == 1 else f"{policy} (mean of {len(ys)})")[0]
             if len(ys) > 1:
-                ax.fill_between(x, [min(col) for col in zip(*ys)], [max(col) for col in zip(*ys)],
+                ax.fill_between(x, [min(col) for col in zip(*ys, strict=True)],
+                                [max(col) for col in zip(*ys, strict=True)],
                                 color=line.get_color(), alpha=0.2)
         ax.set_xlabel("gallery backfilled (%)")
         ax.set_ylabel(HEADERS[metric] + " (%)")

@@ -126,7 +126,7 @@ def test_mixtures_equal_each_mixed_gallery(distance: str, classes: int, exclude_
     masks = torch.rand(5, n, generator=gen) < torch.tensor([[0.0], [0.2], [0.5], [0.9], [1.0]])
     got = evaluate_mixtures(q, ql, a, b, labels, masks, exclude_self=exclude_self, distance=distance, chunk_size=23)
     assert len(got) == 5
-    for row, r in zip(masks, got):
+    for row, r in zip(masks, got, strict=True):
         mixed = torch.where(row.unsqueeze(1), b, a)
         assert r == evaluate(q, ql, mixed, labels, exclude_self=exclude_self, distance=distance), row.float().mean()
     assert got[0] != got[-1]
@@ -150,5 +150,5 @@ def test_mixtures_cuda_match_cpu(clustered) -> None:
     masks = torch.rand(4, len(x), generator=torch.Generator().manual_seed(2)) < 0.5
     cpu = evaluate_mixtures(b, y, x, b, y, masks, exclude_self=True)
     gpu = evaluate_mixtures(b.cuda(), y.cuda(), x.cuda(), b.cuda(), y.cuda(), masks.cuda(), exclude_self=True)
-    for c, g in zip(cpu, gpu):
+    for c, g in zip(cpu, gpu, strict=True):
         assert g == pytest.approx(c, abs=1e-12)

@@ -29,7 +29,7 @@ def test_compiled_training_matches_eager(tmp_path):
     compiled, _ = _fit(tmp_path / "compiled", [cb])
     assert cb.compiled == ["net"] and compiled.net._compiled_call_impl is not None
     assert eager.state_dict().keys() == compiled.state_dict().keys()  # checkpoints load either way
-    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
 
 

@@ -57,7 +57,7 @@ def test_queries_from_one_split_gallery_from_another(chain, tmp_path):
     dm = DATAMODULES["folder"](root=str(root), image_size=16, eval_batch_size=16)
 
     def embed(split):
-        xs, ys = zip(*[(module.query_embed(x), y) for x, y, _ in dm.eval_dataloader(split)])
+        xs, ys = zip(*[(module.query_embed(x), y) for x, y, _ in dm.eval_dataloader(split)], strict=True)
         return torch.cat(xs), torch.cat(ys)
 
     with torch.no_grad():

@@ -23,8 +23,8 @@ TINY_H = {"use_side_info": True, "uncertainty": False, "mixer_width": 32}
 def throwaway():
     variant = chain.register(chain.Variant(
         "transformation_tiny", "transformation", TINY_H, upstream=("old", "side_info", "new"),
-        spaces=(chain.Space("fct-tiny", "gallery"),), cases=(chain.Case("fct-tiny/old", "new", "fct-tiny", cross=True),),
-        seed_offset=7))
+        spaces=(chain.Space("fct-tiny", "gallery"),),
+        cases=(chain.Case("fct-tiny/old", "new", "fct-tiny", cross=True),), seed_offset=7))
     yield variant
     chain.unregister(variant.name)
 

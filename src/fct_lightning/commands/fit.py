@@ -281,7 +281,8 @@ def _save_config(cli: FCTCLI) -> None:
     out = cli.out_dir
     out.mkdir(parents=True, exist_ok=True)
     text = cli.parser.dump(cli.config, skip_none=False)
-    (out / "config.yaml").write_text(f"# resolved config of fct-fit --stage {cli.stage} --dataset {cli.dataset}\n{text}")
+    (out / "config.yaml").write_text(
+        f"# resolved config of fct-fit --stage {cli.stage} --dataset {cli.dataset}\n{text}")
     if cli.trainer.logger is not None:
         cli.trainer.logger.log_hyperparams({"config": cli.config.as_dict(), "stage": cli.stage, "dataset": cli.dataset})
 

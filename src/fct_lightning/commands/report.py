@@ -37,7 +37,8 @@ def report_command(argv: list[str] | None = None) -> None:
     print(files["md"].read_text())
     print("written: " + ", ".join(str(f) for f in files.values()))
     if not args.no_wandb:
-        log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()} for c, m in table.items() if not c.startswith("backfill")},
+        log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()}
+                                for c, m in table.items() if not c.startswith("backfill")},
                       "meta": dict(runs[0]["meta"], n_runs=len(runs))},
                      Path(args.artifacts), job_type="report", name=f"{dataset}-report")
 

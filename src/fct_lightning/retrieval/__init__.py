@@ -1,4 +1,5 @@
-"""Retrieval evaluation: distances and neighbour order (neighbors.py), metrics (metrics.py) and the evaluate entry point."""
+"""Retrieval evaluation: distances and neighbour order (neighbors.py), metrics (metrics.py) and the evaluate entry
+point."""
 
 from .evaluate import auto_chunk_size, evaluate, evaluate_mixtures
 from .metrics import QueryMetrics, build_class_index, query_metrics, summarize

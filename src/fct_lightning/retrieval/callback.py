@@ -43,7 +43,8 @@ class RetrievalEvaluation(pl.Callback):
     the epoch the callback gathers them from all ranks, removes DistributedSampler's padding duplicates by
     item index, computes the metrics once (on rank 0, on its device, i.e. the GPU when there is one: exact
     distances with the default backend, FAISS's with ``backend="faiss"``), broadcasts them (or rank 0's error,
-    which every rank then raises) and logs ``val/<case>/<metric>`` on every rank so ModelCheckpoint and EarlyStopping can monitor them.
+    which every rank then raises) and logs ``val/<case>/<metric>`` on every rank so ModelCheckpoint and
+    EarlyStopping can monitor them.
     The query set equals the gallery set (leave-one-out). The sanity check is skipped.
 
     Args:
@@ -106,7 +107,7 @@ class RetrievalEvaluation(pl.Callback):
         """Deduplicate the gathered items and evaluate every case."""
         keys = [k for k in gathered if k.startswith("emb:")]
         index, labels, *embs = deduplicate(gathered["index"], gathered["labels"], *(gathered[k] for k in keys))
-        spaces = {k[4:]: e for k, e in zip(keys, embs)}
+        spaces = {k[4:]: e for k, e in zip(keys, embs, strict=True)}
         for space, emb in spaces.items():
             bad = int((~torch.isfinite(emb).all(dim=1)).sum())
             if bad:
@@ -119,7 +120,8 @@ class RetrievalEvaluation(pl.Callback):
         for case, (q, g) in cases.items():
             missing = {q, g} - spaces.keys()
             if missing:
-                raise KeyError(f"case {case!r} needs embedding spaces {sorted(missing)} that eval_embeddings did not return")
+                raise KeyError(f"case {case!r} needs embedding spaces {sorted(missing)} "
+                               "that eval_embeddings did not return")
             results[case] = evaluate(
                 spaces[q], labels, spaces[g], labels,
                 exclude_self=True, distance=self.distance, ks=self.ks, backend=self.backend,

@@ -233,7 +233,7 @@ def evaluate_mixtures(query: Tensor | np.ndarray, query_labels: Tensor | np.ndar
         mixed = torch.empty_like(keys_a)  # one scratch buffer: a fresh [c, G] tensor per state costs page faults
         for j, row in enumerate(m):
             torch.where(row, keys_b, keys_a, out=mixed)
-            for out, value in zip(results, key_metrics(mixed, ql[s:s + chunk], classes, self_index)):
+            for out, value in zip(results, key_metrics(mixed, ql[s:s + chunk], classes, self_index), strict=True):
                 out[j, s:s + chunk] = value
         del keys_a, keys_b, mixed
         if ga.shape[0] >= _TRIM_MIN_GALLERY:

@@ -69,7 +69,8 @@ class SideInfoModel(ImageModelStage):
         views, _, _ = batch
         if views.dim() != 5 or views.shape[1] != 2:
             raise ValueError(
-                f"side_info needs two augmented views per image (a [B, 2, C, H, W] batch) but got {tuple(views.shape)}; "
+                "side_info needs two augmented views per image (a [B, 2, C, H, W] batch) "
+                f"but got {tuple(views.shape)}; "
                 "set --data.views 2."
             )
         b = views.shape[0]
