@@ -86,27 +86,58 @@ def data_settings(checkpoint: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _image_loader(folder: Path, dataset: str, settings: dict[str, Any], skip_unreadable: bool,
-                  pin: bool) -> tuple[DataLoader, list[str], dict[str, Any]]:
-    """A loader over the image files below ``folder`` with the evaluation view of ``dataset`` at the trained size.
+def image_view(dataset: str, settings: dict[str, Any]) -> tuple[type, int, Callable[[Tensor], Tensor]]:
+    """``(datamodule class, image size, evaluation transform)`` with which a model of ``dataset`` reads image files."""
+    cls = DATAMODULES[dataset]
+    if cls.family == "digits":
+        raise ValueError("the digits models read scikit-learn's 8x8 arrays, not image files; use --split")
+    size = settings.get("image_size") or cls.default_image_size
+    return cls, size, build_transforms(cls.family, False, 1, size, cls.mean or None, cls.std or None)
 
-    No datamodule is built: it would look for the training data, which a serving machine need not have.
-    """
+
+def list_images(folder: Path) -> tuple[list[str], list[str]]:
+    """The image files below ``folder``, sorted, and the files skipped there (logged); an error when there are none."""
     from fct_lightning.data.folder import IMG_EXTENSIONS, find_images
 
     if not folder.is_dir():
         raise FileNotFoundError(f"--images {folder} is not a folder of images")
-    cls = DATAMODULES[dataset]
-    if cls.family == "digits":
-        raise ValueError("the digits models read scikit-learn's 8x8 arrays, not image files; use --split")
     paths, skipped = find_images(folder)
     for line in skipped[:20]:
         log.warning("skipped %s", line)
     if not paths:
         raise ValueError(f"--images {folder} holds no image files (looked for {', '.join(IMG_EXTENSIONS)}, in "
                          "sub-folders too)")
-    size = settings.get("image_size") or cls.default_image_size
-    view = build_transforms(cls.family, False, 1, size, cls.mean or None, cls.std or None)
+    return paths, skipped
+
+
+def load_image_stage(checkpoint: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``(module in eval mode, metadata with digest, data settings)`` of an image stage's checkpoint (old,
+    side_info, new or bct); other checkpoints are refused with the reason and the fix."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist; pass a stage's best.ckpt, e.g. "
+                                "artifacts/<dataset>/old/best.ckpt")
+    ckpt = read_checkpoint(checkpoint, "embedding")
+    stage = checkpoint_meta(ckpt, checkpoint, "embedding")["stage"]
+    if stage not in IMAGE_STAGES:
+        raise CheckpointError(
+            f"{checkpoint} is a '{stage}' checkpoint; fct-embed runs an image model ({', '.join(IMAGE_STAGES)}). "
+            "A transformation maps stored embeddings: embed the gallery with the old and side_info checkpoints, "
+            "then run fct-transform on those files.")
+    settings = data_settings(checkpoint, ckpt)
+    del ckpt
+    module, meta = load_stage(checkpoint, stage, (stage,))
+    return module.eval(), meta, settings
+
+
+def _image_loader(folder: Path, dataset: str, settings: dict[str, Any], skip_unreadable: bool,
+                  pin: bool) -> tuple[DataLoader, list[str], dict[str, Any]]:
+    """A loader over the image files below ``folder`` with the evaluation view of ``dataset`` at the trained size.
+
+    No datamodule is built: it would look for the training data, which a serving machine need not have.
+    """
+    cls, size, view = image_view(dataset, settings)
+    paths, skipped = list_images(folder)
     loader = DataLoader(ImageList(paths, view, cls.family, size, skip_unreadable),
                         batch_size=settings.get("eval_batch_size") or 256,
                         num_workers=settings.get("num_workers") or 0, pin_memory=pin)
@@ -141,21 +172,9 @@ def embed(
     if split is not None and images is not None:
         raise ValueError("give --split (a split of the checkpoint's dataset) or --images (a folder), not both")
     dev = resolve_device(device)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist; pass a stage's best.ckpt, e.g. "
-                                "artifacts/<dataset>/old/best.ckpt")
-    ckpt = read_checkpoint(checkpoint, "embedding")
-    stage = checkpoint_meta(ckpt, checkpoint, "embedding")["stage"]
-    if stage not in IMAGE_STAGES:
-        raise CheckpointError(
-            f"{checkpoint} is a '{stage}' checkpoint; fct-embed runs an image model ({', '.join(IMAGE_STAGES)}). "
-            "A transformation maps stored embeddings: embed the gallery with the old and side_info checkpoints, "
-            "then run fct-transform on those files.")
-    module, meta = load_stage(checkpoint, stage, (stage,))
-    module.to(dev).eval()
-    dataset = meta.get("dataset") or "digits"
-    settings = data_settings(checkpoint, ckpt)
-    del ckpt
+    module, meta, settings = load_image_stage(checkpoint)
+    module.to(dev)
+    stage, dataset = meta["stage"], meta.get("dataset") or "digits"
     settings.update({k: v for k, v in (("root", data_root), ("eval_batch_size", batch_size),
                                        ("num_workers", num_workers)) if v is not None})
     ids: list[str] | None = None

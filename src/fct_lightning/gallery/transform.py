@@ -1,4 +1,8 @@
-"""``fct-transform``: stored old embeddings (and side-info) -> the new model's space with h, no images read."""
+"""``fct-transform``: stored old embeddings (and side-info) -> the new model's space with h, no images read.
+
+This module is the one-file form (``--old x.npy --out y.npy``); a store's shards, resumable and split over jobs,
+go through :mod:`fct_lightning.gallery.store_transform` (``--store``).
+"""
 
 from __future__ import annotations
 
