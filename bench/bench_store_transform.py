@@ -76,73 +76,107 @@ def flop_per_row(h: Transformation) -> int:
                    if isinstance(m, torch.nn.Linear) and not name.startswith("uncertainty_head"))
 
 
-def forward_speed(h: Transformation, precision: str, batch: int, seconds: float) -> float:
-    """Rows/s of h alone at ``precision`` on one in-memory float32 batch, run repeatedly for ``seconds``."""
+def forward_speed(h: Transformation, precision: str, batch: int, seconds: float) -> tuple[float, float]:
+    """h alone at ``precision`` on one in-memory float32 batch, run repeatedly for ``seconds``: ``(rows/s, process
+    CPU microseconds per row)``."""
     run = runner(h, precision, torch.device("cpu"))
     old, side = torch.randn(batch, h.old_dim), torch.randn(batch, h.side_dim)
     run(old, side)
-    n, t = 0, time.perf_counter()
+    n, t, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t < seconds or n < 2:
         run(old, side)
         n += 1
-    return n * batch / (time.perf_counter() - t)
+    return n * batch / (time.perf_counter() - t), (time.process_time() - cpu) / (n * batch) * 1e6
 
 
-def transform(h: Transformation, store: Path, space: str, tag: str, **kw: Any) -> tuple[float, float, Any]:
-    """fct-transform into ``space`` (replaced), its rows/s and process CPU seconds per row."""
-    shutil.rmtree(store / space, ignore_errors=True)
+def transform(h: Transformation, store: Path, space: str, tag: str, fresh: bool = True,
+              **kw: Any) -> tuple[float, float, Any]:
+    """fct-transform into ``space`` (emptied first when ``fresh``): ``(rows/s, CPU us per row, its result)``."""
+    if fresh:
+        shutil.rmtree(store / space, ignore_errors=True)
     meta = {"digest": f"sha256:bench-h-{tag}", "old_digest": DIGESTS["old"], "side_info_digest": DIGESTS["side_info"],
             "new_digest": None, "path": "random h", "dataset": "bench"}
     cpu = time.process_time()
     res = transform_store_with(h, meta, store, space, device="cpu", overwrite=True, **kw)
-    return res.rows_per_s, (time.process_time() - cpu) / max(res.rows, 1), res
+    return res.rows_per_s, (time.process_time() - cpu) / max(res.rows, 1) * 1e6, res
+
+
+def io_seconds(store: Path, batch: int) -> tuple[float, float]:
+    """Seconds to read shard 0 of old and side_info as fct-transform does (checked, to float32), and to write a
+    [rows, 128] float32 shard through the store writer: the work that the overlap hides behind h."""
+    from fct_lightning.gallery.store_transform import _blocks
+    from fct_lightning.store import SpaceWriter
+
+    st = open_store(store)
+    t = time.perf_counter()
+    for _ in _blocks(st, ["old", "side_info"], [0], batch, True):
+        pass
+    read = time.perf_counter() - t
+    data = np.random.default_rng(0).standard_normal((st.shards[0].rows, 128), dtype=np.float32)
+    shutil.rmtree(store / "bench-io", ignore_errors=True)
+    t = time.perf_counter()
+    with SpaceWriter(st, "bench-io", SpaceSpec(role="bench", dim=128), [0]) as writer:
+        writer.write_shard(0, data)
+    write = time.perf_counter() - t
+    shutil.rmtree(store / "bench-io", ignore_errors=True)
+    return read, write
 
 
 def run(args: argparse.Namespace) -> None:
+    """Each measurement next to its reference, in turns, so that other jobs' load on the machine hits both alike."""
     store = open_store(args.store)
     torch.manual_seed(0)
     h = Transformation().eval()
-    params = sum(p.numel() for p in h.parameters())
-    flop = flop_per_row(h)
+    params, flop = sum(p.numel() for p in h.parameters()), flop_per_row(h)
+    b = args.batch_size
     print(f"store {store.path}: {store.rows:,} rows in {len(store.shards)} shards; h {params / 1e6:.2f}M parameters, "
-          f"{flop / 1e6:.1f} MFLOP/row; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}")
-    peak = roofline()
-    print(f"fp32 matmul roofline (torch.mm 4096^2): {peak:.1f} GFLOP/s -> {peak * 1e9 / flop:,.0f} rows/s for h")
-    fwd = {p: forward_speed(h, p, args.batch_size, args.seconds if p != "bf16" else args.seconds / 2)
-           for p in ("fp32", "int8", "bf16")}
-    for p, v in fwd.items():
-        print(f"h forward, in memory, {p}: {v:,.0f} rows/s ({v * flop / 1e9:.1f} GFLOP/s)")
-    rows = {}
-    if not args.skip_full:
-        rate, cpu, res = transform(h, store.path, "bench-fp32", "fp32", batch_size=args.batch_size)
-        after = forward_speed(h, "fp32", args.batch_size, args.seconds)
-        rows["full"] = rate
-        print(f"fct-transform fp32, whole store ({res.rows:,} rows, float32 out): {rate:,.0f} rows/s = "
-              f"{rate / fwd['fp32']:.3f} of h's forward before, {rate / after:.3f} of it after ({after:,.0f} rows/s); "
-              f"{rate * flop / 1e9:.1f} GFLOP/s = {rate * flop / 1e9 / peak:.2f} of the roofline; CPU "
-              f"{cpu * 1e6:.0f} us/row vs forward {2e6 / fwd['fp32']:.0f} us/row x 2 threads; published "
-              f"{res.published}; peak RSS so far {peak_rss_mb():,.0f} MB")
-        shutil.rmtree(store.path / "bench-fp32", ignore_errors=True)
-    one = (0, len(store.shards))
-    serial, _, _ = transform(h, store.path, "bench-serial", "serial", shard=one, batch_size=args.batch_size,
-                             overlap=False)
-    overlap, _, _ = transform(h, store.path, "bench-overlap", "overlap", shard=one, batch_size=args.batch_size)
-    print(f"one shard ({store.shards[0].rows:,} rows): serial {serial:,.0f} rows/s, overlapped {overlap:,.0f} rows/s: "
-          f"overlap gains {overlap / serial:.3f}x")
-    int8, _, res = transform(h, store.path, "bench-int8", "int8", shard=one, precision="int8",
-                             batch_size=args.batch_size)
-    print(f"one shard int8: {int8:,.0f} rows/s = {int8 / overlap:.2f}x fp32 end to end, "
-          f"{int8 * flop / 1e9 / peak:.2f} of the fp32 roofline; error vs fp32 on the first block {res.error}")
-    for space in ("bench-serial", "bench-overlap", "bench-int8"):
-        shutil.rmtree(store.path / space, ignore_errors=True)
+          f"{flop / 1e6:.1f} MFLOP/row; torch {torch.__version__}, {torch.get_num_threads()} threads, batch {b}")
+    print("| shard | roofline GFLOP/s | h forward rows/s (CPU us/row) | fct-transform rows/s (CPU us/row) | "
+          "wall ratio | CPU ratio |")
+    print("|---|---|---|---|---|---|")
+    n = len(store.shards) if args.max_shards is None else min(args.max_shards, len(store.shards))
+    roof, fwd, e2e = [], [], []
+    for i in range(n):
+        roof.append(roofline(reps=3))
+        fwd.append(forward_speed(h, "fp32", b, args.seconds))
+        e2e.append(transform(h, store.path, "bench-fp32", "fp32", fresh=i == 0, shard=(i, len(store.shards)),
+                             batch_size=b))
+        (fr, fc), (er, ec, _) = fwd[-1], e2e[-1]
+        print(f"| {i} | {roof[-1]:.1f} | {fr:,.0f} ({fc:.0f}) | {er:,.0f} ({ec:.0f}) | {er / fr:.3f} | {fc / ec:.3f} |")
+    rows = sum(store.shards[i].rows for i in range(n))
+    wall = sum(store.shards[i].rows / e[0] for i, e in enumerate(e2e))
+    wall_f = sum(store.shards[i].rows / f[0] for i, f in enumerate(fwd))
+    cpu_e = sum(store.shards[i].rows * e[1] for i, e in enumerate(e2e)) / rows
+    cpu_f = sum(store.shards[i].rows * f[1] for i, f in enumerate(fwd)) / rows
+    best, median = max(roof), np.median([e[0] / f[0] for e, f in zip(e2e, fwd, strict=True)])
+    print(f"fct-transform fp32 over {rows:,} rows (published: {e2e[-1][2].published}): {rows / wall:,.0f} rows/s; "
+          f"h's forward at the same times {rows / wall_f:,.0f} rows/s: wall ratio {wall_f / wall:.3f}, CPU-time "
+          f"ratio {cpu_f / cpu_e:.3f} (median of shards {median:.3f}); "
+          f"roofline (best of the run) {best:.1f} GFLOP/s = {best * 1e9 / flop:,.0f} rows/s; h's forward reaches "
+          f"{max(f[0] for f in fwd) * flop / 1e9:.1f} GFLOP/s at best; peak RSS so far {peak_rss_mb():,.0f} MB")
+    shutil.rmtree(store.path / "bench-fp32", ignore_errors=True)
+    read, write = io_seconds(store.path, b)
+    compute = store.shards[0].rows / (rows / wall_f)
+    print(f"per {store.shards[0].rows:,}-row shard: reading old + side_info {read:.1f} s, writing the output "
+          f"{write:.1f} s, h {compute:.0f} s: the overlap hides at most {(read + write) / compute:.1%} of the run")
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         small = Path(tmp) / "small"
-        generate(small, args.small_rows, args.small_rows // 2)
+        generate(small, args.small_rows, args.small_rows // 5)
+        turns = {"serial": [], "overlapped": []}
+        for _ in range(2):  # ABAB
+            for name in turns:
+                turns[name].append(transform(h, small, f"bench-{name}", name, overlap=name == "overlapped",
+                                             batch_size=b)[0])
+        print(f"small store ({args.small_rows:,} rows, shards of {args.small_rows // 5:,}), ABAB: serial "
+              f"{turns['serial']}, overlapped {turns['overlapped']} rows/s: overlap gains "
+              f"{sum(turns['overlapped']) / sum(turns['serial']):.3f}x")
         for p in ("fp32", "int8", "bf16"):
-            rate, _, res = transform(h, small, f"bench-{p}", p, precision=p, batch_size=args.batch_size)
-            print(f"small store ({args.small_rows:,} rows) {p}: {rate:,.0f} rows/s end to end = "
-                  f"{rate / fwd[p]:.3f} of h's {p} forward; error vs fp32 on the first block {res.error}")
+            fr, fc = forward_speed(h, p, b, args.seconds / (4 if p == "bf16" else 1))
+            part = (0, 5) if p == "bf16" else None  # bf16 on this CPU is slow: one shard of five
+            er, ec, res = transform(h, small, f"bench-{p}", p, precision=p, batch_size=b, shard=part)
+            print(f"{p}: h forward {fr:,.0f} rows/s ({fc:.0f} CPU us/row), fct-transform {er:,.0f} rows/s ({ec:.0f}) "
+                  f"over {res.rows:,} rows: wall ratio {er / fr:.3f}, CPU ratio {fc / ec:.3f}; x{fr / fwd[-1][0]:.2f} "
+                  f"fp32's last forward; error vs fp32 on the first block {res.error}")
     print(f"peak RSS of this process (VmHWM): {peak_rss_mb():,.0f} MB")
 
 
@@ -223,7 +257,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8192)
     p.add_argument("--seconds", type=float, default=20.0, help="how long each in-memory forward measurement runs")
     p.add_argument("--small_rows", type=int, default=100_000, help="rows of the store every precision runs on")
-    p.add_argument("--skip_full", action="store_true", help="leave out the run over the whole store")
+    p.add_argument("--max_shards", type=int, default=None, help="run: transform only the first N shards")
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="rss: how many shards each run does")
     p.add_argument("--tmp", default=None, help="where temporary stores go (default: the system's)")
     p.add_argument("--artifacts", default="artifacts", help="accuracy: the fct-fit artifacts folder")
