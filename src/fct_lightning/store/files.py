@@ -160,6 +160,20 @@ def write_npy(tmp: Path, data: np.ndarray, dtype: str, describe: Callable[[int],
     return f"sha256:{h.hexdigest()}"
 
 
+def write_parquet(tmp: Path, table: Any) -> str:
+    """Write the pyarrow ``table`` to ``tmp`` as parquet and fsync it; returns the file's ``sha256:<hex>``.
+
+    The bytes depend only on the table and the pyarrow version, so a rewritten shard has the same checksum.
+    """
+    import pyarrow.parquet as pq
+
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return sha256_file(tmp)
+
+
 def holder_info() -> dict[str, Any]:
     """Who this process is, as a lock file names its holder."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)}

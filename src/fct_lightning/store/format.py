@@ -8,9 +8,15 @@ A store is a folder for one set of items::
     STORE/meta/part-00000.parquet    one row per item, in shard order: id (string, unique), label (optional int64)
                                      and any other columns
     STORE/<space>/part-00000.npy     one [rows, dim] float16 or float32 array per shard, aligned with the meta shard
+    STORE/<space>.columns/part-00000.parquet
+                                     only for a space with row columns (e.g. fct-backfill's ``source``: which model
+                                     made each row): one table per shard, aligned with the meta shard
 
-Work files live in hidden folders that readers (embedding-reader globs ``**/*.npy`` and ``**/*.parquet``) never
-match: ``STORE/.locks/`` and ``STORE/<space>/.progress/`` (per-shard records, locks and temporary files).
+Row columns live beside their space's folder, not in it, so that ``STORE/<space>`` stays exactly what
+embedding-reader and autofaiss read (every file there is a shard array); a space name holds no ``.``, so no space
+folder is ever called ``<name>.columns``. Work files live in hidden folders that readers (embedding-reader globs
+``**/*.npy`` and ``**/*.parquet``) never match: ``STORE/.locks/`` and ``STORE/<space>/.progress/`` (per-shard
+records, locks and temporary files).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ META = "meta"
 DTYPES = ("float16", "float32")
 DEFAULT_SHARD_ROWS = 1_000_000
 SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
+COLUMNS_SUFFIX = ".columns"
+COLUMN_TYPES = ("int8", "int16", "int32", "int64", "float32", "float64", "string")
+COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class StoreError(ValueError):
@@ -78,6 +87,9 @@ class SpaceSpec:
         normalized: whether every row is L2-normalised.
         provenance: free-form JSON-able facts: which command, which inputs (no timestamps or hosts, so that a
             rerun of the same command is recognised as the same job and resumes).
+        columns: per-row columns stored with the space, name -> type (one of :data:`COLUMN_TYPES`), e.g.
+            ``{"source": "int16"}``: one parquet table per shard in ``STORE/<space>.columns/``, written, checked
+            and published with the shard's array (:meth:`SpaceWriter.write_shard` takes their values).
     """
 
     role: str
@@ -86,6 +98,7 @@ class SpaceSpec:
     checkpoint_digest: str | None = None
     normalized: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, str) or not self.role:
@@ -96,19 +109,29 @@ class SpaceSpec:
             raise StoreError(f"dtype {self.dtype!r} is not stored; use one of {', '.join(DTYPES)}")
         if self.checkpoint_digest is not None and not isinstance(self.checkpoint_digest, str):
             raise StoreError(f"checkpoint_digest {self.checkpoint_digest!r} must be a string or None")
+        if not isinstance(self.columns, dict):
+            raise StoreError(f"columns {self.columns!r} must be a dict of column name -> type")
+        for name, kind in self.columns.items():
+            if not isinstance(name, str) or not COLUMN_NAME.fullmatch(name) or kind not in COLUMN_TYPES:
+                raise StoreError(f"row column {name!r}: {kind!r} cannot be stored; names are letters, digits and '_' "
+                                 f"(not starting with a digit), types one of {', '.join(COLUMN_TYPES)}")
 
     def record(self) -> dict[str, Any]:
-        """The spec as the manifest holds it."""
-        return {"role": self.role, "checkpoint_digest": self.checkpoint_digest, "dim": self.dim,
-                "dtype": self.dtype, "normalized": bool(self.normalized), "provenance": self.provenance}
+        """The spec as the manifest holds it (``columns`` only when there are some: older records stay as they
+        were, and so do their job keys)."""
+        rec = {"role": self.role, "checkpoint_digest": self.checkpoint_digest, "dim": self.dim,
+               "dtype": self.dtype, "normalized": bool(self.normalized), "provenance": self.provenance}
+        return {**rec, "columns": dict(sorted(self.columns.items()))} if self.columns else rec
 
 
 @dataclass(frozen=True)
 class Space(SpaceSpec):
-    """A published space: its spec, its name, and the sha256 (``sha256:<hex>``) of each shard, in shard order."""
+    """A published space: its spec, its name, and the sha256 (``sha256:<hex>``) of each shard, in shard order (and
+    of each shard's row-column table, when the space has row columns)."""
 
     name: str = ""
     sha256: tuple[str, ...] = ()
+    columns_sha256: tuple[str, ...] = ()
 
 
 def _fail(path: Path, what: str) -> StoreError:
@@ -159,9 +182,15 @@ def _space(name: str, entry: Any, n_shards: int, path: Path) -> Space:
     sha = entry.get("sha256")
     if not isinstance(sha, list) or len(sha) != n_shards or not all(isinstance(s, str) for s in sha):
         raise _fail(path, f"space {name!r} does not list one sha256 per shard ({n_shards})")
+    columns, col_sha = entry.get("columns") or {}, entry.get("columns_sha256") or []
+    if columns and (not isinstance(col_sha, list) or len(col_sha) != n_shards
+                    or not all(isinstance(s, str) for s in col_sha)):
+        raise _fail(path, f"space {name!r} has row columns but does not list one columns_sha256 per shard "
+                          f"({n_shards})")
     try:
         return Space(role=entry.get("role"), dim=entry.get("dim"), dtype=entry.get("dtype"),
                      checkpoint_digest=entry.get("checkpoint_digest"), normalized=bool(entry.get("normalized")),
-                     provenance=entry.get("provenance") or {}, name=name, sha256=tuple(sha))
+                     provenance=entry.get("provenance") or {}, columns=columns, name=name, sha256=tuple(sha),
+                     columns_sha256=tuple(col_sha) if columns else ())
     except StoreError as err:
         raise _fail(path, f"space {name!r}: {err}") from err

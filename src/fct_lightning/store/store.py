@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from fct_lightning.store.files import FileLock, write_bytes
 from fct_lightning.store.format import (
+    COLUMNS_SUFFIX,
     MANIFEST,
     META,
     Shard,
@@ -85,6 +86,27 @@ class Store:
     def array_path(self, space: str, shard: int) -> Path:
         """``STORE/<space>/part-NNNNN.npy``."""
         return self.path / space / f"{self.shard(shard).name}.npy"
+
+    def columns_path(self, space: str, shard: int) -> Path:
+        """``STORE/<space>.columns/part-NNNNN.parquet``: the row columns of ``space`` for ``shard``."""
+        return self.path / f"{space}{COLUMNS_SUFFIX}" / f"{self.shard(shard).name}.parquet"
+
+    def row_columns(self, space: str, shard: int, names: Sequence[str] | None = None) -> pa.Table:
+        """The row columns of ``space`` for ``shard`` (all, or ``names``), one row per item in row order."""
+        info, path, rows = self.space(space), self.columns_path(space, shard), self.shard(shard).rows
+        missing = [n for n in (names or ()) if n not in info.columns]
+        if not info.columns or missing:
+            raise StoreError(f"space {space!r} of {self.path} has no row column {(missing or ['any'])[0]!r} (its "
+                             f"columns: {sorted(info.columns) or 'none'})")
+        try:
+            table = pq.read_table(path, columns=list(names) if names is not None else None)
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"{path} cannot be read ({err}); run fct-store verify {self.path} and rewrite space "
+                             f"{space!r}") from err
+        if table.num_rows != rows:
+            raise StoreError(f"{path} holds {table.num_rows} rows but shard {self.shard(shard).name} has {rows}; "
+                             f"run fct-store verify {self.path} and rewrite space {space!r}")
+        return table
 
     def meta(self, shard: int, columns: Sequence[str] | None = None) -> pa.Table:
         """The items of ``shard`` (all columns, or ``columns``), in row order."""

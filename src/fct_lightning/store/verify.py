@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from fct_lightning.store.create import first_duplicate
 from fct_lightning.store.files import CHUNK_BYTES, npy_size, sha256_file
-from fct_lightning.store.format import META, StoreError
+from fct_lightning.store.format import COLUMNS_SUFFIX, META, StoreError
 from fct_lightning.store.store import Store
 
 
@@ -75,6 +75,32 @@ def _space_problems(store: Store, name: str, check_content: bool) -> list[str]:
             continue
         if check_content:
             problems += _non_finite(store, name, shard.index, arr)
+    return problems + (_column_problems(store, name, check_content) if space.columns else [])
+
+
+def _column_problems(store: Store, name: str, check_content: bool) -> list[str]:
+    """The row columns of space ``name``: one table per shard, its checksum, its rows and its columns' types."""
+    space = store.space(name)
+    problems = _extra(store.path / f"{name}{COLUMNS_SUFFIX}", {f"{s.name}.parquet" for s in store.shards})
+    fix = f"run the command that wrote space {name!r} again (it rewrites such shards), or restore the file"
+    for shard in store.shards:
+        path = store.columns_path(name, shard.index)
+        if not path.is_file():
+            problems.append(f"{path} is missing; {fix}")
+            continue
+        if check_content and sha256_file(path) != space.columns_sha256[shard.index]:
+            problems.append(f"{path} does not match its sha256 in the manifest (it was changed or damaged); {fix}")
+            continue
+        try:
+            table = store.row_columns(name, shard.index)
+        except StoreError as err:
+            problems.append(str(err))
+            continue
+        types = {f.name: str(f.type) for f in table.schema}
+        want = {k: "string" if v == "string" else ("float" if v == "float32" else "double" if v == "float64" else v)
+                for k, v in space.columns.items()}
+        if types != want:
+            problems.append(f"{path} holds the columns {types}, not the manifest's {want}; {fix}")
     return problems
 
 

@@ -1,7 +1,8 @@
 """Writing a space: shard by shard, resumable, in any number of processes, published last.
 
 Each shard is written to ``STORE/<space>/.progress/part-NNNNN.tmp``, synced and renamed to
-``STORE/<space>/part-NNNNN.npy``; then a record (``.progress/part-NNNNN.json``: rows, dim, dtype, sha256 and the
+``STORE/<space>/part-NNNNN.npy`` (a space with row columns also gets ``STORE/<space>.columns/part-NNNNN.parquet``,
+the same way, first); then a record (``.progress/part-NNNNN.json``: rows, dim, dtype, sha256 and the
 job's key, a hash of its :class:`SpaceSpec`) says it is complete. A shard is skipped when its record belongs to
 this job and the file still has the recorded sha256, so a job killed at any moment and run again redoes only the
 rest, and its result is byte-identical to an uninterrupted run. While a process writes a shard it holds that
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from fct_lightning.store.files import (
     FileLock,
@@ -30,8 +32,9 @@ from fct_lightning.store.files import (
     sha256_file,
     write_bytes,
     write_npy,
+    write_parquet,
 )
-from fct_lightning.store.format import SpaceSpec, StoreError, check_space_name
+from fct_lightning.store.format import COLUMNS_SUFFIX, SpaceSpec, StoreError, check_space_name
 from fct_lightning.store.store import MANIFEST_WAIT, Store, manifest_lock, write_manifest
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,34 @@ def _record(spec: SpaceSpec) -> dict[str, Any]:
 
 def _key(record: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(dump_json(record)).hexdigest()
+
+
+SHA_KEYS = ("sha256", "columns_sha256")
+"""The keys a published space entry adds to its spec's record."""
+
+ARROW_TYPES = {"int8": pa.int8(), "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(),
+               "float32": pa.float32(), "float64": pa.float64(), "string": pa.string()}
+
+
+def column_table(spec: SpaceSpec, values: Any, rows: int, where: str) -> pa.Table:
+    """The row columns ``values`` (name -> one value per row) of a shard of ``rows`` rows as the table stored,
+    columns by name; a StoreError names a missing, extra, short or ill-typed column."""
+    if not isinstance(values, dict) or set(values) != set(spec.columns):
+        got = sorted(values) if isinstance(values, dict) else values
+        raise StoreError(f"{where} needs the row columns {sorted(spec.columns)} (name -> one value per row); got "
+                         f"{got!r}")
+    cols = {}
+    for name in sorted(spec.columns):
+        try:
+            cols[name] = pa.array(np.asarray(values[name]) if spec.columns[name] != "string" else values[name],
+                                  type=ARROW_TYPES[spec.columns[name]])
+        except (pa.ArrowException, TypeError, ValueError) as err:
+            raise StoreError(f"row column {name!r} of {where} cannot be stored as {spec.columns[name]} "
+                             f"({err})") from err
+        if len(cols[name]) != rows or cols[name].null_count:
+            raise StoreError(f"row column {name!r} of {where} has {len(cols[name])} values ({cols[name].null_count} "
+                             f"missing); give one per row ({rows})")
+    return pa.table(cols)
 
 
 class SpaceWriter:
@@ -78,6 +109,7 @@ class SpaceWriter:
         self.store = store if isinstance(store, Store) else Store(store)
         self.space, self.spec = check_space_name(space), spec
         self.folder = self.store.path / space
+        self.columns_folder = self.store.path / f"{space}{COLUMNS_SUFFIX}"
         self.progress = self.folder / PROGRESS
         self.record = _record(spec)
         self.key = _key(self.record)
@@ -97,7 +129,7 @@ class SpaceWriter:
         with manifest_lock(path).acquire(wait=MANIFEST_WAIT):
             fresh = Store(path)
             published = fresh.manifest["spaces"].get(self.space)
-            if published is not None and {k: v for k, v in published.items() if k != "sha256"} != self.record:
+            if published is not None and {k: v for k, v in published.items() if k not in SHA_KEYS} != self.record:
                 if not overwrite:
                     raise StoreError(f"space {self.space!r} of {path} was made by another job ({_what(published)}, "
                                      f"not {_what(self.record)}); {fix}")
@@ -122,16 +154,20 @@ class SpaceWriter:
         rec, path = read_json(self.progress / f"{shard.name}.json"), self.folder / f"{shard.name}.npy"
         want = {"shard": shard.name, "rows": shard.rows, "dim": self.spec.dim, "dtype": self.spec.dtype,
                 "job": self.key}
+        table = self.store.columns_path(self.space, i)
         return (isinstance(rec, dict) and {k: rec.get(k) for k in want} == want and path.is_file()
                 and path.stat().st_size == npy_size(shard.rows, self.spec.dim, self.spec.dtype)
-                and sha256_file(path) == rec.get("sha256"))
+                and sha256_file(path) == rec.get("sha256")
+                and (not self.spec.columns or (table.is_file() and sha256_file(table) == rec.get("columns_sha256"))))
 
     def _scan(self, i: int) -> bool:
         with self._lock(i).acquire():  # another job writing it: refused now, not after hours of work
             return self.complete(i)
 
-    def _write_locked(self, i: int, data: np.ndarray) -> None:
+    def _write_locked(self, i: int, data: np.ndarray, columns: dict[str, Any] | None = None) -> None:
         shard = self.store.shard(i)
+        if isinstance(data, tuple) and self.spec.columns:  # write_shard's function gave (array, columns)
+            data, columns = data
         data = np.asarray(data)
         if data.ndim != 2 or data.shape != (shard.rows, self.spec.dim) or not np.issubdtype(data.dtype, np.floating):
             raise StoreError(f"shard {shard.name} of space {self.space!r} must be a float [{shard.rows}, "
@@ -143,19 +179,31 @@ class SpaceWriter:
             return (f"row {row} of shard {shard.name} of space {self.space!r} (item {self.store.ids(i)[row]!r}, "
                     f"row {shard.start + row} of {self.store.path})")
 
+        extra = {}
+        if self.spec.columns:
+            table = column_table(self.spec, columns, shard.rows, f"shard {shard.name} of space {self.space!r}")
+            self.columns_folder.mkdir(exist_ok=True)
+            with replacing(self.store.columns_path(self.space, i), self.progress / f"{shard.name}.columns.tmp") as tmp:
+                extra["columns_sha256"] = write_parquet(tmp, table)
+        elif columns is not None:
+            raise StoreError(f"space {self.space!r} has no row columns (its spec declares none); give only the array")
         with replacing(final, self.progress / f"{shard.name}.tmp") as tmp:
             sha = write_npy(tmp, data, self.spec.dtype, describe)
         rec = {"shard": shard.name, "rows": shard.rows, "dim": self.spec.dim, "dtype": self.spec.dtype,
-               "job": self.key, "sha256": sha}
+               "job": self.key, "sha256": sha, **extra}
         write_bytes(self.progress / f"{shard.name}.json", dump_json(rec), tmp=self.progress / f"{shard.name}.rec.tmp")
         self.written.append(i)
         log.info("wrote %s (%d rows)", final, shard.rows)
         if i in self.pending:
             self.pending.remove(i)
 
-    def write_shard(self, i: int, data: np.ndarray | Callable[[], np.ndarray]) -> bool:
+    def write_shard(self, i: int, data: np.ndarray | Callable[[], Any], columns: dict[str, Any] | None = None) -> bool:
         """Write shard ``i`` from ``data`` ([rows, dim] floats, or a function returning them, called only if the
-        shard still needs writing, under its lock). Returns False when the shard was complete already."""
+        shard still needs writing, under its lock). Returns False when the shard was complete already.
+
+        A space with row columns (``spec.columns``) takes their values too: ``columns`` (name -> one value per
+        row), or ``data``'s function returns ``(array, columns)``.
+        """
         if i not in self.shards:
             raise StoreError(f"shard {i} is not one of this writer's shards ({_span(self.shards)})")
         with self._lock(i).acquire():
@@ -163,7 +211,7 @@ class SpaceWriter:
                 if i in self.pending:
                     self.pending.remove(i)
                 return False
-            self._write_locked(i, data() if callable(data) else data)
+            self._write_locked(i, data() if callable(data) else data, columns)
         return True
 
     def add(self, rows: int | np.ndarray, block: np.ndarray) -> list[int]:
@@ -172,6 +220,9 @@ class SpaceWriter:
 
         Rows of shards that are complete already are dropped. Returns the shards this call wrote.
         """
+        if self.spec.columns:
+            raise StoreError(f"space {self.space!r} has row columns: write it shard by shard (write_shard, with the "
+                             "columns' values), not row blocks")
         block = np.asarray(block)
         idx = np.arange(rows, rows + len(block)) if isinstance(rows, int | np.integer) else np.asarray(rows, np.int64)
         if block.ndim != 2 or block.shape[1] != self.spec.dim or idx.shape != (len(block),):
@@ -283,25 +334,36 @@ def finalize_space(store: Store | str | Path, space: str, check_content: bool = 
             return store
         raise StoreError(f"space {space!r} of {path} was never written ({folder / PROGRESS / JOB} is missing); "
                          "write it first (fct-store import, fct-embed or fct-transform)")
-    key, problems, sha = _key(record), [], []
+    key, problems, sha, col_sha = _key(record), [], [], []
+    has_columns = bool(record.get("columns"))
     for shard in store.shards:
         rec, file = read_json(folder / PROGRESS / f"{shard.name}.json"), folder / f"{shard.name}.npy"
+        columns = store.columns_path(space, shard.index)
         if not isinstance(rec, dict) or rec.get("job") != key or rec.get("rows") != shard.rows:
             problems.append(f"shard {shard.name} is not written yet")
         elif not file.is_file() or file.stat().st_size != npy_size(shard.rows, record["dim"], record["dtype"]):
             problems.append(f"{file} is missing or has the wrong size")
         elif check_content and sha256_file(file) != rec["sha256"]:
             problems.append(f"{file} does not match its recorded sha256 (changed after it was written)")
+        elif has_columns and (not columns.is_file() or (check_content
+                                                        and sha256_file(columns) != rec.get("columns_sha256"))):
+            problems.append(f"{columns} is missing or does not match its recorded sha256")
         sha.append(rec.get("sha256") if isinstance(rec, dict) else None)
+        col_sha.append(rec.get("columns_sha256") if isinstance(rec, dict) else None)
     names = {f"{s.name}.npy" for s in store.shards}
     problems += [f"{p} does not belong in the space folder (remove it: readers such as embedding-reader would read "
                  "it)" for p in sorted(folder.iterdir()) if not p.name.startswith(".") and p.name not in names]
+    if has_columns and (path / f"{space}{COLUMNS_SUFFIX}").is_dir():
+        tables = {f"{s.name}.parquet" for s in store.shards}
+        problems += [f"{p} does not belong in the row columns' folder (remove it)" for p in
+                     sorted((path / f"{space}{COLUMNS_SUFFIX}").iterdir())
+                     if not p.name.startswith(".") and p.name not in tables]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise StoreError(f"space {space!r} of {path} cannot be published yet: {'; '.join(problems[:5])}{more}. Run "
                          "the writers of those shards again (the same command; e.g. the array-job tasks that did "
                          "not finish), then finalize again")
-    entry = {**record, "sha256": sha}
+    entry = {**record, "sha256": sha, **({"columns_sha256": col_sha} if has_columns else {})}
     with manifest_lock(path).acquire(wait=MANIFEST_WAIT):
         fresh = Store(path)
         if fresh.manifest["spaces"].get(space) == entry:

@@ -1,0 +1,60 @@
+"""fct-index and fct-search end to end, and their one-line errors (exit 1, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pyarrow.parquet as pq
+import pytest
+
+from fct_lightning.commands import run_command
+from fct_lightning.commands.index import index_command, search_command
+from tests.index.conftest import QUERIES, gallery_rows, write_rows
+
+fct_index = partial(run_command, "fct-index", index_command)
+fct_search = partial(run_command, "fct-search", search_command)
+
+
+def _fails(main, argv, match):  # noqa: ANN001, ANN202
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    message = str(err.value.code)
+    assert message.count("\n") == 1 and "FCT_DEBUG" in message.splitlines()[1]
+    assert match in message.splitlines()[0], message
+    return message
+
+
+def test_index_then_search(gallery, queries, tmp_path, capsys):
+    out = tmp_path / "index"
+    assert fct_index(["--store", str(gallery.path), "--space", "old", "--factory", "IVF8,Flat", "--out", str(out),
+                      "--train_rows", "1200", "--seed", "4", "--ondisk"]) == 0
+    assert "IndexIVFFlat (IVF8,Flat, l2) of 2,600 rows of space old (16-d), trained on 1,200 random rows, on disk" \
+        in capsys.readouterr().out
+    record = json.loads((out / "index.json").read_text())
+    assert record["store_digest"] == gallery.digest("old") and record["train"]["seed"] == 4
+    hits = tmp_path / "hits.parquet"
+    assert fct_search(["--index", str(out), "--store", str(gallery.path), "--queries", str(queries.path),
+                       "--space", "new", "-k", "4", "--nprobe", "8", "--out", str(hits)]) == 0
+    assert f"{QUERIES * 4:,} hits for {QUERIES:,} queries" in capsys.readouterr().out
+    assert pq.read_table(hits).column("rank").to_pylist() == [0, 1, 2, 3] * QUERIES
+
+
+def test_errors_are_one_line_and_write_nothing(gallery, queries, tmp_path):
+    out, hits = tmp_path / "index", tmp_path / "hits.parquet"
+    base = ["--store", str(gallery.path), "--out", str(out)]
+    _fails(fct_index, [*base, "--space", "new", "--factory", "Flat"], "has no space 'new'")
+    _fails(fct_index, [*base, "--space", "old", "--factory", "IVF8,Zip"], "FAISS rejects the factory string")
+    _fails(fct_index, [*base, "--space", "old", "--factory", "HNSW8", "--ondisk"], "--ondisk needs an IVF index")
+    assert not out.exists() and not (tmp_path / "index.partial").exists()
+    fct_index([*base, "--space", "old", "--factory", "Flat"])
+    _fails(fct_index, [*base, "--space", "old", "--factory", "Flat"], "already exists; pass --overwrite")
+    search = ["--index", str(out), "--store", str(gallery.path), "--queries", str(queries.path), "--out", str(hits)]
+    _fails(fct_search, [*search, "--space", "new", "-k", "0"], "k 0 must be a positive integer")
+    _fails(fct_search, [*search, "--space", "small"], "are 8-d but the index")
+    write_rows(gallery, "old", gallery_rows(9), version=2)
+    _fails(fct_search, [*search, "--space", "new"], "built on another version of space 'old'")
+    assert not hits.exists()
+    fct_index([*base, "--space", "old", "--factory", "Flat", "--overwrite"])
+    fct_search([*search, "--space", "new", "-k", "2"])
+    _fails(fct_search, [*search, "--space", "new"], "already exists; pass --overwrite")
