@@ -1,6 +1,8 @@
 """Run retrieval validation of a fixed toy stage on 101 random items with N CPU processes (gloo) and write
 the logged metrics as JSON. Used by tests/test_ddp.py to check that any number of ranks gives exactly the
-single-process numbers (DistributedSampler pads 101 items with duplicates; the callback must drop them)."""
+single-process numbers (DistributedSampler pads 101 items with duplicates; the callback must drop them).
+``--index Flat`` adds the metrics through a FAISS index; ``--ties`` makes every item a copy of one of 20, so the
+rankings are full of exact ties."""
 
 import argparse
 import json
@@ -14,10 +16,12 @@ from fct_lightning.stages.base import RetrievalStage
 
 
 class Items(Dataset):
-    def __init__(self, n: int = 101, dim: int = 16, classes: int = 7) -> None:
+    def __init__(self, n: int = 101, dim: int = 16, classes: int = 7, ties: bool = False) -> None:
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, dim, generator=g)
         self.y = torch.randint(classes, (n,), generator=g)
+        if ties:
+            self.x = self.x[torch.randint(20, (n,), generator=g)]
 
     def __len__(self) -> int:
         return len(self.y)
@@ -52,13 +56,15 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--nan_item", type=int, default=None, help="make this item's 'b' embedding NaN")
+    p.add_argument("--index", default="none", help="RetrievalEvaluation(index=...): a FAISS factory string or none")
+    p.add_argument("--ties", action="store_true", help="duplicated items: rankings full of exact ties")
     args = p.parse_args()
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-        callbacks=[RetrievalEvaluation(backend="torch")], logger=False, enable_progress_bar=False,
+        callbacks=[RetrievalEvaluation(backend="torch", index=args.index)], logger=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
-    items = Items()
+    items = Items(ties=args.ties)
     toy = Toy(args.nan_item)
     if args.nan_item is not None:
         toy._nan_x = items.x[args.nan_item]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from fct_lightning.retrieval.ann import evaluate_index
 from fct_lightning.retrieval.evaluate import evaluate
+from fct_lightning.retrieval.neighbors import faiss_module
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +48,37 @@ class RetrievalEvaluation(pl.Callback):
     distances with the default backend, FAISS's with ``backend="faiss"``), broadcasts them (or rank 0's error,
     which every rank then raises) and logs ``val/<case>/<metric>`` on every rank so ModelCheckpoint and
     EarlyStopping can monitor them.
+    With ``index`` set, rank 0 then also builds a FAISS index of each case's gallery, as a deployment would, and
+    logs top-k and mAP@R through its top-k hits as ``val/<case>/index/<metric>`` (full-ranking mAP needs every
+    rank and has no index counterpart), plus ``val/index_seconds``, the epoch's index build and search time.
+    With ``"Flat"`` they equal the exact metrics bit for bit (:mod:`~fct_lightning.retrieval.ann`); with an
+    approximate index they show what it costs. The exact metrics stay the ones checkpoints select on.
     The query set equals the gallery set (leave-one-out). The sanity check is skipped.
 
     Args:
         distance: ``l2`` or ``cosine``.
         ks: CMC cut-offs.
         backend: Search backend for :func:`~fct_lightning.retrieval.evaluate` (``auto``, ``torch``, ``faiss``).
+        index: FAISS ``index_factory`` string for the index metrics (``"Flat"``, ``"IVF64,Flat"``, ``"HNSW32"``,
+            ...; on the GPU when FAISS has one and the embeddings are on CUDA); None or ``"none"`` turns them off.
+        index_nprobe: Inverted lists visited per query by an IVF index (None: FAISS's default, 1).
     """
 
-    def __init__(self, distance: str = "l2", ks: tuple[int, ...] = (1, 5), backend: str = "auto") -> None:
+    def __init__(self, distance: str = "l2", ks: tuple[int, ...] = (1, 5), backend: str = "auto",
+                 index: str | None = "Flat", index_nprobe: int | None = None) -> None:
         super().__init__()
         self.distance = distance
         self.ks = tuple(ks)
         self.backend = backend
+        self.index = None if index is None or index.strip().lower() in ("", "none") else index.strip()
+        if self.index is not None:
+            faiss_module()  # ImportError naming the package now, not after the first training epoch
+        if index_nprobe is not None and (isinstance(index_nprobe, bool) or index_nprobe < 1):
+            raise ValueError(f"index_nprobe={index_nprobe!r} must be a positive integer or None.")
+        self.index_nprobe = index_nprobe
         self.results: dict[str, dict[str, float]] = {}
+        self.index_results: dict[str, dict[str, float]] = {}
+        self.index_seconds: float | None = None
         self._buffers: dict[str, list[Tensor]] = {}
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -91,20 +111,47 @@ class RetrievalEvaluation(pl.Callback):
         outcome: tuple[str, Any] | None = None
         if trainer.is_global_zero:
             try:
-                outcome = ("ok", self.compute(gathered, pl_module.eval_cases))
+                outcome = ("ok", self.compute_all(gathered, pl_module.eval_cases))
             except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then all raise it
                 outcome = ("error", err)
         outcome = trainer.strategy.broadcast(outcome, src=0)
         if outcome[0] == "error":  # raised on every rank: the others would otherwise wait in the next collective
             raise outcome[1]
-        results = outcome[1]
-        self.results = results
-        for case, metrics in results.items():
-            for name, value in metrics.items():
-                pl_module.log(f"val/{case}/{name}", value, sync_dist=False, rank_zero_only=False, batch_size=1)
+        self.results, self.index_results, self.index_seconds = outcome[1]
+        logged = {f"val/{case}/{name}": v for case, metrics in self.results.items() for name, v in metrics.items()}
+        logged.update({f"val/{case}/index/{name}": v for case, metrics in self.index_results.items()
+                       for name, v in metrics.items()})
+        if self.index_seconds is not None:
+            logged["val/index_seconds"] = self.index_seconds
+        for key, value in logged.items():
+            pl_module.log(key, value, sync_dist=False, rank_zero_only=False, batch_size=1)
+
+    def compute_all(self, gathered: dict[str, Tensor], cases: dict[str, tuple[str, str]]
+                    ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], float | None]:
+        """Exact metrics, index metrics (empty without ``index``) and the index's build and search seconds."""
+        labels, spaces = self._spaces(gathered)
+        start = time.perf_counter()
+        exact = self._exact(labels, spaces, cases)
+        if self.index is None:
+            return exact, {}, None
+        middle = time.perf_counter()
+        through_index = {
+            case: evaluate_index(spaces[q], labels, spaces[g], labels, factory=self.index, distance=self.distance,
+                                 exclude_self=True, nprobe=self.index_nprobe, ks=self.ks)
+            for case, (q, g) in cases.items()
+        }
+        seconds = time.perf_counter() - middle
+        log.debug("retrieval through index %r on %d items: %.3f s (exact metrics: %.3f s): %s", self.index,
+                  len(labels), seconds, middle - start, through_index)
+        return exact, through_index, seconds
 
     def compute(self, gathered: dict[str, Tensor], cases: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
-        """Deduplicate the gathered items and evaluate every case."""
+        """Deduplicate the gathered items and evaluate every case exactly."""
+        return self._exact(*self._spaces(gathered), cases)
+
+    @staticmethod
+    def _spaces(gathered: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Labels and embeddings per space of the deduplicated items, checked to be finite."""
         keys = [k for k in gathered if k.startswith("emb:")]
         index, labels, *embs = deduplicate(gathered["index"], gathered["labels"], *(gathered[k] for k in keys))
         spaces = {k[4:]: e for k, e in zip(keys, embs, strict=True)}
@@ -116,6 +163,10 @@ class RetrievalEvaluation(pl.Callback):
                     "in this epoch (the checkpoints of earlier epochs are intact). Lower --model.lr, or clip gradients "
                     "with --trainer.gradient_clip_val 1.0."
                 )
+        return labels, spaces
+
+    def _exact(self, labels: Tensor, spaces: dict[str, Tensor],
+               cases: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
         results = {}
         for case, (q, g) in cases.items():
             missing = {q, g} - spaces.keys()
@@ -126,5 +177,5 @@ class RetrievalEvaluation(pl.Callback):
                 spaces[q], labels, spaces[g], labels,
                 exclude_self=True, distance=self.distance, ks=self.ks, backend=self.backend,
             )
-        log.debug("retrieval on %d items: %s", len(index), results)
+        log.debug("retrieval on %d items: %s", len(labels), results)
         return results
