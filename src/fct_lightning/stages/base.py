@@ -8,6 +8,7 @@ RetrievalEvaluation` callback gathers them across ranks and computes retrieval m
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar
 
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from fct_lightning.losses import check_finite
 from fct_lightning.stages.checkpoints import CheckpointError, check_class_names
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -250,19 +253,25 @@ class RetrievalStage(pl.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: one, of :meth:`trainable_parameters`, at ``lr`` (stages with a
+        backbone learning-rate scale add a second)."""
+        return [{"params": self.trainable_parameters()}]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        params = self.trainable_parameters()
+        groups = self.param_groups()
+        params = [p for group in groups for p in group["params"]]
         # fused CUDA kernels: one launch per step instead of a few per parameter group (same update rule).
         # Lightning refuses gradient clipping with fused optimisers, so clipped runs keep the foreach kernels.
         clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)
         fused = {"fused": True} if params and all(p.is_cuda for p in params) and not clipping else {}
         if self.optimizer_name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                 nesterov=self.momentum > 0, **fused,
             )
         else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
+            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, **fused)
         total, per_epoch = self.schedule_length()
         warmup = min(total, round(self.warmup_epochs * per_epoch))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -330,16 +339,90 @@ class RetrievalStage(pl.LightningModule):
 
 class ImageModelStage(RetrievalStage):
     """A stage whose model is one image network, ``self.net`` (an
-    :class:`~fct_lightning.models.backbones.EmbeddingNet`): the old, new, BCT and side-info models."""
+    :class:`~fct_lightning.models.backbones.EmbeddingNet`): the old, new, BCT and side-info models.
+
+    Subclasses build ``self.net`` with ``load_weights=False`` and then call :meth:`configure_backbone`. The
+    backbone's pretrained weights (``weights`` / ``pretrained``) are loaded in :meth:`configure_model`, when
+    fitting starts (before a resumed checkpoint is restored over them), not at construction: rebuilding a trained
+    model from its checkpoint (a later stage's frozen input, fct-eval) then reads no weights file and downloads
+    nothing.
+    """
 
     net: torch.nn.Module
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+
+    def configure_backbone(self, freeze_backbone: bool = False, backbone_lr_scale: float = 1.0) -> None:
+        """Freeze the trunk or give it a lower learning rate.
+
+        Args:
+            freeze_backbone: The trunk (everything below the embedding head) gets no gradients and stays in
+                eval mode, BatchNorm statistics included; only the head (and the stage's own layers) train.
+            backbone_lr_scale: The trunk's learning rate is ``lr * backbone_lr_scale`` (a second parameter
+                group, following the same warm-up and cosine schedule). 1: one group, as without it.
+        """
+        if not backbone_lr_scale > 0:
+            raise ValueError(f"backbone_lr_scale={backbone_lr_scale} must be positive; to stop training the "
+                             "backbone, set freeze_backbone true.")
+        self.freeze_backbone, self.backbone_lr_scale = bool(freeze_backbone), float(backbone_lr_scale)
+        if self.freeze_backbone:
+            self.net.trunk.requires_grad_(False)
+            self.net.trunk.eval()
 
     @property
     def embedding_dim(self) -> int:
         return self.net.embedding_dim
 
+    @property
+    def data_config(self) -> dict[str, Any] | None:
+        """Input size and normalisation the backbone was designed for (timm's data config, torchvision's weights
+        transforms: ``input_size`` ``(C, H, W)``, ``mean``, ``std``, ``interpolation``, ``crop_pct``), or None
+        for the own backbones, whose input is whatever the datamodule serves."""
+        return self.net.data_config
+
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
+
+    def configure_model(self) -> None:
+        """Load the backbone's pretrained weights once, when fitting (see the class docstring)."""
+        if self._trainer is None or self.trainer.state.fn != "fit" or self.__dict__.get("_backbone_loaded"):
+            return
+        self.net.load_backbone_weights()
+        self._backbone_loaded = True
+
+    def train(self, mode: bool = True) -> ImageModelStage:
+        """A frozen backbone stays in eval mode (its BatchNorm statistics do not move)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.net.trunk.eval()
+        return self
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """With ``backbone_lr_scale != 1``: the trunk's trainable parameters at ``lr * backbone_lr_scale``, the
+        others at ``lr``; otherwise the base's single group."""
+        params = self.trainable_parameters()
+        if self.backbone_lr_scale == 1.0:
+            return [{"params": params}]
+        trunk = {id(p) for p in self.net.trunk.parameters()}
+        rest = [p for p in params if id(p) not in trunk]
+        backbone = [p for p in params if id(p) in trunk]
+        groups = [{"params": rest, "name": "head"}]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.lr * self.backbone_lr_scale, "name": "backbone"})
+        return groups
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A backbone given as an ``nn.Module`` instance from Python is recorded by its class path, so that the
+        checkpoint stays weights-only loadable; it is then rebuilt with the class's default arguments (give a
+        ``{"class_path", "init_args"}`` dict, as the CLI does, to record them)."""
+        super().on_save_checkpoint(checkpoint)
+        hparams = checkpoint.get("hyper_parameters")
+        module = hparams.get("backbone") if isinstance(hparams, dict) else None
+        if isinstance(module, torch.nn.Module):
+            path = f"{type(module).__module__}.{type(module).__qualname__}"
+            log.warning("%s: the backbone instance is saved as its class path %s without its arguments; pass "
+                        "backbone={'class_path': ..., 'init_args': {...}} to keep them", self.stage, path)
+            hparams["backbone"] = {"class_path": path, "init_args": {}}
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -25,13 +25,22 @@ class EmbeddingModel(ImageModelStage):
         classes: Class indices this model is trained on (the datamodule's ``train_class_ids``; the CLI links
             it). Classifier row ``j`` belongs to class ``classes[j]``.
         in_channels: Image channels (linked from the datamodule by the CLI).
-        backbone: ``resnet18``, ``resnet34``, ``resnet50`` or ``convnet``.
+        backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``convnet``, any torchvision classification model's
+            name, ``timm:<name>``, or an ``nn.Module`` class path (``class_path``/``init_args`` in YAML); see
+            :mod:`fct_lightning.models.backbones`.
         embedding_dim: Embedding size (the FCT paper uses 128).
-        cifar_stem: 3x3 stride-1 stem without max-pool, for 32 px images.
+        cifar_stem: 3x3 stride-1 stem without max-pool, for 32 px images (ResNet-style models).
         embed_relu: ReLU on the embedding, as the FCT reference does.
         normalize: L2-normalise the embedding.
         width: Width of the small ConvNet backbone.
         label_smoothing: Label smoothing of the cross-entropy.
+        head: Embedding head on the pooled feature: ``linear`` or ``mlp``.
+        weights: Pretrained backbone weights: a state dict (``torch.save``) or ``.safetensors`` file, or a
+            torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``); loaded when fitting starts.
+        pretrained: The framework's default pretrained weights (torchvision / timm; needs internet the first
+            time, else pass ``weights``).
+        freeze_backbone: Train only the head and classifier; the backbone stays in eval mode (BatchNorm too).
+        backbone_lr_scale: The backbone's learning rate as a fraction of ``lr`` (e.g. 0.1 for fine-tuning).
         **kwargs: The dataset name and optimiser settings of
             :class:`~fct_lightning.stages.base.RetrievalStage`.
     """
@@ -42,13 +51,18 @@ class EmbeddingModel(ImageModelStage):
         self,
         classes: list[int],
         in_channels: int = 3,
-        backbone: str = "resnet18",
+        backbone: str | torch.nn.Module = "resnet18",
         embedding_dim: int = 128,
         cifar_stem: bool = False,
         embed_relu: bool = False,
         normalize: bool = False,
         width: int = 32,
         label_smoothing: float = 0.1,
+        head: str = "linear",
+        weights: str | None = None,
+        pretrained: bool = False,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -58,8 +72,10 @@ class EmbeddingModel(ImageModelStage):
         self.save_hyperparameters()
         self.classes = classes
         self.label_smoothing = label_smoothing
-        self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, embed_relu, normalize, width)
+        self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, embed_relu, normalize, width,
+                                head=head, weights=weights, pretrained=pretrained, load_weights=False)
         self.classifier = make_classifier(embedding_dim, len(classes))
+        self.configure_backbone(freeze_backbone, backbone_lr_scale)
         # one entry per class index up to the largest, plus a last -1 that every label outside them maps to
         row = torch.full((max(classes) + 2,), -1, dtype=torch.long)
         row[torch.tensor(classes)] = torch.arange(len(classes))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from fct_lightning.losses import nt_xent
 from fct_lightning.models.backbones import EmbeddingNet, ProjectionHead
@@ -25,13 +25,22 @@ class SideInfoModel(ImageModelStage):
     Args:
         in_channels: Image channels (linked from the datamodule by the CLI).
         classes: Classes of the images it is trained on (recorded in the checkpoint; labels are not used).
-        backbone: ``resnet18``, ``resnet34``, ``resnet50`` or ``convnet``.
+        backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``convnet``, any torchvision classification model's
+            name, ``timm:<name>``, or an ``nn.Module`` class path (``class_path``/``init_args`` in YAML); see
+            :mod:`fct_lightning.models.backbones`.
         embedding_dim: Size of the side-info feature.
-        cifar_stem: 3x3 stride-1 stem for 32 px images.
+        cifar_stem: 3x3 stride-1 stem for 32 px images (ResNet-style models).
         width: Width of the small ConvNet backbone.
         projection_dim: Output size of the projection head.
         projection_hidden: Hidden size of the projection head.
         temperature: NT-Xent temperature.
+        head: Embedding head on the pooled feature: ``linear`` or ``mlp``.
+        weights: Pretrained backbone weights: a state dict (``torch.save``) or ``.safetensors`` file, or a
+            torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``); loaded when fitting starts.
+        pretrained: The framework's default pretrained weights (torchvision / timm; needs internet the first
+            time, else pass ``weights``).
+        freeze_backbone: Train only the embedding and projection heads; the backbone stays in eval mode.
+        backbone_lr_scale: The backbone's learning rate as a fraction of ``lr``.
         **kwargs: The dataset name and optimiser settings of
             :class:`~fct_lightning.stages.base.RetrievalStage`.
     """
@@ -42,13 +51,18 @@ class SideInfoModel(ImageModelStage):
         self,
         in_channels: int = 3,
         classes: list[int] | None = None,
-        backbone: str = "resnet18",
+        backbone: str | nn.Module = "resnet18",
         embedding_dim: int = 128,
         cifar_stem: bool = False,
         width: int = 32,
         projection_dim: int = 128,
         projection_hidden: int = 512,
         temperature: float = 0.1,
+        head: str = "linear",
+        weights: str | None = None,
+        pretrained: bool = False,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -57,8 +71,10 @@ class SideInfoModel(ImageModelStage):
         self.save_hyperparameters()
         self.classes = None if classes is None else [int(c) for c in classes]
         self.temperature = temperature
-        self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, width=width)
+        self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, width=width, head=head,
+                                weights=weights, pretrained=pretrained, load_weights=False)
         self.projection = ProjectionHead(embedding_dim, projection_hidden, projection_dim)
+        self.configure_backbone(freeze_backbone, backbone_lr_scale)
 
     def _gather(self, z: Tensor) -> Tensor:
         if self.trainer is None or self.trainer.world_size == 1:
