@@ -7,6 +7,11 @@ the options that make the variant), takes the dataset's LightningDataModule, loa
 (``--trainer.devices 8``, ``--trainer.max_epochs 3``, ``--data.root ...``, ``--config my.yaml``; unknown keys are
 errors). It writes ``<DIR>/<D>/<V>/best.ckpt``, ``last.ckpt``, the resolved ``config.yaml`` and, when the run
 completes, ``done.json``.
+
+``--data embeddings`` trains a transformation from stored embeddings instead of images
+(:class:`~fct_lightning.data.embeddings.EmbeddingsDataModule`, configs ``configs/embeddings/``):
+``fct-fit --stage transformation --data embeddings --data.train STORE --data.val STORE``. No frozen checkpoint is
+needed; ``D`` is the dataset the stores record (or ``--dataset D``, or ``embeddings``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from fct_lightning import chain
 from fct_lightning.callbacks import StageCheckpoint
 from fct_lightning.commands import run_command
 from fct_lightning.data import DATAMODULES
+from fct_lightning.data.embeddings import EmbeddingsDataModule
 from fct_lightning.loggers import default_logger, ensure_wandb_mode
 from fct_lightning.retrieval.callback import RetrievalEvaluation
 from fct_lightning.runs import (
@@ -52,6 +58,8 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: fct-fit's progress bar redraws every this many training steps (and at the end of each epoch)
 PROGRESS_REFRESH_STEPS = 10
+#: ``--data embeddings``: the datamodule and packaged configs (``configs/embeddings/``) of h from stored embeddings
+EMBEDDINGS = "embeddings"
 
 
 def stage_configs(dataset: str, stage: str) -> list[Path]:
@@ -89,7 +97,10 @@ class FCTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         params = _init_params(self.model_class)
-        for source, target in (("name", "dataset"), ("train_class_ids", "classes"), ("in_channels", "in_channels")):
+        links = (("name", "dataset"), ("train_class_ids", "classes"), ("in_channels", "in_channels"))
+        if self.datamodule_class is EmbeddingsDataModule:
+            links += (("stored", "stored"),)  # h's dimensions and input digests, from the stores' spaces
+        for source, target in links:
             if target in params:
                 parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
         parser.add_class_arguments(RetrievalEvaluation, "retrieval", fail_untyped=True)
@@ -106,6 +117,8 @@ class FCTCLI(LightningCLI):
         return stage_dir(self.artifacts, self.dataset, self.variant.name)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
+        if isinstance(self.datamodule, EmbeddingsDataModule):  # the stores' dataset names the artifacts folder
+            self.dataset = self.datamodule.name
         out = self.out_dir
         user = config.get("callbacks") or []
         user = user if isinstance(user, list) else [user]
@@ -139,7 +152,7 @@ def _pre_parser(prog: str) -> argparse.ArgumentParser:
     # no abbreviations: LightningCLI's own `--data FILE` / `--data=...` must not be read as `--dataset`
     p = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     p.add_argument("--stage", choices=list(chain.VARIANTS), metavar="{" + ",".join(chain.VARIANTS) + "}")
-    p.add_argument("--dataset", default="digits", choices=sorted(DATAMODULES))
+    p.add_argument("--dataset", default=None, choices=sorted(DATAMODULES), help="default digits")
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--ckpt_path", default=None)
     p.add_argument("--seed", type=int, default=0, help="run seed; each stage derives its own from it")
@@ -159,6 +172,22 @@ def _run_seed_args(stage_cls: type, seed: int) -> list[str]:
     if "cache_seed" in _init_params(stage_cls):
         args += ["--model.cache_seed", str(seed)]
     return args
+
+
+def _embeddings_args(argv: list[str]) -> tuple[bool, list[str]]:
+    """``(whether argv asks for --data embeddings, argv without it)``. Any other ``--data`` value (a config file,
+    LightningCLI's own) stays in argv."""
+    out, found, i = [], False, 0
+    while i < len(argv):
+        if argv[i] == "--data" and i + 1 < len(argv) and argv[i + 1] == EMBEDDINGS:
+            found, i = True, i + 2
+            continue
+        if argv[i] == f"--data={EMBEDDINGS}":
+            found = True
+        else:
+            out.append(argv[i])
+        i += 1
+    return found, out
 
 
 def _default_args(variant: chain.Variant, artifacts: Path, dataset: str) -> list[str]:
@@ -222,11 +251,13 @@ def _resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
 def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI, str | None]:
     """Parse ``fct-fit`` arguments and instantiate data, model and trainer (without fitting)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    embeddings, argv = _embeddings_args(argv)
     pre, rest = _pre_parser("fct-fit").parse_known_args(argv)
     if pre.stage is None:
         stages, datasets = ",".join(chain.VARIANTS), ",".join(sorted(DATAMODULES))
         usage = (
-            f"usage: fct-fit --stage {{{stages}}} [--dataset {{{datasets}}}] [--artifacts DIR] [--seed N] "
+            f"usage: fct-fit --stage {{{stages}}} [--dataset {{{datasets}}} | --data embeddings --data.train STORE "
+            "--data.val STORE] [--artifacts DIR] [--seed N] "
             "[--resume auto | --ckpt_path last|PATH | --overwrite] [LightningCLI options, see fct-fit --stage S "
             "--help]"
         )
@@ -236,6 +267,10 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
         raise SystemExit(f"fct-fit: --stage is required.\n{usage}")
     variant = chain.get(pre.stage)
     stage_cls = variant.stage_class
+    if embeddings and "stored" not in _init_params(stage_cls):
+        trains = [v for v in chain.VARIANTS if "stored" in _init_params(chain.get(v).stage_class)]
+        raise ValueError(f"--data embeddings trains h from stored embeddings: --stage {pre.stage} trains an image "
+                         f"model; choose one of {trains}")
     if pre.seed < 0:
         raise ValueError(f"--seed {pre.seed} is negative; use a seed of 0 or more.")
     if pre.resume and (pre.ckpt_path or pre.overwrite):
@@ -249,14 +284,20 @@ def build_cli(argv: list[str] | None = None, **cli_kwargs: Any) -> tuple[FCTCLI,
         log.warning("fct-fit: --seed_everything replaces the seed this stage derives from --seed; stages given the "
                     "same value start from the same initial weights (e.g. old and new). Prefer --seed N.")
     seed = ["--seed_everything", str(1000 * pre.seed + variant.seed_offset)]
-    configs = [a for path in stage_configs(pre.dataset, variant.stage) for a in ("--config", str(path))]
-    args = [*configs, *seed, *_run_seed_args(stage_cls, pre.seed), *_default_args(variant, artifacts, pre.dataset),
-            *rest, *_variant_args(variant, rest)]
+    dataset = pre.dataset or "digits"
+    if embeddings:  # no frozen checkpoints to point at: the stores hold their embeddings
+        configs = [a for path in stage_configs(EMBEDDINGS, variant.stage) for a in ("--config", str(path))]
+        defaults = ["--data.dataset", pre.dataset] if pre.dataset else []
+        dataset, datamodule = pre.dataset or EMBEDDINGS, EmbeddingsDataModule
+    else:
+        configs = [a for path in stage_configs(dataset, variant.stage) for a in ("--config", str(path))]
+        defaults, datamodule = _default_args(variant, artifacts, dataset), DATAMODULES[dataset]
+    args = [*configs, *seed, *_run_seed_args(stage_cls, pre.seed), *defaults, *rest, *_variant_args(variant, rest)]
     saved_argv = sys.argv
     sys.argv = sys.argv[:1]  # the arguments come from `args`; the DDP launcher later re-runs the real sys.argv
     try:
         cli = FCTCLI(
-            stage_cls, DATAMODULES[pre.dataset], stage=variant.stage, dataset=pre.dataset, artifacts=artifacts,
+            stage_cls, datamodule, stage=variant.stage, dataset=dataset, artifacts=artifacts,
             run_seed=pre.seed, args=args, run=False, seed_everything_default=0, save_config_callback=None,
             parser_kwargs={"prog": f"fct-fit --stage {pre.stage}", "allow_abbrev": False}, **cli_kwargs,
         )

@@ -7,6 +7,14 @@ Two ways to train h: ``cached=True`` (default) embeds ``cache_views`` seeded aug
 image once with the three frozen models (see :mod:`fct_lightning.data.features`) and trains on those
 tensors; ``cached=False`` runs the three frozen backbones on freshly augmented images every step, as the FCT
 reference does. FastFill's uncertainty head is an option (``uncertainty=True``).
+
+A third way needs no image and no frozen model: from stored embeddings (``stored``, given by
+:class:`~fct_lightning.data.embeddings.EmbeddingsDataModule`; ``fct-fit --data embeddings``). h's dimensions and the
+digests its checkpoint records come from the stores' spaces, training batches have the feature cache's form and
+validation batches carry the stored embeddings of the validation items, so the checkpoint and the logged cases are
+those of the image path. Frozen checkpoints may still be given (their digests and dimensions must be the stores'):
+the image models then come with h (fct-eval on images), and the new model's classifier serves FastFill's
+discriminative term.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ class TransformationModel(RetrievalStage):
     """Trains h on frozen old, side-info and new models (stage ``transformation``).
 
     Args:
-        old_checkpoint: The old model's checkpoint (default ``artifacts/<dataset>/old/best.ckpt``).
+        old_checkpoint: The old model's checkpoint (default ``artifacts/<dataset>/old/best.ckpt``); optional with
+            ``stored``.
         side_info_checkpoint: The side-info model's checkpoint (``.../side_info/best.ckpt``).
-        new_checkpoint: The new model's checkpoint (``.../new/best.ckpt``).
+        new_checkpoint: The new model's checkpoint (``.../new/best.ckpt``); optional with ``stored``.
         use_side_info: h(old, side) when True; the no-side-info variant h(old) when False (case ``fct/old``).
         loss: ``mse`` or ``cosine`` distance to the new model's embedding.
         mixer_width: Width of h's mixer layers.
@@ -56,6 +65,9 @@ class TransformationModel(RetrievalStage):
         label_smoothing: Label smoothing of the discriminative term.
         optimizer: ``sgd`` or ``adamw`` (AdamW by default here).
         lr: Peak learning rate.
+        stored: Train from stored embeddings instead of images: by role (``old``, ``side_info``, ``new``) the
+            stored space's ``dim``, ``digest`` (of the checkpoint that embedded it, or None) and ``source`` (linked
+            from :attr:`EmbeddingsDataModule.stored <fct_lightning.data.embeddings.EmbeddingsDataModule.stored>`).
         **kwargs: The dataset name (linked by the CLI; checked against the checkpoints) and the other optimiser
             settings of :class:`~fct_lightning.stages.base.RetrievalStage`.
     """
@@ -65,8 +77,8 @@ class TransformationModel(RetrievalStage):
 
     def __init__(
         self,
-        old_checkpoint: str,
-        new_checkpoint: str,
+        old_checkpoint: str | None = None,
+        new_checkpoint: str | None = None,
         side_info_checkpoint: str | None = None,
         use_side_info: bool = True,
         loss: str = "mse",
@@ -85,6 +97,7 @@ class TransformationModel(RetrievalStage):
         label_smoothing: float = 0.1,
         optimizer: str = "adamw",
         lr: float = 1e-3,
+        stored: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, **kwargs)
@@ -97,29 +110,77 @@ class TransformationModel(RetrievalStage):
         self.save_hyperparameters()
         self.loss_kind, self.use_side_info, self.bn_eval_after = loss, use_side_info, bn_eval_after
         self.cached, self.cache_views, self.cache_seed = cached, cache_views, cache_seed
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(old_checkpoint).resolve().parent.parent / "cache"
+        self.stored = stored
+        if stored is None and not (old_checkpoint and new_checkpoint):
+            raise ValueError("training h on images needs old_checkpoint and new_checkpoint (fct-fit fills in "
+                             "<artifacts>/<dataset>/{old,new}/best.ckpt); to train it from stored embeddings instead, "
+                             "use fct-fit --data embeddings --data.train STORE --data.val STORE")
+        self.cache_dir = (Path(cache_dir) if cache_dir else
+                          Path(old_checkpoint).resolve().parent.parent / "cache" if old_checkpoint else None)
         self.cache_dtype = getattr(torch, cache_dtype)
         self.uncertainty = uncertainty
         self.fastfill_terms = (fastfill_similarity, fastfill_discriminative)
         self.label_smoothing = label_smoothing
         dataset = self.dataset
-        old, self.old_meta = load_stage(old_checkpoint, "old", ("old",), dataset)
-        new, self.new_meta = load_stage(new_checkpoint, "new", ("new",), dataset)
-        self.old_net, self.new_net = freeze(old.net), freeze(new.net)
-        self.new_classifier = freeze(new.classifier)
-        self.new_classes = list(new.classes)
-        self.register_buffer("new_class_to_row", new.class_to_row.clone(), persistent=False)
-        side_dim = None
+        dims: dict[str, int | None] = {"old": None, "new": None, "side_info": None}
+        self.old_meta: dict[str, Any] = {}
+        self.new_meta: dict[str, Any] = {}
         self.side_meta: dict[str, Any] = {}
+        self.new_classes: list[Any] | None = None
+        if old_checkpoint:
+            old, self.old_meta = load_stage(old_checkpoint, "old", ("old",), dataset)
+            self.old_net = freeze(old.net)
+            dims["old"] = old.embedding_dim
+        if new_checkpoint:
+            new, self.new_meta = load_stage(new_checkpoint, "new", ("new",), dataset)
+            self.new_net = freeze(new.net)
+            self.new_classifier = freeze(new.classifier)
+            self.new_classes = list(new.classes)
+            self.register_buffer("new_class_to_row", new.class_to_row.clone(), persistent=False)
+            dims["new"] = new.embedding_dim
         if use_side_info:
-            if not side_info_checkpoint:
+            if not side_info_checkpoint and stored is None:
                 raise ValueError("use_side_info=True needs side_info_checkpoint (or set use_side_info=False)")
-            side, self.side_meta = load_stage(side_info_checkpoint, "side_info", ("side_info",), dataset)
-            self.side_net = freeze(side.net)
-            side_dim = side.embedding_dim
+            if side_info_checkpoint:
+                side, self.side_meta = load_stage(side_info_checkpoint, "side_info", ("side_info",), dataset)
+                self.side_net = freeze(side.net)
+                dims["side_info"] = side.embedding_dim
+        if stored is not None:
+            dims = self._use_stored(stored, dims)
         self.h = Transformation(
-            old.embedding_dim, new.embedding_dim, side_dim, branch_width_factor, mixer_width, mixer_depth, uncertainty
+            dims["old"], dims["new"], dims["side_info"] if use_side_info else None, branch_width_factor, mixer_width,
+            mixer_depth, uncertainty
         )
+
+    def _use_stored(self, stored: dict[str, dict[str, Any]], dims: dict[str, int | None]) -> dict[str, int | None]:
+        """h's dimensions from the stored spaces; a frozen checkpoint given as well must be the one that embedded
+        its space (same content digest, when the space records one; same dimension). Roles without a checkpoint
+        get the space's digest, which the checkpoint of h records (fct-transform checks a store's spaces by it)."""
+        roles = ["old", "new"] + (["side_info"] if self.use_side_info else [])
+        missing = [r for r in roles if r not in stored]
+        if missing:
+            fix = (" (or train h without side-info: --model.use_side_info false)" if missing == ["side_info"] else "")
+            raise ValueError(f"the stored embeddings have no space {' or '.join(map(repr, missing))}; h with these "
+                             f"options needs {roles}{fix}")
+        if self.uncertainty and self.fastfill_terms[1] and self.new_classes is None:
+            raise ValueError("FastFill's discriminative term classifies h's outputs with the new model's classifier, "
+                             "which stored embeddings do not hold: give --model.new_checkpoint (the checkpoint that "
+                             "embedded the 'new' space) or turn the term off (--model.fastfill_discriminative false)")
+        metas = {"old": self.old_meta, "new": self.new_meta, "side_info": self.side_meta}
+        for role in roles:
+            space, meta = stored[role], metas[role]
+            if dims[role] is not None and dims[role] != space["dim"]:
+                raise ValueError(f"dimension mismatch: the stored {role} space {space.get('source')} is "
+                                 f"{space['dim']}-d but the {role} checkpoint {meta['path']} embeds {dims[role]}-d; "
+                                 "give the checkpoint that embedded the space, or none")
+            if meta and space.get("digest") and space["digest"] != meta["digest"]:
+                raise ValueError(f"the stored {role} space {space.get('source')} was embedded with the checkpoint of "
+                                 f"content {space['digest']}, but the {role} checkpoint {meta['path']} is "
+                                 f"{meta['digest']}; give the checkpoint that embedded the space, or none")
+            if not meta:
+                metas[role].update(digest=space.get("digest"), path=space.get("source"), embedding_dim=space["dim"])
+            dims[role] = space["dim"]
+        return dims
 
     # ----------------------------------------------------------------- frozen parts
     @property
@@ -138,8 +199,18 @@ class TransformationModel(RetrievalStage):
         return meta
 
     # ----------------------------------------------------------------- embeddings
+    def check_image_models(self) -> None:
+        """Refuse to embed images with an h trained from stored embeddings whose image models were not given."""
+        need = ["old", "new"] + (["side_info"] if self.use_side_info else [])
+        absent = [r for r, net in zip(need, ("old_net", "new_net", "side_net"), strict=False) if not hasattr(self, net)]
+        if absent:
+            raise ValueError(f"this h was trained from stored embeddings without the {', '.join(absent)} image "
+                             "model(s), so it cannot embed images: transform stored embeddings (fct-transform "
+                             "--store), or train it with --model.<role>_checkpoint given for every role")
+
     def frozen_embeddings(self, images: Tensor, new: bool = True) -> dict[str, Tensor]:
         """The frozen models' embeddings of ``images``: ``old``, ``side`` (with side-info) and ``new`` (if asked)."""
+        self.check_image_models()
         with torch.no_grad():
             out = {"old": self.old_net(images)}
             if new:
@@ -151,6 +222,7 @@ class TransformationModel(RetrievalStage):
     def frozen_models(self) -> dict[str, tuple[str, torch.nn.Module]]:
         """The frozen image models by role (``old``, ``side`` with side-info, ``new``), each with the digest of the
         checkpoint file it came from: two stages that loaded the same file hold the same model."""
+        self.check_image_models()
         out = {"old": (self.old_meta["digest"], self.old_net), "new": (self.new_meta["digest"], self.new_net)}
         if self.use_side_info:
             out["side"] = (self.side_meta["digest"], self.side_net)
@@ -170,7 +242,17 @@ class TransformationModel(RetrievalStage):
                 "new/new": ("new", "new")}
 
     def query_embed(self, images: Tensor) -> Tensor:
+        self.check_image_models()
         return self.new_net(images)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Images as every stage validates them, or stored embeddings (a dict batch from
+        :class:`~fct_lightning.data.embeddings.EmbeddingsDataModule`): the same spaces, from the stored rows."""
+        if not isinstance(batch, dict):
+            return super().validation_step(batch, batch_idx)
+        old, side = batch["old"], batch.get("side")
+        embeddings = {"old": old, "new": batch["new"], self.gallery_space: self.transform(old, side)}
+        return {"embeddings": embeddings, "labels": batch["labels"], "index": batch["index"]}
 
     def gallery_embed(self, images: Tensor) -> Tensor:
         f = self.frozen_embeddings(images, new=False)
@@ -185,6 +267,9 @@ class TransformationModel(RetrievalStage):
         would leave h training on images through the frozen models, i.e. on the fly.
         """
         self.check_frozen_classes()
+        if self.stored is not None:
+            self._setup_stored(stage)
+            return
         if stage == "fit" and self.uncertainty and self.fastfill_terms[1]:
             unknown = sorted(set(self.trainer.datamodule.train_class_ids) - set(self.new_classes))
             if unknown:
@@ -224,8 +309,32 @@ class TransformationModel(RetrievalStage):
         self._feature_loader = FeatureBatches(features, dm.batch_size, device, self.cache_seed, rank, world)
         dm.serve_training_batches(self._feature_loader)
 
+    def _setup_stored(self, stage: str) -> None:
+        """From stored embeddings: train on the datamodule's batches of stored rows (no cache, no image)."""
+        dm = self.trainer.datamodule
+        batches = getattr(dm, "train_batches", None) if stage == "fit" else None
+        if stage == "fit" and batches is None:
+            raise ValueError(f"this transformation was built to train from stored embeddings (stored=...), but the "
+                             f"datamodule {type(dm).__name__} does not serve them; use fct-fit --data embeddings "
+                             "(an EmbeddingsDataModule)")
+        if stage != "fit":
+            return
+        if self.uncertainty and self.fastfill_terms[1]:
+            labels = batches.labels
+            if bool((labels < 0).any()):
+                raise ValueError("FastFill's discriminative term needs the training items' labels, which the "
+                                 "training store does not hold: create it with labels, or turn the term off "
+                                 "(--model.fastfill_discriminative false)")
+            unknown = sorted(set(labels.unique().tolist()) - set(self.new_classes))
+            if unknown:
+                raise ValueError(f"FastFill's discriminative term classifies h's outputs with the new model's "
+                                 f"classifier, which knows the classes {self.new_classes}, but the training store "
+                                 f"also has the labels {unknown}; turn the term off (--model.fastfill_discriminative "
+                                 "false) or give the new model's checkpoint trained on them")
+        self._feature_loader = batches
+
     def on_train_epoch_start(self) -> None:
-        if self.cached and hasattr(self, "_feature_loader"):
+        if hasattr(self, "_feature_loader"):
             self._feature_loader.set_epoch(self.current_epoch)
         total, per_epoch = self.schedule_length()  # the run's length in epochs, also when max_steps ends it
         self.h.set_bn_eval(self.current_epoch >= self.bn_eval_after * total / per_epoch)
