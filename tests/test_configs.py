@@ -8,9 +8,10 @@ Three kinds of configs ship under ``src/fct_lightning/configs``:
 
 Fast tests (default suite): every config is instantiated through :func:`fct_lightning.commands.fit.build_cli`
 (datamodule, model, trainer; no fitting) on generated folder trees with the real number of classes, and the whole chain
-``old -> side_info -> new -> transformation (with and without side-info) -> bct`` trains one batch per stage on
-tiny CIFAR-10 data (ImageFolder layout). Upstream checkpoints for the transformation
-configs come from models built with the upstream configs (written without training).
+``old -> side_info -> new -> transformation (with and without side-info) -> bct -> closed-form h (linear with and
+without side-info, procrustes)`` trains one batch per stage on tiny CIFAR-10 data (ImageFolder layout). Upstream
+checkpoints for the transformation and closed-form configs come from models built with the upstream configs (written
+without training).
 
 Slow tests (``-m slow``): the chain on CIFAR-100 (torchvision pickles), on the ImageNet-style datasets (at
 ``--data.image_size 32`` for speed; every other value is the config's own) and with the ResNet-50 CIFAR-100
@@ -31,12 +32,16 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from fct_lightning import chain
 from fct_lightning.commands.fit import CONFIG_DIR, build_cli, fit
 from fct_lightning.data.cifar import CIFAR10_CLASSES
 from fct_lightning.stages.checkpoints import read_checkpoint
 from tests.data.fakes import make_cifar_pickles, make_imagefolder
 
 CHAIN = ("old", "side_info", "new", "transformation", "bct")
+CLOSED_FORM = ("linear", "linear_noside", "procrustes")  # variants of the closed_form stage (one config for the three)
+STAGE_CONFIGS = (*CHAIN, "closed_form")  # the stage configs each dataset and recipe ships
+H_STAGES = ("transformation", "closed_form")  # stages built on upstream old/side_info/new checkpoints
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder")
 RECIPES = {"cifar100_resnet50": "cifar100", "cifar10_cpu": "cifar10", "folder_cpu": "folder"}  # recipe -> dataset
 RECIPE_TRUNKS = {"cifar100_resnet50": ("ResNet", 2048), "cifar10_cpu": ("SmallConvNet", 32),
@@ -44,10 +49,12 @@ RECIPE_TRUNKS = {"cifar100_resnet50": ("ResNet", 2048), "cifar10_cpu": ("SmallCo
 # every trainer preset, the four basic ones and any added later (e.g. presets with a data section)
 PRESETS = tuple(sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")))
 BASIC_PRESETS = ("cpu", "gpu", "ddp", "bf16")
-# (stage, extra args): the transformation runs with and without side-info
+# (--stage, extra args): the transformation runs with and without side-info; the closed-form h as each variant
 VARIANTS = [(s, []) for s in CHAIN[:3]] + [("transformation", []),
-                                           ("transformation", ["--model.use_side_info", "false"]), ("bct", [])]
-VARIANT_IDS = ["old", "side_info", "new", "transformation", "transformation_noside", "bct"]
+                                           ("transformation", ["--model.use_side_info", "false"]), ("bct", [])] + \
+    [(v, []) for v in CLOSED_FORM]
+VARIANT_IDS = ["old", "side_info", "new", "transformation", "transformation_noside", "bct", *CLOSED_FORM]
+VARIANT_PARAMS = [(*v, name) for v, name in zip(VARIANTS, VARIANT_IDS, strict=True)]
 
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false"]
@@ -58,6 +65,11 @@ ONE_BATCH = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", 
 FAST_CACHE = ["--model.cache_views", "2"]
 # ImageNet-style datasets are 224 px; 32 px keeps a ResNet-50 step on 2 CPU cores at about a second
 SMALL_IMAGES = ["--data.image_size", "32"]
+
+
+def config_stage(stage: str) -> str:
+    """The stage whose config ``fct-fit --stage <stage>`` loads (``linear`` -> ``closed_form``)."""
+    return chain.get(stage).stage
 
 
 # --------------------------------------------------------------------------------------------- fake datasets
@@ -160,16 +172,24 @@ def shipped_configs() -> set[str]:
 
 
 def covered_configs() -> set[str]:
-    stages = {f"{d}/{s}.yaml" for d in DATASETS for s in CHAIN} | {f"{d}/data.yaml" for d in DATASETS}
-    recipes = {f"recipes/{r}/{s}.yaml" for r in RECIPES for s in CHAIN}
-    return stages | recipes | {f"trainer/{p}.yaml" for p in PRESETS}
+    stages = {f"{d}/{s}.yaml" for d in DATASETS for s in STAGE_CONFIGS} | {f"{d}/data.yaml" for d in DATASETS}
+    recipes = {f"recipes/{r}/{s}.yaml" for r in RECIPES for s in STAGE_CONFIGS}
+    return stages | recipes | {f"trainer/{p}.yaml" for p in PRESETS} | set(FITTED_ELSEWHERE)
+
+
+# configs that need inputs these tests do not build (h from embedding stores): parsed and checked here, fitted by
+# the test module named
+FITTED_ELSEWHERE = {"embeddings/transformation.yaml": "tests/test_embeddings_data.py"}
 
 
 def test_every_shipped_config_is_tested():
     assert shipped_configs() == covered_configs()
+    root = CONFIG_DIR.parents[2]
+    for name, module in FITTED_ELSEWHERE.items():  # that module fits through the config (fct-fit --data embeddings)
+        assert '"--data", "embeddings"' in (root / module).read_text(), (name, module)
 
 
-@pytest.mark.parametrize("name", sorted(covered_configs() - {f"digits/{s}.yaml" for s in (*CHAIN, "data")}))
+@pytest.mark.parametrize("name", sorted(covered_configs() - {f"digits/{s}.yaml" for s in (*STAGE_CONFIGS, "data")}))
 def test_config_header_says_what_and_how(name):
     """Each config opens with a comment saying what it is and the command that runs it."""
     text = (CONFIG_DIR / name).read_text()
@@ -214,16 +234,17 @@ def check_classes(cli, dataset: str, stage: str) -> None:
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
-@pytest.mark.parametrize(("stage", "extra"), VARIANTS, ids=VARIANT_IDS)
-def test_stage_config_instantiates(dataset, stage, extra, trees, upstream):
-    art = upstream(dataset) if stage == "transformation" else trees[dataset].parent / "art"
+@pytest.mark.parametrize(("stage", "extra", "name"), VARIANT_PARAMS, ids=VARIANT_IDS)
+def test_stage_config_instantiates(dataset, stage, extra, name, trees, upstream):
+    config = config_stage(stage)
+    art = upstream(dataset) if config in H_STAGES else trees[dataset].parent / "art"
     cli, ckpt = build_cli(stage_args(stage, dataset, art, trees[dataset], *extra))
     assert ckpt is None
-    assert cli.model.stage == stage and cli.datamodule.name == dataset
-    check_values(cli, CONFIG_DIR / dataset / "data.yaml", CONFIG_DIR / dataset / f"{stage}.yaml", overridden=extra)
-    check_classes(cli, dataset, stage)
-    if stage == "transformation":
-        assert cli.out_dir.name == ("transformation_noside" if extra else "transformation")
+    assert cli.model.stage == config and cli.datamodule.name == dataset
+    check_values(cli, CONFIG_DIR / dataset / "data.yaml", CONFIG_DIR / dataset / f"{config}.yaml", overridden=extra)
+    check_classes(cli, dataset, config)
+    assert cli.out_dir.name == name
+    assert chain.variant_of(config, dict(cli.model.hparams)).name == name
 
 
 def test_real_dataset_class_counts(trees):
@@ -238,16 +259,17 @@ def test_real_dataset_class_counts(trees):
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-@pytest.mark.parametrize(("stage", "extra"), VARIANTS, ids=VARIANT_IDS)
-def test_recipe_instantiates(recipe, stage, extra, trees, upstream):
-    dataset = RECIPES[recipe]
-    override = CONFIG_DIR / "recipes" / recipe / f"{stage}.yaml"
-    art = upstream(dataset, recipe) if stage == "transformation" else trees[dataset].parent / "art-recipe"
+@pytest.mark.parametrize(("stage", "extra", "name"), VARIANT_PARAMS, ids=VARIANT_IDS)
+def test_recipe_instantiates(recipe, stage, extra, name, trees, upstream):
+    dataset, config = RECIPES[recipe], config_stage(stage)
+    override = CONFIG_DIR / "recipes" / recipe / f"{config}.yaml"
+    art = upstream(dataset, recipe) if config in H_STAGES else trees[dataset].parent / "art-recipe"
     cli, _ = build_cli(stage_args(stage, dataset, art, trees[dataset], "--config", str(override), *extra))
-    check_values(cli, CONFIG_DIR / dataset / "data.yaml", CONFIG_DIR / dataset / f"{stage}.yaml", override,
+    check_values(cli, CONFIG_DIR / dataset / "data.yaml", CONFIG_DIR / dataset / f"{config}.yaml", override,
                  overridden=extra)
-    check_classes(cli, dataset, stage)
-    if stage != "transformation":
+    check_classes(cli, dataset, config)
+    assert cli.out_dir.name == name
+    if config not in H_STAGES:
         trunk = (cli.model.net.trunk.__class__.__name__, cli.model.net.feature_dim)
         assert trunk == RECIPE_TRUNKS[recipe]
 
@@ -301,10 +323,12 @@ def check_preset(preset: str, trainer) -> None:
 # --------------------------------------------------------------------------------------------- chains
 def run_chain(dataset: str, root: Path, art: Path, *extra: str, recipe: str | None = None,
               stage_extra: dict[str, list[str]] | None = None, default_extra: list[str] = ()) -> None:
-    """old -> side_info -> new -> transformation (+ no side-info) -> bct, one batch each; checks best.ckpt."""
+    """old -> side_info -> new -> transformation (+ no side-info) -> bct -> the closed-form h (linear with and without
+    side-info, procrustes), one batch each; checks best.ckpt."""
     for (stage, variant), name in zip(VARIANTS, VARIANT_IDS, strict=True):
-        override = [] if recipe is None else ["--config", str(CONFIG_DIR / "recipes" / recipe / f"{stage}.yaml")]
-        cache = FAST_CACHE if stage == "transformation" else []
+        config = config_stage(stage)
+        override = [] if recipe is None else ["--config", str(CONFIG_DIR / "recipes" / recipe / f"{config}.yaml")]
+        cache = FAST_CACHE if config in H_STAGES else []
         own = (stage_extra or {}).get(stage, list(default_extra))
         cli = fit(stage_args(stage, dataset, art, root, *override, *ONE_BATCH, *cache, *extra, *own, *variant))
         assert (art / dataset / name / "best.ckpt").is_file(), name

@@ -16,7 +16,11 @@ Policies (see :data:`POLICIES`; add your own with :func:`register_policy`):
 The result of :func:`backfill_curves` is JSON-serialisable and goes into fct-eval's results under ``"backfill"``::
 
     {policy: {"fractions": [...], "curves": {metric: [...]}, "auc_mean": {metric: float},
-              "auc_trapz": {metric: float}, "seeds": int, "oracle": bool}}
+              "auc_trapz": {metric: float}, "seeds": int, "oracle": bool,
+              "flips": {"neg_flip": [...], "pos_flip": [...]}}}
+
+``flips`` (when the reference system's per-query top-1 correctness is given, e.g. ``old/old``'s): at each point, the
+share of queries whose top-1 was right with the reference and is wrong now (negative), or the converse (positive).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import Tensor
 
 from fct_lightning.retrieval import evaluate_mixtures
+from fct_lightning.retrieval.compat import flips, top1_correct
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +213,12 @@ def backfill_masks(order: Tensor, counts: Sequence[int]) -> Tensor:
 
 
 def _curves(query_new: Tensor, query_labels: Tensor, gallery_transformed: Tensor, gallery_new: Tensor,
-            gallery_labels: Tensor, orders: Sequence[Tensor], points: int, **evaluate_kw: Any) -> list[dict[str, Any]]:
+            gallery_labels: Tensor, orders: Sequence[Tensor], points: int, reference_correct: Tensor | None = None,
+            **evaluate_kw: Any) -> list[dict[str, Any]]:
     """One curve per order, all evaluated in a single pass over the queries (:func:`evaluate_mixtures`).
 
     Nothing and everything backfilled are the same two galleries for every order, so they are evaluated once.
+    With ``reference_correct`` (bool ``[Q]``) each curve also gets its flips against it (``"flips"``).
     """
     if gallery_transformed.shape != gallery_new.shape:
         raise ValueError(f"gallery_transformed {tuple(gallery_transformed.shape)} and gallery_new "
@@ -224,13 +231,25 @@ def _curves(query_new: Tensor, query_labels: Tensor, gallery_transformed: Tensor
     states = [torch.zeros(1, n, dtype=torch.bool, device=device), torch.ones(1, n, dtype=torch.bool, device=device)]
     states += [backfill_masks(check_order(o, n).to(device), inner) for o in orders]
     results = evaluate_mixtures(query_new, query_labels, gallery_transformed.detach(), gallery_new.detach(),
-                                gallery_labels, torch.cat(states), ks=(1, 5), map_at_r=True, **evaluate_kw)
+                                gallery_labels, torch.cat(states), ks=(1, 5), map_at_r=True,
+                                per_query=reference_correct is not None, **evaluate_kw)
+    flipped: list[tuple[float, float]] | None = None
+    if reference_correct is not None:
+        results, per_query = results
+        neg, pos = flips(reference_correct, top1_correct(per_query))
+        flipped = list(zip(neg, pos, strict=True))
+        results = list(zip(results, flipped, strict=True))
+    else:
+        results = [(r, None) for r in results]
     ends, rest = {0: results[0], n: results[1]}, iter(results[2:])
     out = []
     for _ in orders:
         runs = [ends[k] if k in ends else next(rest) for k in counts]
-        out.append({"fractions": [float(f) for f in fractions],
-                    "curves": {m: [float(r[m]) for r in runs] for m in METRICS}})
+        curve = {"fractions": [float(f) for f in fractions],
+                 "curves": {m: [float(r[m]) for r, _ in runs] for m in METRICS}}
+        if flipped is not None:
+            curve["flips"] = {"neg_flip": [f[0] for _, f in runs], "pos_flip": [f[1] for _, f in runs]}
+        out.append(curve)
     return out
 
 
@@ -265,7 +284,8 @@ def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed:
 def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "uncertainty", "distance"), *,
                     query_new: Tensor | None = None, query_labels: Tensor | None = None,
                     seeds: Sequence[int] = (0, 1, 2), points: int = 22, exclude_self: bool | None = None,
-                    distance: str = "l2", backend: str = "auto", chunk_size: int | None = None) -> dict[str, Any]:
+                    distance: str = "l2", backend: str = "auto", chunk_size: int | None = None,
+                    reference_correct: Tensor | None = None) -> dict[str, Any]:
     """Backfilling curves and AUCs of several policies (the ``"backfill"`` entry of fct-eval's results).
 
     Args:
@@ -280,10 +300,13 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
         distance: ``"l2"`` or ``"cosine"``.
         backend: Passed to ``evaluate_mixtures``.
         chunk_size: Passed to ``evaluate_mixtures``.
+        reference_correct: Bool ``[Q]``: whether the reference system's top-1 (``old/old``'s) is right for each
+            query (the same queries); each policy then also gets ``"flips"`` per point, averaged over seeds.
 
     Returns:
         ``{policy: {"fractions", "curves": {metric: [...]}, "auc_mean": {metric}, "auc_trapz": {metric},
-        "seeds": int, "oracle": bool}}`` of python floats/lists/ints/bools (JSON-serialisable).
+        "seeds": int, "oracle": bool[, "flips": {"neg_flip": [...], "pos_flip": [...]}]}}`` of python
+        floats/lists/ints/bools (JSON-serialisable).
     """
     if (query_new is None) != (query_labels is None):
         raise ValueError("pass query_new and query_labels together, or neither (leave-one-out on the gallery).")
@@ -303,8 +326,12 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
         for seed in (seeds if policy.stochastic else seeds[:1]):
             orders.append(check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order"))
         spans.append((start, len(orders)))
+    if reference_correct is not None and tuple(reference_correct.shape) != (len(ql),):
+        raise ValueError(f"reference_correct has shape {tuple(reference_correct.shape)}; expected [{len(ql)}] (one "
+                         "per query of the curves)")
     all_runs = _curves(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, orders, points,
-                       exclude_self=exclude_self, distance=distance, backend=backend, chunk_size=chunk_size)
+                       reference_correct=reference_correct, exclude_self=exclude_self, distance=distance,
+                       backend=backend, chunk_size=chunk_size)
     out: dict[str, Any] = {}
     for name, policy, (start, end) in zip(policies, instances, spans, strict=True):
         runs = all_runs[start:end]
@@ -314,6 +341,9 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
                      "auc_mean": {m: auc_mean(curves[m]) for m in METRICS},
                      "auc_trapz": {m: auc_trapz(fractions, curves[m]) for m in METRICS},
                      "seeds": len(runs), "oracle": bool(policy.oracle)}
+        if reference_correct is not None:
+            out[name]["flips"] = {k: [float(v) for v in np.mean([r["flips"][k] for r in runs], axis=0)]
+                                  for k in ("neg_flip", "pos_flip")}
         log.info("backfill %s: AUC(mean) top1=%.4f map=%.4f over %d run(s)", name, out[name]["auc_mean"]["top1"],
                  out[name]["auc_mean"]["map"], len(runs))
     return out

@@ -237,3 +237,19 @@ for _v in (
             upstream=("old", "new"), seed_offset=3, backfill="fct"),
 ):
     register(_v)
+
+# ----------------------------------------------------------------------------------- closed-form transformations
+# h solved in one pass over the transformation's training pairs (the same feature cache), no optimiser: least squares
+# with and without side-info, and orthogonal Procrustes (the old and new embeddings must have the same dimension)
+for _v in (
+    Variant("linear", "closed_form", {"family": "linear", "use_side_info": True}, upstream=("old", "side_info", "new"),
+            spaces=(Space("linear+side", "gallery"),),
+            cases=(Case("linear+side/old", "new", "linear+side", cross=True, order=8),), seed_offset=3),
+    Variant("linear_noside", "closed_form", {"family": "linear", "use_side_info": False}, upstream=("old", "new"),
+            spaces=(Space("linear", "gallery"),),
+            cases=(Case("linear/old", "new", "linear", cross=True, order=7),), seed_offset=3),
+    Variant("procrustes", "closed_form", {"family": "procrustes", "use_side_info": False}, upstream=("old", "new"),
+            spaces=(Space("procrustes", "gallery"),),
+            cases=(Case("procrustes/old", "new", "procrustes", cross=True, order=9),), seed_offset=3),
+):
+    register(_v)

@@ -4,7 +4,9 @@ Each *space* is one way to embed an image (``old``, ``new``, ``side``, ``bct``, 
 ``fct+side`` = h(old, side)); each *case* is ``<query space>/<gallery space>`` searched leave-one-out on the
 evaluation split, or from a query split into a gallery split (``--query_split``, ``--gallery_split``).
 Images are decoded and embedded once for all spaces (GPU when there is one).
-Results JSON: ``{"cases": {case: {top1, top5, map, "map@r"}}, "missing": {case: why}, "meta": {...}}``.
+Results JSON: ``{"cases": {case: {top1, top5, map, "map@r"}}, "missing": {case: why}, "meta": {...},
+"flips": {case: {"neg_flip", "pos_flip"}}}``: flips are the shares of queries whose top-1 was right with ``old/old``
+and is wrong in the case (negative), or the converse (positive); present when ``old/old`` is evaluated.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from fct_lightning.backfill import (
 )
 from fct_lightning.data import DATAMODULES
 from fct_lightning.devices import resolve_device
-from fct_lightning.retrieval import evaluate
+from fct_lightning.retrieval import summarize
+from fct_lightning.retrieval.compat import flips, top1_correct
+from fct_lightning.retrieval.evaluate import evaluate_queries
 from fct_lightning.runs import chain_data_settings, stage_dir
 from fct_lightning.stages.checkpoints import CheckpointError, check_class_names
 from fct_lightning.stages.loading import load_stage
@@ -33,6 +37,8 @@ from fct_lightning.stages.loading import load_stage
 log = logging.getLogger(__name__)
 
 METRICS = ("top1", "top5", "map", "map@r")
+REFERENCE_CASE = "old/old"
+"""The system before the update, against which negative and positive flips are counted."""
 
 
 def load_spaces(artifacts: Path, dataset: str, spaces: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -211,17 +217,25 @@ def run_eval(
         evaluation = getattr(dm, "default_eval_split", "test")  # CIFAR's evaluation split is "test"
         results["meta"]["split_folder"] = {"train": getattr(dm, "train_dir", "train"),
                                            evaluation: dm.eval_dir}.get(dm.eval_split, dm.eval_split)
+    correct: dict[str, Tensor] = {}  # per case, whether each query's top-1 is right
     for case in cases:
         q, g = case_spaces[case]
         lacking = [missing_spaces[s] for s in (q, g) if s in missing_spaces]
         if lacking:
             results["missing"][case] = "; ".join(dict.fromkeys(lacking))
             continue
-        results["cases"][case] = evaluate(q_embs[q], q_labels, embs[g], labels, exclude_self=not separate,
-                                          distance=distance)
+        per_query = evaluate_queries(q_embs[q], q_labels, embs[g], labels, exclude_self=not separate,
+                                     distance=distance)
+        results["cases"][case] = summarize(per_query, (1, 5), map_at_r=True)
+        correct[case] = top1_correct(per_query).cpu()
+    reference = correct.get(REFERENCE_CASE)
+    if reference is not None:
+        results["flips"] = {case: dict(zip(("neg_flip", "pos_flip"), flips(reference, got), strict=True))
+                            for case, got in correct.items() if case != REFERENCE_CASE}
     queries = (q_embs["new"], q_labels, embedders["new"][2]["digest"]) if separate and "new" in q_embs else None
     results.update(_embeddings=(embs, labels), _features=feats, _datamodule=dm, _device=dev, _queries=queries,
-                   _chain={role: embedders[role][2] for role in ("old", "new") if role in embedders})
+                   _chain={role: embedders[role][2] for role in ("old", "new") if role in embedders},
+                   _reference_correct=reference)
     return results
 
 
@@ -229,6 +243,7 @@ def run_backfill(
     artifacts: Path, dm: Any, dev: torch.device, policies: list[str], points: int, seeds: int, distance: str,
     features: dict[str, Tensor] | None = None, labels: Tensor | None = None,
     queries: tuple[Tensor, Tensor, str] | None = None, chain_models: dict[str, dict[str, Any]] | None = None,
+    reference_correct: Tensor | None = None,
 ) -> dict[str, Any]:
     """Backfilling curves for each transformation variant found (FastFill's head preferred: it has uncertainty).
 
@@ -239,6 +254,8 @@ def run_backfill(
     leave-one-out queries from the gallery split itself.
     ``chain_models``: metadata of the ``old``/``new`` checkpoints the cases used, by role; a transformation trained with
     other ones is refused (:func:`stale_inputs`), as is one whose frozen models' files changed since training.
+    ``reference_correct``: per query, whether ``old/old``'s top-1 is right (the same queries as the curves'); each
+    curve then also has its negative and positive flips per backfilling point (``"flips"``).
     Keys of the result are ``"<space> <policy>"``, e.g. ``"fct+side uncertainty"``.
     """
     features = features or {}
@@ -285,7 +302,7 @@ def run_backfill(
         if queries is not None:
             query = {"query_new": queries[0], "query_labels": queries[1], "exclude_self": False}
         curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
-                                 points=points, distance=distance, **query)
+                                 points=points, distance=distance, reference_correct=reference_correct, **query)
         out.update({f"{space} {policy}": dict(curve, checkpoint=str(path), digest=meta["digest"],
                                               source=path.parent.name)
                     for policy, curve in curves.items()})

@@ -1,7 +1,11 @@
 """``fct-report``: results JSON(s) from ``fct-eval`` -> markdown and CSV tables and a PNG bar chart.
 
 Several JSON files (one per seed) give mean and standard deviation. Cross-model cases are checked against
-the compatibility criterion of Shen et al. (2020): M(new query, old gallery) > M(old, old).
+the compatibility criterion of Shen et al. (2020): M(new query, old gallery) > M(old, old). Each cross-model update
+(a case whose queries are the new model's) is also shown as the compatibility matrix of the two versions,
+``[[old/old, -], [case, new/new]]`` (top-1), with its AC and AM (CoReS) in ``report.md`` and as heat-maps in
+``compat.png``; negative and positive flips against ``old/old`` (per case, and averaged over each backfilling curve's
+points) follow in ``report.md`` when the results hold them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fct_lightning import chain
+from fct_lightning.retrieval.compat import ac, am, write_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -278,13 +283,68 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
+def update_matrices(table: dict[str, dict[str, tuple[float, float, int]]],
+                    metric: str = "top1") -> dict[str, list[list[float]]]:
+    """By cross-model case with new-model queries, the two-version matrix ``[[old/old, nan], [case, new/new]]``
+    (means over runs); cases without ``old/old`` and ``new/new`` next to them give none."""
+    out: dict[str, list[list[float]]] = {}
+    ends = [table.get(c, {}).get(metric) for c in ("old/old", "new/new")]
+    if None in ends:
+        return out
+    for c in chain.cases():
+        if c.cross and c.query == "new" and metric in table.get(c.name, {}):
+            out[c.name] = [[ends[0][0], math.nan], [table[c.name][metric][0], ends[1][0]]]
+    return out
+
+
+def flip_table(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
+    """``{row: (negative, positive, n_runs)}`` means over runs: each case's flips against old/old, and each
+    backfilling curve's flips averaged over its points (``backfill <curve>``); only the cases and curves the run
+    contributes (:func:`check_runs`)."""
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        for case, f in run.get("flips", {}).items():
+            if case not in run["cases"]:  # counted in another file (check_runs)
+                continue
+            rows.setdefault(case, []).append((float(f["neg_flip"]), float(f["pos_flip"])))
+        for name, curve in run.get("backfill", {}).items():
+            f = curve.get("flips")
+            if f:
+                rows.setdefault(f"backfill {name}", []).append(
+                    (sum(f["neg_flip"]) / len(f["neg_flip"]), sum(f["pos_flip"]) / len(f["pos_flip"])))
+    order = {c.name: i for i, c in enumerate(chain.cases())}
+    return {row: (sum(v[0] for v in vals) / len(vals), sum(v[1] for v in vals) / len(vals), len(vals))
+            for row, vals in sorted(rows.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))}
+
+
+def compat_markdown(matrices: dict[str, list[list[float]]], flipped: dict[str, tuple[float, float, int]]) -> str:
+    """The report's sections on compatibility matrices (AC, AM) and flips ("" when there is neither)."""
+    lines = []
+    if matrices:
+        lines += ["", "## Compatibility matrices (top-1)", "",
+                  "Versions old (0) and new (1): M[0][0] = old/old, M[1][0] = the case (new queries against the "
+                  "updated old gallery), M[1][1] = new/new. AC = share of pairs i > j with M[i][j] > M[j][j]; AM = "
+                  "mean of the lower triangle with the diagonal (CoReS). Heat-maps: compat.png.", "",
+                  "| update | M[0][0] | M[1][0] | M[1][1] | AC | AM |", "|---|---|---|---|---|---|"]
+        for case, m in matrices.items():
+            lines.append(f"| {case} | {100 * m[0][0]:.1f} | {100 * m[1][0]:.1f} | {100 * m[1][1]:.1f} | "
+                         f"{ac(m):.2f} | {100 * am(m):.1f} |")
+    if flipped:
+        lines += ["", "## Flips against old/old (top-1)", "",
+                  "Negative: share of queries right with old/old and wrong after the update; positive: the converse "
+                  "(percent; backfilling curves: the mean over their points).", "",
+                  "| case | negative flips | positive flips | runs |", "|---|---|---|---|"]
+        lines += [f"| {row} | {100 * neg:.1f} | {100 * pos:.1f} | {n} |" for row, (neg, pos, n) in flipped.items()]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def select_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
     """The results files' runs to average (see :func:`check_runs`)."""
     return check_runs(load_results(paths), paths)
 
 
 def make_report(paths: list[str | Path], out_dir: str | Path, title: str = "Compatibility report") -> dict[str, Path]:
-    """Write ``report.md``, ``report.csv``, ``report.png`` (and ``backfill.png``) into ``out_dir``."""
+    """Write ``report.md``, ``report.csv``, ``report.png`` (and ``backfill.png``, ``compat.png``) into ``out_dir``."""
     return write_report(select_runs(paths), out_dir, title)
 
 
@@ -295,9 +355,12 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
-    files["md"].write_text(to_markdown(table, title))
+    matrices = update_matrices(table)
+    files["md"].write_text(to_markdown(table, title) + compat_markdown(matrices, flip_table(runs)))
     write_csv(table, files["csv"])
     plot_bars(table, files["png"], title)
+    if matrices:
+        files["compat"] = write_heatmap(matrices, ["old", "new"], out / "compat.png", title + ": compatibility")
     if plot_curves(runs, out / "backfill.png", title + ": backfilling"):
         files["backfill"] = out / "backfill.png"
     return files

@@ -22,6 +22,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
         "--trainer.logger", "false", "--trainer.enable_model_summary", "false"]
 SMALL_NET = ["--model.width", "8"]
 SMALL_H = ["--model.mixer_width", "64", "--model.cache_views", "2"]
+CLOSED_FORM = {"linear": "linear+side/old", "linear_noside": "linear/old", "procrustes": "procrustes/old"}
 REPLACE = ["--overwrite"]  # the module's chain may already hold the stage these runs would write
 
 
@@ -44,6 +45,8 @@ def full_chain(chain) -> Path:
     assert "val/fct+side/old/top1" in cli.trainer.callback_metrics
     run("transformation", chain, *SMALL_H, "--model.use_side_info", "false")
     run("bct", chain, *SMALL_NET)
+    for variant in CLOSED_FORM:  # solved from the transformation's feature cache (same cache_views): seconds each
+        run(variant, chain, "--model.cache_views", "2", "--retrieval.index", "none")
     return chain
 
 
@@ -62,21 +65,27 @@ def test_upstream_stages_write_artifacts(chain):
 def test_transformation_bct_eval_report(full_chain, capsys):
     chain = full_chain
     assert (chain / "digits" / "cache").is_dir()
-    for folder in ("transformation", "transformation_noside", "bct"):
+    for folder in ("transformation", "transformation_noside", "bct", *CLOSED_FORM):
         assert (chain / "digits" / folder / "best.ckpt").is_file()
-    # the transformation checkpoint does not duplicate the frozen models' weights
+    # the transformation checkpoints do not duplicate the frozen models' weights (a closed-form one adds the
+    # statistics its map was solved from)
     state = read_checkpoint(chain / "digits" / "transformation" / "best.ckpt", "transformation")["state_dict"]
     assert state and all(k.startswith("h.") for k in state)
+    for folder in CLOSED_FORM:
+        state = read_checkpoint(chain / "digits" / folder / "best.ckpt", "transformation")["state_dict"]
+        assert {k for k in state if not k.startswith("h.")} == {"moments_gram", "moments_cross"}
     eval_main(["--artifacts", str(chain), "--no_wandb"])
     results = json.loads((chain / "digits" / "results" / "eval.json").read_text())
-    assert set(results["cases"]) == {"old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old"}
+    assert set(results["cases"]) == {"old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old",
+                                     *CLOSED_FORM.values()}
     assert results["missing"] == {}
     for metrics in results["cases"].values():
         assert set(metrics) == {"top1", "top5", "map", "map@r"}
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     report_main(["--artifacts", str(chain), "--no_wandb"])
     out = capsys.readouterr().out
-    assert "fct+side/old" in out and (chain / "digits" / "report.png").is_file()
+    assert all(f"| {case} |" in out for case in ("fct+side/old", *CLOSED_FORM.values()))
+    assert (chain / "digits" / "report.png").is_file()
 
 
 def test_eval_shares_image_models_between_spaces(full_chain):

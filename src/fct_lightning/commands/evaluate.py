@@ -80,8 +80,8 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
         results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
                                            args.points, args.backfill_seeds, args.distance,
                                            results.pop("_features"), results["_embeddings"][1],
-                                           results["_queries"], results["_chain"])
-    for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries", "_chain"):
+                                           results["_queries"], results["_chain"], results["_reference_correct"])
+    for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries", "_chain", "_reference_correct"):
         results.pop(key, None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

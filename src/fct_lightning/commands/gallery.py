@@ -123,7 +123,8 @@ def transform_command(argv: list[str] | None = None) -> Path:
     p.add_argument("--store", default=None, help="a store (fct-store import, fct-embed --store): its 'old' and "
                    "'side_info' spaces are transformed into --space, shard by shard, resumably")
     p.add_argument("--space", default=None, help="--store: the space to write (default fct+side, or fct for h "
-                   "without side-info; a FastFill h also writes <space>-uncertainty)")
+                   "without side-info; a closed-form h's own: linear+side, linear or procrustes; a FastFill h also "
+                   "writes <space>-uncertainty)")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="--store: fp32 (default), bf16 "
                    "(autocast, GPU or CPU) or int8 (dynamic quantisation, CPU); the error against fp32 is logged")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="--store: stored dtype (default float32)")

@@ -38,6 +38,7 @@ from fct_lightning.devices import resolve_device
 from fct_lightning.gallery.jobs import job_part, publish
 from fct_lightning.gallery.pipeline import Behind, prefetch
 from fct_lightning.gallery.precision import Runner, check_precision, compare, runner
+from fct_lightning.gallery.transform import h_output
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.loading import load_h
 from fct_lightning.store import DTYPES, SpaceSpec, SpaceWriter, Store, StoreError, check_space_name
@@ -223,8 +224,9 @@ def transform_store(checkpoint: str | Path, store: str | Path, space: str | None
     Args:
         checkpoint: a transformation checkpoint (h is read alone, as :func:`~fct_lightning.stages.load_h` does).
         store: the store folder.
-        space: the space to write (default ``fct+side`` for an h with side-info, ``fct`` without). A FastFill h
-            also writes ``<space>-uncertainty``: each item's log-variance, averaged over dims, ``[rows, 1]``.
+        space: the space to write (default ``fct+side`` for an h with side-info, ``fct`` without; a closed-form h's
+            variant's space, ``linear+side``, ``linear`` or ``procrustes``). A FastFill h also writes
+            ``<space>-uncertainty``: each item's log-variance, averaged over dims, ``[rows, 1]``.
         precision: ``fp32``, ``bf16`` (autocast on the GPU or CPU) or ``int8`` (dynamic quantisation, CPU);
             recorded in the space's provenance; its error against fp32 on the first block is logged.
         dtype: ``float32`` or ``float16`` on disk.
@@ -260,10 +262,11 @@ def transform_store_with(h: Transformation, h_meta: dict[str, Any], store: str |
     check_input(st, "old", "old", h.old_dim, h_meta)
     if h.has_side_info:
         check_input(st, "side_info", "side_info", h.side_dim, h_meta)
-    space = check_space_name(space or ("fct+side" if h.has_side_info else "fct"))
+    default = h_output(h, h_meta)[1]
+    space = check_space_name(space or default)
     if space in inputs:
         raise ValueError(f"--space {space} is one of h's inputs; write the transformed rows to another space "
-                         "(default fct+side, or fct without side-info)")
+                         f"(default {default})")
     specs = output_specs(h, h_meta, st, space, precision, dtype, inputs)
     unc_space = next(iter(list(specs)[1:]), None)
     part = job_part(shard)

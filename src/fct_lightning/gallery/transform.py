@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fct_lightning import chain
 from fct_lightning.devices import resolve_device
 from fct_lightning.gallery.files import (
     FORMAT,
@@ -35,6 +36,20 @@ from fct_lightning.gallery.files import (
 from fct_lightning.stages.loading import load_h
 
 log = logging.getLogger(__name__)
+
+
+def h_output(h: Any, h_meta: dict[str, Any]) -> tuple[str, str]:
+    """``(stage, default space)`` of what h writes: the FCT MLP h's ``transformation`` and ``fct+side`` (``fct``
+    without side-info); a closed-form h's own stage and its variant's gallery space in the registry
+    (``linear+side``, ``linear``, ``procrustes``), found from the options its checkpoint records (a variant without
+    one: the space it backfills, else its name)."""
+    kind = getattr(h, "kind", None)  # a closed-form map's family (the MLP h has none)
+    stage = h_meta.get("stage") or ("transformation" if kind is None else "closed_form")
+    if stage == "transformation":
+        return stage, "fct+side" if h.has_side_info else "fct"
+    variant = chain.variant_of(stage, {"family": kind, "use_side_info": h.has_side_info, **h_meta})
+    spaces = [s.name for s in variant.spaces if s.embed == "gallery"]
+    return stage, spaces[0] if spaces else variant.backfill or variant.name
 
 
 def _check_input(arr: np.ndarray, path: Path, role: str, dim: int, h_meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -176,8 +191,10 @@ def transform(
     common = {"format": FORMAT, "checkpoint": h_meta["path"], "digest": h_meta["digest"], "rows": rows,
               "dtype": "float32", "dataset": h_meta.get("dataset"), "source": (old_meta or {}).get("source"),
               "inputs": inputs}
+    stage, space = h_output(h, h_meta)
+    role = {} if stage == "transformation" else {"role": "transformation"}  # its store role (fct-store import)
     write_json(sidecar(out, "meta"), {
-        **common, "stage": "transformation", "space": "fct+side" if h.has_side_info else "fct",
+        **common, "stage": stage, **role, "space": space,
         "new_digest": h_meta.get("new_digest"), "embedding_dim": h.new_dim, "fingerprint": fps["out"],
         **companions, "uncertainty": None if unc_out is None else str(unc_out.resolve()),
     })

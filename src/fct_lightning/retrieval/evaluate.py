@@ -148,6 +148,18 @@ def evaluate(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray, gall
         ImportError: ``backend="faiss"`` without FAISS installed.
     """
     ks = _check_options(distance, backend, ks, chunk_size)
+    per_query = evaluate_queries(query, query_labels, gallery, gallery_labels, exclude_self=exclude_self,
+                                 distance=distance, backend=backend, chunk_size=chunk_size)
+    return summarize(per_query, ks, map_at_r)
+
+
+def evaluate_queries(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray, gallery: Tensor | np.ndarray,
+                     gallery_labels: Tensor | np.ndarray, *, exclude_self: bool, distance: str = "l2",
+                     backend: str = "auto", chunk_size: int | None = None) -> QueryMetrics:
+    """:func:`evaluate` per query, before averaging: :class:`~fct_lightning.retrieval.metrics.QueryMetrics` ``[Q]``
+    (``summarize`` of it is what :func:`evaluate` returns; ``first_rank == 1`` marks the queries whose top-1 is
+    right, which negative flips compare across models)."""
+    _check_options(distance, backend, (1,), chunk_size)
     q = as_embeddings(query, "query")
     g = as_embeddings(gallery, "gallery")
     check_pair(q, g)
@@ -169,14 +181,15 @@ def evaluate(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray, gall
         del block
         if g.shape[0] >= _TRIM_MIN_GALLERY:
             _release_heap(q.device)
-    return summarize(concat_metrics(parts), ks, map_at_r)
+    return concat_metrics(parts)
 
 
 def evaluate_mixtures(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray, gallery_a: Tensor | np.ndarray,
                       gallery_b: Tensor | np.ndarray, gallery_labels: Tensor | np.ndarray,
                       masks: Tensor | np.ndarray, *, exclude_self: bool, distance: str = "l2",
                       ks: Sequence[int] = (1, 5), backend: str = "auto", chunk_size: int | None = None,
-                      map_at_r: bool = True) -> list[dict[str, float]]:
+                      map_at_r: bool = True,
+                      per_query: bool = False) -> list[dict[str, float]] | tuple[list[dict[str, float]], QueryMetrics]:
     """:func:`evaluate` against many galleries that each mix two embeddings of the same items.
 
     Gallery ``s`` holds ``gallery_b[i]`` where ``masks[s, i]`` is True and ``gallery_a[i]`` elsewhere: the states
@@ -197,9 +210,11 @@ def evaluate_mixtures(query: Tensor | np.ndarray, query_labels: Tensor | np.ndar
         backend: As in :func:`evaluate`.
         chunk_size: Queries per block; None picks it from the memory budget.
         map_at_r: As in :func:`evaluate`.
+        per_query: Also return the per-query results of every gallery (:class:`QueryMetrics` of ``[S, Q]`` tensors).
 
     Returns:
-        One metrics dict per row of ``masks``, as :func:`evaluate` returns them.
+        One metrics dict per row of ``masks``, as :func:`evaluate` returns them (and, with ``per_query``, the
+        per-query results).
     """
     ks = _check_options(distance, backend, ks, chunk_size)
     q = as_embeddings(query, "query")
@@ -238,4 +253,5 @@ def evaluate_mixtures(query: Tensor | np.ndarray, query_labels: Tensor | np.ndar
         del keys_a, keys_b, mixed
         if ga.shape[0] >= _TRIM_MIN_GALLERY:
             _release_heap(dev)
-    return [summarize(QueryMetrics(*(t[j] for t in results)), ks, map_at_r) for j in range(m.shape[0])]
+    summaries = [summarize(QueryMetrics(*(t[j] for t in results)), ks, map_at_r) for j in range(m.shape[0])]
+    return (summaries, results) if per_query else summaries

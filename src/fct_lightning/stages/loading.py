@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fct_lightning.models.closed_form import CLOSED_FORM_MAPS, LinearMap
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.base import STAGE_CLASSES, RetrievalStage
 from fct_lightning.stages.checkpoints import (
@@ -46,17 +47,22 @@ def load_stage(path: str | Path, role: str, stages: tuple[str, ...],
     return module, dict(meta, path=str(path), digest=file_digest(path))
 
 
-def load_h(path: str | Path) -> tuple[Transformation, dict[str, Any]]:
+#: The stages whose checkpoints hold an h (the MLP, or a closed-form map whose ``fct["h"]`` names its ``kind``).
+H_STAGES = ("transformation", "closed_form")
+
+
+def load_h(path: str | Path) -> tuple[Transformation | LinearMap, dict[str, Any]]:
     """h from a transformation checkpoint, without the frozen image models it was trained with.
 
     The checkpoint holds h's weights (the frozen models are not saved with it) and the arguments h was built
-    with (``fct["h"]``), so a serving machine needs nothing else. Returns ``(h in eval mode, the checkpoint's fct
-    metadata + path and digest)``.
+    with (``fct["h"]``), so a serving machine needs nothing else. A closed-form stage's h (``fct["h"]["kind"]``:
+    ``linear``, ``procrustes``) is rebuilt by its class in :data:`~fct_lightning.models.closed_form.CLOSED_FORM_MAPS`.
+    Returns ``(h in eval mode, the checkpoint's fct metadata + path and digest)``.
     """
     path = Path(path)
     ckpt = read_checkpoint(path, "transformation")
     meta = checkpoint_meta(ckpt, path, "transformation")
-    if meta["stage"] != "transformation":
+    if meta["stage"] not in H_STAGES:
         raise CheckpointError(
             f"{path} is a '{meta['stage']}' checkpoint; h is read from a transformation checkpoint "
             "(artifacts/<dataset>/transformation/best.ckpt, or fastfill/ ... for the other variants).")
@@ -65,9 +71,11 @@ def load_h(path: str | Path) -> tuple[Transformation, dict[str, Any]]:
                               "(written by an older version); re-train the transformation stage.")
     state = {k[2:]: v for k, v in ckpt["state_dict"].items() if k.startswith("h.")}
     try:
-        h = Transformation(**meta["h"])
+        config = dict(meta["h"])
+        kind = config.pop("kind", None)
+        h = Transformation(**config) if kind is None else CLOSED_FORM_MAPS[kind](**config)
         h.load_state_dict(state, strict=True)
-    except (TypeError, ValueError, RuntimeError) as err:
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"the transformation checkpoint {path} does not fit the current Transformation "
                               f"({type(err).__name__}: {err}); it was written by an incompatible version. "
                               "Re-train the transformation stage.") from err

@@ -224,7 +224,7 @@ def import_arrays(out: str | Path, spaces: Mapping[str, str | Path], ids: str | 
                          "pass --ids with its items' ids)") from err
     for name, src in sources.items():
         meta = src.legacy or {}
-        spec = SpaceSpec(role=meta.get("stage") or name, dim=src.dim, dtype=dtype or src.dtype,
+        spec = SpaceSpec(role=meta.get("role") or meta.get("stage") or name, dim=src.dim, dtype=dtype or src.dtype,
                          checkpoint_digest=meta.get("digest"), normalized=name in set(normalized),
                          provenance={"command": "fct-store import", "source": str(src.path.resolve()),
                                      "column": src.column, "legacy": {k: meta.get(k) for k in
