@@ -105,10 +105,9 @@ def _args(chain: Path, store: Path, *extra: str, h: str = "fastfill", new: str =
 
 
 def _run(*args: str) -> Path:
-    from fct_lightning.commands import run_command
-    from fct_lightning.commands.backfill import backfill_command
+    from tests.commands import backfill_main
 
-    return run_command("fct-backfill", backfill_command, list(args))
+    return backfill_main(list(args))
 
 
 def test_a_round_changes_exactly_the_chosen_rows(chain, store, new_rows):

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import pyarrow.parquet as pq
 import pytest
 
-from fct_lightning.commands import run_command
-from fct_lightning.commands.index import index_command, search_command
+from tests.commands import index_main as fct_index
+from tests.commands import search_main as fct_search
 from tests.index.conftest import QUERIES, gallery_rows, write_rows
-
-fct_index = partial(run_command, "fct-index", index_command)
-fct_search = partial(run_command, "fct-search", search_command)
 
 
 def _fails(main, argv, match):  # noqa: ANN001, ANN202
