@@ -309,14 +309,31 @@ def run_backfill(
     return out
 
 
+INDEX_METRICS = {"index/top1": "top-1 (index)", "index/top5": "top-5 (index)", "index/map@r": "mAP@R (index)"}
+"""Metrics through a FAISS index (fct-eval on stores with ``--index``); full-ranking mAP has none (exact only)."""
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """Rows = cases, columns = metrics (percent); missing cases listed with the reason."""
-    lines = ["| case | top-1 | top-5 | mAP | mAP@R |", "|---|---|---|---|---|"]
+    """Rows = cases, columns = metrics (percent); missing cases listed with the reason.
+
+    When some case (or curve) was also evaluated through an index, its ``index/`` metrics follow the exact ones
+    (empty where a case was not searched through it), so the two are read side by side.
+    """
+    rows = [*results["cases"].values(), *(c["auc_mean"] for c in results.get("backfill", {}).values())]
+    keys = METRICS + tuple(k for k in INDEX_METRICS if any(k in r for r in rows))
+    head = ["top-1", "top-5", "mAP", "mAP@R"] + [INDEX_METRICS[k] for k in keys[len(METRICS):]]
+    lines = ["| case | " + " | ".join(head) + " |", "|---|" + "---|" * len(keys)]
+
+    def cells(m: dict[str, float]) -> str:
+        return " | ".join(f"{100 * m[k]:.1f}" if k in m else "" for k in keys)
+
     for case, m in results["cases"].items():
-        lines.append(f"| {case} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRICS) + " |")
+        lines.append(f"| {case} | {cells(m)} |")
     for case, why in results["missing"].items():
-        lines.append(f"| {case} | missing: {why} | | | |")
+        lines.append(f"| {case} | missing: {why} |" + " |" * (len(keys) - 1))
     for name, curve in results.get("backfill", {}).items():
-        lines.append(f"| backfill {name} (AUC) | "
-                     + " | ".join(f"{100 * curve['auc_mean'][k]:.1f}" for k in METRICS) + " |")
+        lines.append(f"| backfill {name} (AUC) | {cells(curve['auc_mean'])} |")
+    if len(keys) > len(METRICS):
+        lines.append("\nPercent; (index) = through the FAISS index, from each query's top-k hits; full-ranking mAP "
+                     "needs every relevant item's rank and is exact only.")
     return "\n".join(lines)

@@ -21,7 +21,9 @@ from fct_lightning import chain
 from fct_lightning.backfill import get_policy
 from fct_lightning.commands import run_command
 from fct_lightning.data import DATAMODULES
+from fct_lightning.devices import resolve_device
 from fct_lightning.evaluation import markdown_table, run_backfill, run_eval
+from fct_lightning.evaluation_stores import PAIRING, IndexSpec, run_store_backfill, run_store_eval
 from fct_lightning.loggers import log_to_wandb
 
 
@@ -30,8 +32,8 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="fct-eval", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", choices=sorted(DATAMODULES))
     p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--cases", default=",".join(chain.default_cases()),
-                   help="comma-separated, from: " + ",".join(c.name for c in chain.cases()))
+    p.add_argument("--cases", default=None, help="comma-separated, from: " + ",".join(c.name for c in chain.cases())
+                   + " (default: " + ",".join(chain.default_cases()) + "; on stores, those whose spaces they have)")
     p.add_argument("--out", default=None, help="results JSON (default <artifacts>/<dataset>/results/eval.json)")
     p.add_argument("--split", default=None, help="evaluation split (default: the datamodule's eval_split)")
     p.add_argument("--query_split", default=None,
@@ -45,7 +47,35 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backfill", default=None, help="backfilling policies, e.g. random,uncertainty,distance")
     p.add_argument("--points", type=int, default=22, help="backfilled fractions evaluated (0%% and 100%% included)")
     p.add_argument("--backfill_seeds", type=int, default=3, help="seeds averaged for the random policy")
+    s = p.add_argument_group("on embedding stores (instead of checkpoints and images)")
+    s.add_argument("--query_store", default=None, help="store of the queries' spaces (e.g. new, from fct-embed)")
+    s.add_argument("--gallery_store", default=None, help="store of the gallery spaces (old, fct+side, ...); the "
+                   "same items as --query_store = leave-one-out")
+    s.add_argument("--space", action="append", default=[], help="QUERY_SPACE/GALLERY_SPACE of the stores to "
+                   "evaluate as a case (e.g. new/fct+side-bf1); repeat or comma-separate")
+    s.add_argument("--pairing", default="auto", choices=PAIRING, help="auto: leave-one-out when the stores hold "
+                   "the same items in the same order, else a separate query set")
+    s.add_argument("--index", default=None, help="also evaluate through this FAISS index_factory string (Flat, "
+                   "IVF64,Flat, HNSW32, ...), built in memory per gallery (and per backfilling point)")
+    s.add_argument("--index_path", default=None, help="also evaluate through this fct-index folder (the cases "
+                   "whose gallery is its space); refused when that space was rewritten since")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default FAISS's 1)")
+    s.add_argument("--index_k", type=int, default=None, help="hits per query through the index (default: the "
+                   "largest class, so mAP@R is complete)")
+    s.add_argument("--train_rows", type=int, default=None, help="training sample of a --index that needs training "
+                   "(default: the whole gallery)")
     args = p.parse_args(argv)
+    if args.query_store is not None or args.gallery_store is not None:
+        return _on_stores(args)
+    index_options = {"--index": args.index, "--index_path": args.index_path, "--nprobe": args.nprobe,
+                     "--index_k": args.index_k, "--train_rows": args.train_rows, "--space": args.space or None,
+                     "--pairing": None if args.pairing == "auto" else args.pairing}
+    given = [k for k, v in index_options.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} evaluate embedding stores: give --query_store and --gallery_store "
+                         "too (embed them with fct-embed / fct-transform)")
+    if args.cases is None:
+        args.cases = ",".join(chain.default_cases())
     started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
@@ -56,16 +86,7 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     if out.is_dir() or out.suffix != ".json":
         raise ValueError(f"--out {out} must be a .json file path (it is "
                          f"{'a folder' if out.is_dir() else 'not a .json name'})")
-    policies = [p.strip() for p in (args.backfill or "").split(",") if p.strip()]
-    if args.backfill is not None:
-        if not policies:
-            raise ValueError(f"--backfill {args.backfill!r} names no policy; e.g. random,uncertainty,distance")
-        for name in policies:
-            get_policy(name)
-        if args.points < 2:
-            raise ValueError(f"--points {args.points}: a curve needs at least 2 points (0% and 100% backfilled)")
-        if args.backfill_seeds < 1:
-            raise ValueError(f"--backfill_seeds {args.backfill_seeds} must be at least 1")
+    policies = _policies(args)
     results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
                        args.device, args.batch_size, args.query_split, args.gallery_split)
     if not results["cases"]:
@@ -83,13 +104,80 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
                                            results["_queries"], results["_chain"], results["_reference_correct"])
     for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries", "_chain", "_reference_correct"):
         results.pop(key, None)
+    return _write(results, out, args, started, f"{args.dataset}-eval-{out.stem}")
+
+
+def _policies(args: argparse.Namespace) -> list[str]:
+    """The ``--backfill`` policies, each checked (with ``--points`` and ``--backfill_seeds``) before any work."""
+    policies = [p.strip() for p in (args.backfill or "").split(",") if p.strip()]
+    if args.backfill is not None:
+        if not policies:
+            raise ValueError(f"--backfill {args.backfill!r} names no policy; e.g. random,uncertainty,distance")
+        for name in policies:
+            get_policy(name)
+        if args.points < 2:
+            raise ValueError(f"--points {args.points}: a curve needs at least 2 points (0% and 100% backfilled)")
+        if args.backfill_seeds < 1:
+            raise ValueError(f"--backfill_seeds {args.backfill_seeds} must be at least 1")
+    return policies
+
+
+def _write(results: dict[str, Any], out: Path, args: argparse.Namespace, started: float, name: str) -> dict[str, Any]:
+    """Write the results file, print the table, log to W&B unless ``--no_wandb``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(markdown_table(results))
     print(f"\nresults written to {out} ({time.perf_counter() - started:.1f} s)")
     if not args.no_wandb:
-        log_to_wandb(results, Path(args.artifacts), name=f"{args.dataset}-eval-{out.stem}")
+        log_to_wandb(results, Path(args.artifacts), name=name)
     return results
+
+
+def _on_stores(args: argparse.Namespace) -> dict[str, Any]:
+    """``fct-eval --query_store Q --gallery_store G``: the cases (and curves) from stored vectors, exact and, with
+    ``--index``/``--index_path``, through an index."""
+    started = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.query_store is None or args.gallery_store is None:
+        raise ValueError("give both --query_store and --gallery_store (the same store twice for leave-one-out)")
+    images = {"--split": args.split, "--query_split": args.query_split, "--gallery_split": args.gallery_split,
+              "--data_root": args.data_root, "--batch_size": args.batch_size}
+    given = [k for k, v in images.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} choose images to embed; on stores the items are the stores' own: "
+                         "leave them out")
+    cases = None if args.cases is None else tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    if cases is not None and not cases:
+        raise ValueError(f"--cases {args.cases!r} names no case; choose from {[c.name for c in chain.cases()]}")
+    spaces = [x.strip() for arg in args.space for x in arg.split(",") if x.strip()]
+    gallery = Path(args.gallery_store)
+    out = Path(args.out or gallery.parent / f"{gallery.name}.eval.json")
+    if out.is_dir() or out.suffix != ".json":
+        raise ValueError(f"--out {out} must be a .json file path (it is "
+                         f"{'a folder' if out.is_dir() else 'not a .json name'})")
+    index = None
+    if args.index is not None or args.index_path is not None:
+        if args.index is not None and args.index_path is not None:
+            raise ValueError("give --index FACTORY (built in memory) or --index_path INDEX (an fct-index folder), "
+                             "not both")
+        index = IndexSpec(args.index, args.index_path, args.nprobe, args.index_k, args.train_rows)
+    else:
+        given = [k for k, v in (("--nprobe", args.nprobe), ("--index_k", args.index_k),
+                                ("--train_rows", args.train_rows)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} set the index search: give --index FACTORY or --index_path INDEX")
+    policies = _policies(args)
+    results = run_store_eval(args.query_store, args.gallery_store, cases, spaces, args.distance,
+                             resolve_device(args.device), index, args.pairing)
+    if policies:
+        if index is not None and index.path is not None:
+            results["meta"]["index"]["backfill"] = ("exact only: an index folder holds one fixed gallery; give "
+                                                    "--index FACTORY to search each backfilled state")
+        results["backfill"] = run_store_backfill(results, policies, args.points, args.backfill_seeds, args.distance,
+                                                 index)
+    for key in [k for k in results if k.startswith("_")]:
+        results.pop(key)
+    return _write(results, out, args, started, f"{results['meta']['dataset'] or 'stores'}-eval-{out.stem}")
 
 
 def main(argv: list[str] | None = None) -> None:
