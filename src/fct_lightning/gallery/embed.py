@@ -1,4 +1,10 @@
-"""``fct-embed``: one stage's image model over a dataset split or a folder of image files -> stored embeddings."""
+"""``fct-embed``: one stage's image model over a dataset split or a folder of image files -> stored embeddings.
+
+``--checkpoint`` is a stage's ``best.ckpt``, or an *external* model the library did not train: a TorchScript or
+``torch.export`` file with its JSON sidecar (``<file>.json``: the file's pinned sha256, ``image_size``, ``mean``,
+``std``, ``role``; see :mod:`fct_lightning.models.external`, which also says what loading such a file can execute).
+An external model embeds a folder of image files (``--images``) only: it belongs to no dataset of the library.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from fct_lightning.gallery.files import (
     write_json,
     writing,
 )
+from fct_lightning.models.external import is_external, load_external
 from fct_lightning.runs import config_data_settings, eval_data_settings
 from fct_lightning.stages.checkpoints import (
     CheckpointError,
@@ -110,13 +117,43 @@ def list_images(folder: Path) -> tuple[list[str], list[str]]:
     return paths, skipped
 
 
+#: the ``stage`` that the metadata of an external model (TorchScript / ``torch.export`` file) names
+EXTERNAL = "external"
+
+
+def external_view(spec: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    """The evaluation view of an external model's sidecar ``spec``: shorter side resized to ``image_size``, centre
+    crop ``image_size`` x ``image_size`` (grey for one channel), scaled to ``[0, 1]``, normalised by ``mean``,
+    ``std``."""
+    from torchvision.transforms import v2
+
+    size = spec["image_size"]
+    grey = [v2.Grayscale(1)] if spec["in_channels"] == 1 else []
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), *grey,
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])])
+
+
+def load_external_stage(path: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``(model, metadata, data settings)`` of an external model file, in the shape :func:`load_image_stage` gives:
+    the metadata names stage ``external``, the sidecar's ``role``, and the file's sha256 as ``digest`` (its first
+    16 hex digits, as for checkpoints; ``sha256`` holds all of it)."""
+    model = load_external(path)
+    spec = model.spec
+    meta = {"stage": EXTERNAL, "role": spec["role"], "dataset": None, "path": str(Path(path).resolve()),
+            "digest": spec["sha256"][:16], "sha256": spec["sha256"], "format": model.kind}
+    return model, meta, {"image_size": spec["image_size"]}
+
+
 def load_image_stage(checkpoint: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """``(module in eval mode, metadata with digest, data settings)`` of an image stage's checkpoint (old,
-    side_info, new or bct); other checkpoints are refused with the reason and the fix."""
+    side_info, new or bct) or of an external model file (:func:`load_external_stage`); other checkpoints are
+    refused with the reason and the fix."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist; pass a stage's best.ckpt, e.g. "
                                 "artifacts/<dataset>/old/best.ckpt")
+    if is_external(checkpoint):
+        return load_external_stage(checkpoint)
     ckpt = read_checkpoint(checkpoint, "embedding")
     stage = checkpoint_meta(ckpt, checkpoint, "embedding")["stage"]
     if stage not in IMAGE_STAGES:
@@ -136,9 +173,13 @@ def _image_loader(folder: Path, dataset: str, settings: dict[str, Any], skip_unr
 
     No datamodule is built: it would look for the training data, which a serving machine need not have.
     """
-    cls, size, view = image_view(dataset, settings)
+    if dataset == EXTERNAL:
+        family, size, view = EXTERNAL, settings["image_size"], external_view(settings["external"])
+    else:
+        cls, size, view = image_view(dataset, settings)
+        family = cls.family
     paths, skipped = list_images(folder)
-    loader = DataLoader(ImageList(paths, view, cls.family, size, skip_unreadable),
+    loader = DataLoader(ImageList(paths, view, family, size, skip_unreadable),
                         batch_size=settings.get("eval_batch_size") or 256,
                         num_workers=settings.get("num_workers") or 0, pin_memory=pin)
     ids = [os.path.relpath(p, folder) for p in paths]
@@ -175,6 +216,11 @@ def embed(
     module, meta, settings = load_image_stage(checkpoint)
     module.to(dev)
     stage, dataset = meta["stage"], meta.get("dataset") or "digits"
+    if stage == EXTERNAL:
+        if images is None:
+            raise ValueError(f"{checkpoint} is an external model: it belongs to no dataset split; embed a folder of "
+                             "image files with --images")
+        dataset, settings["external"] = EXTERNAL, module.spec
     settings.update({k: v for k, v in (("root", data_root), ("eval_batch_size", batch_size),
                                        ("num_workers", num_workers)) if v is not None})
     ids: list[str] | None = None
@@ -227,7 +273,10 @@ def embed(
         if name is None:
             sidecar(out, kind).unlink(missing_ok=True)
     write_json(sidecar(out, "meta"), {
-        "format": FORMAT, "stage": stage, "dataset": dataset, "checkpoint": str(checkpoint.resolve()),
+        # an external model's rows are filed under its role (what fct-transform checks), the file's kind beside it
+        "format": FORMAT, "stage": meta["role"] if stage == EXTERNAL else stage,
+        **({"external": {"format": meta["format"], "sha256": meta["sha256"]}} if stage == EXTERNAL else {}),
+        "dataset": None if stage == EXTERNAL else dataset, "checkpoint": str(checkpoint.resolve()),
         "digest": meta["digest"], "embedding_dim": dim, "rows": rows, "dtype": "float32", "fingerprint": fp,
         "source": source, **files, "unreadable": unreadable,
     })

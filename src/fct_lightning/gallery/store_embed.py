@@ -11,6 +11,10 @@ The pieces, each usable alone: :class:`ImageModels` (the models, one LightningMo
 its shards) and :class:`~fct_lightning.gallery.writer.StoreWriter` (writes the shards, publishes the spaces).
 Each image is decoded and transformed once for all models, which is why their evaluation views must agree.
 A killed job run again with the same arguments redoes only the shards that are not complete and verified.
+
+An external model (a TorchScript or ``torch.export`` file with its sidecar, :mod:`fct_lightning.models.external`)
+fills the space its sidecar's ``role`` names (``old`` by default), recorded with the file's sha256 as checkpoint
+digest; it embeds folders of image files only, read with the view its sidecar gives.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from fct_lightning.gallery.embed import load_image_stage
+from fct_lightning.gallery.embed import EXTERNAL, external_view, load_image_stage
 from fct_lightning.gallery.items import FolderItems, SplitItems, common_view, shard_loader
 from fct_lightning.gallery.writer import StoreWriter, everywhere
 from fct_lightning.store import DEFAULT_SHARD_ROWS, DTYPES, SpaceSpec, create_store, open_store
@@ -134,6 +138,19 @@ class EmbedData(pl.LightningDataModule):
         return shard_loader(self.items.dataset(store), shards, self.batch_size, self.num_workers, pin)
 
 
+class ExternalFolderItems(FolderItems):
+    """The image files below ``folder``, read as the external model of sidecar ``spec`` reads them (its size and
+    normalisation; see :func:`~fct_lightning.gallery.embed.external_view`)."""
+
+    def __init__(self, folder: str | Path, spec: dict[str, Any]) -> None:
+        self.folder, self.settings = Path(folder), {"image_size": spec["image_size"]}
+        self.size, self.transform, self.family = spec["image_size"], external_view(spec), EXTERNAL
+        self.view = {"family": EXTERNAL, "image_size": self.size, "mean": list(spec["mean"]),
+                     "std": list(spec["std"])}
+        self.source = {"images": str(self.folder.resolve()), "image_size": self.size}
+        self.paths = []
+
+
 def load_models(checkpoints: Sequence[str | Path], images: str | Path | None, split: str | None,
                 data_root: str | None) -> tuple[dict[str, tuple[nn.Module, dict[str, Any]]], Items]:
     """The image stages of ``checkpoints`` (role -> ``(module, metadata)``) and the items they all read the same
@@ -146,15 +163,21 @@ def load_models(checkpoints: Sequence[str | Path], images: str | Path | None, sp
     items: dict[str, Items] = {}
     for path in checkpoints:
         module, meta, settings = load_image_stage(path)
-        role = meta["stage"]
+        role = meta["role"] if meta["stage"] == EXTERNAL else meta["stage"]
         if role in models:
             raise ValueError(f"--checkpoint {models[role][1]['path']} and --checkpoint {path} are both '{role}' "
                              "checkpoints; a store holds one space per role: embed the other into another store")
         if data_root is not None:
             settings["root"] = data_root
         dataset = meta.get("dataset") or "digits"
-        items[str(path)] = FolderItems(images, dataset, settings) if images is not None else SplitItems(
-            dataset, settings, split)
+        if meta["stage"] == EXTERNAL:
+            if images is None:
+                raise ValueError(f"--checkpoint {path} is an external model: it belongs to no dataset split; embed "
+                                 "a folder of image files with --images")
+            items[str(path)] = ExternalFolderItems(images, module.spec)
+        else:
+            items[str(path)] = FolderItems(images, dataset, settings) if images is not None else SplitItems(
+                dataset, settings, split)
         models[role] = (module, meta)
     common_view({p: (it.view, it.describe()) for p, it in items.items()})
     return models, next(iter(items.values()))
@@ -166,9 +189,12 @@ def space_specs(models: dict[str, tuple[nn.Module, dict[str, Any]]], items: Item
     rows come from (no times or hosts: a rerun of the same command is the same job, and resumes)."""
     return {role: SpaceSpec(
         role=role, dim=int(module.embedding_dim), dtype=dtype, checkpoint_digest=meta["digest"],
-        normalized=bool(getattr(getattr(module, "net", None), "normalize", False)),
+        normalized=bool(module.spec["normalized"] if meta["stage"] == EXTERNAL
+                        else getattr(getattr(module, "net", None), "normalize", False)),
         provenance={"command": "fct-embed", "dataset": meta.get("dataset"), "source": items.source,
-                    "precision": precision},
+                    "precision": precision,
+                    **({"external": {"format": meta["format"], "sha256": meta["sha256"]}}
+                       if meta["stage"] == EXTERNAL else {})},
     ) for role, (module, meta) in models.items()}
 
 
@@ -238,4 +264,4 @@ def embed_store(
     return Path(store)
 
 
-__all__ = ["EmbedData", "ImageModels", "embed_store", "load_models", "space_specs"]
+__all__ = ["EmbedData", "ExternalFolderItems", "ImageModels", "embed_store", "load_models", "space_specs"]
