@@ -40,8 +40,9 @@ from tests.data.fakes import make_cifar_pickles, make_imagefolder
 
 CHAIN = ("old", "side_info", "new", "transformation", "bct")
 CLOSED_FORM = ("linear", "linear_noside", "procrustes")  # variants of the closed_form stage (one config for the three)
-STAGE_CONFIGS = (*CHAIN, "closed_form")  # the stage configs each dataset and recipe ships
-H_STAGES = ("transformation", "closed_form")  # stages built on upstream old/side_info/new checkpoints
+ORTHOGONAL = ("orthogonal", "orthogonal_side")  # variants of the orthogonal stage (one config for both)
+STAGE_CONFIGS = (*CHAIN, "closed_form", "orthogonal")  # the stage configs each dataset and recipe ships
+H_STAGES = ("transformation", "closed_form", "orthogonal")  # stages built on upstream old/side_info/new checkpoints
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "places365", "vggface2", "folder")
 RECIPES = {"cifar100_resnet50": "cifar100", "cifar10_cpu": "cifar10", "folder_cpu": "folder"}  # recipe -> dataset
 RECIPE_TRUNKS = {"cifar100_resnet50": ("ResNet", 2048), "cifar10_cpu": ("SmallConvNet", 32),
@@ -52,8 +53,8 @@ BASIC_PRESETS = ("cpu", "gpu", "ddp", "bf16")
 # (--stage, extra args): the transformation runs with and without side-info; the closed-form h as each variant
 VARIANTS = [(s, []) for s in CHAIN[:3]] + [("transformation", []),
                                            ("transformation", ["--model.use_side_info", "false"]), ("bct", [])] + \
-    [(v, []) for v in CLOSED_FORM]
-VARIANT_IDS = ["old", "side_info", "new", "transformation", "transformation_noside", "bct", *CLOSED_FORM]
+    [(v, []) for v in (*CLOSED_FORM, *ORTHOGONAL)]
+VARIANT_IDS = ["old", "side_info", "new", "transformation", "transformation_noside", "bct", *CLOSED_FORM, *ORTHOGONAL]
 VARIANT_PARAMS = [(*v, name) for v, name in zip(VARIANTS, VARIANT_IDS, strict=True)]
 
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -179,7 +180,8 @@ def covered_configs() -> set[str]:
 
 # configs that need inputs these tests do not build (h from embedding stores): parsed and checked here, fitted by
 # the test module named
-FITTED_ELSEWHERE = {"embeddings/transformation.yaml": "tests/test_embeddings_data.py"}
+FITTED_ELSEWHERE = {"embeddings/transformation.yaml": "tests/test_embeddings_data.py",
+                    "embeddings/orthogonal.yaml": "tests/test_orthogonal.py"}
 
 
 def test_every_shipped_config_is_tested():

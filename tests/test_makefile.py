@@ -122,8 +122,8 @@ def test_presets_recipe_devices_and_extra_reach_every_stage(tmp_path):
         configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
         assert configs[:2] == ["configs/trainer/ddp.yaml", "configs/trainer/bf16.yaml"], cmd
         recipe = configs[2]
-        assert re.fullmatch(r"configs/recipes/cifar10_cpu/(old|side_info|new|transformation|bct|closed_form)\.yaml",
-                            recipe)
+        stages = "old|side_info|new|transformation|bct|closed_form|orthogonal"
+        assert re.fullmatch(rf"configs/recipes/cifar10_cpu/({stages})\.yaml", recipe)
         assert recipe.endswith(f"/{STAGES[option(cmd, '--stage')]}.yaml")
         for path in configs:
             assert (ROOT / path).is_file(), path

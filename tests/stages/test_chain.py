@@ -23,6 +23,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
 SMALL_NET = ["--model.width", "8"]
 SMALL_H = ["--model.mixer_width", "64", "--model.cache_views", "2"]
 CLOSED_FORM = {"linear": "linear+side/old", "linear_noside": "linear/old", "procrustes": "procrustes/old"}
+ORTHOGONAL = {"orthogonal": "new/F", "orthogonal_side": "new/F+side"}  # fct-eval's cases of the λ-orthogonal adapters
 REPLACE = ["--overwrite"]  # the module's chain may already hold the stage these runs would write
 
 
@@ -47,6 +48,8 @@ def full_chain(chain) -> Path:
     run("bct", chain, *SMALL_NET)
     for variant in CLOSED_FORM:  # solved from the transformation's feature cache (same cache_views): seconds each
         run(variant, chain, "--model.cache_views", "2", "--retrieval.index", "none")
+    for variant in ORTHOGONAL:  # F and B trained on the same cache, F linear: seconds each
+        run(variant, chain, *SMALL_H, "--model.forward_kind", "linear", "--retrieval.index", "none")
     return chain
 
 
@@ -65,7 +68,7 @@ def test_upstream_stages_write_artifacts(chain):
 def test_transformation_bct_eval_report(full_chain, capsys):
     chain = full_chain
     assert (chain / "digits" / "cache").is_dir()
-    for folder in ("transformation", "transformation_noside", "bct", *CLOSED_FORM):
+    for folder in ("transformation", "transformation_noside", "bct", *CLOSED_FORM, *ORTHOGONAL):
         assert (chain / "digits" / folder / "best.ckpt").is_file()
     # the transformation checkpoints do not duplicate the frozen models' weights (a closed-form one adds the
     # statistics its map was solved from)
@@ -77,14 +80,14 @@ def test_transformation_bct_eval_report(full_chain, capsys):
     eval_main(["--artifacts", str(chain), "--no_wandb"])
     results = json.loads((chain / "digits" / "results" / "eval.json").read_text())
     assert set(results["cases"]) == {"old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old",
-                                     *CLOSED_FORM.values()}
+                                     *CLOSED_FORM.values(), *ORTHOGONAL.values()}
     assert results["missing"] == {}
     for metrics in results["cases"].values():
         assert set(metrics) == {"top1", "top5", "map", "map@r"}
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     report_main(["--artifacts", str(chain), "--no_wandb"])
     out = capsys.readouterr().out
-    assert all(f"| {case} |" in out for case in ("fct+side/old", *CLOSED_FORM.values()))
+    assert all(f"| {case} |" in out for case in ("fct+side/old", *CLOSED_FORM.values(), *ORTHOGONAL.values()))
     assert (chain / "digits" / "report.png").is_file()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fct_lightning.models.adapters import ADAPTER_MAPS, Adapters
 from fct_lightning.models.closed_form import CLOSED_FORM_MAPS, LinearMap
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.base import STAGE_CLASSES, RetrievalStage
@@ -47,16 +48,21 @@ def load_stage(path: str | Path, role: str, stages: tuple[str, ...],
     return module, dict(meta, path=str(path), digest=file_digest(path))
 
 
-#: The stages whose checkpoints hold an h (the MLP, or a closed-form map whose ``fct["h"]`` names its ``kind``).
-H_STAGES = ("transformation", "closed_form")
+#: The stages whose checkpoints hold an h (the MLP, or a closed-form map or the orthogonal adapters, whose
+#: ``fct["h"]`` names its ``kind``).
+H_STAGES = ("transformation", "closed_form", "orthogonal")
+#: The classes of h by ``fct["h"]["kind"]`` (the MLP h records none).
+H_KINDS = {**CLOSED_FORM_MAPS, **ADAPTER_MAPS}
 
 
-def load_h(path: str | Path) -> tuple[Transformation | LinearMap, dict[str, Any]]:
+def load_h(path: str | Path) -> tuple[Transformation | LinearMap | Adapters, dict[str, Any]]:
     """h from a transformation checkpoint, without the frozen image models it was trained with.
 
     The checkpoint holds h's weights (the frozen models are not saved with it) and the arguments h was built
     with (``fct["h"]``), so a serving machine needs nothing else. A closed-form stage's h (``fct["h"]["kind"]``:
-    ``linear``, ``procrustes``) is rebuilt by its class in :data:`~fct_lightning.models.closed_form.CLOSED_FORM_MAPS`.
+    ``linear``, ``procrustes``) is rebuilt by its class in :data:`~fct_lightning.models.closed_form.CLOSED_FORM_MAPS`,
+    the orthogonal stage's adapters (``orthogonal``: F is the gallery transform, B is applied to queries with
+    :func:`fct_lightning.models.adapters.backward`) by :data:`~fct_lightning.models.adapters.ADAPTER_MAPS`.
     Returns ``(h in eval mode, the checkpoint's fct metadata + path and digest)``.
     """
     path = Path(path)
@@ -73,7 +79,7 @@ def load_h(path: str | Path) -> tuple[Transformation | LinearMap, dict[str, Any]
     try:
         config = dict(meta["h"])
         kind = config.pop("kind", None)
-        h = Transformation(**config) if kind is None else CLOSED_FORM_MAPS[kind](**config)
+        h = Transformation(**config) if kind is None else H_KINDS[kind](**config)
         h.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"the transformation checkpoint {path} does not fit the current Transformation "

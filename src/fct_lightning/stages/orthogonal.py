@@ -1,0 +1,159 @@
+"""The orthogonal stage (λ-orthogonality, Ricci et al., NeurIPS 2025): a forward adapter F (old -> new) and a
+backward adapter B (new -> old) kept near orthogonal, trained on the frozen old (side-info) and new models.
+
+Everything but the loss is the transformation stage's
+(:class:`~fct_lightning.stages.transformation.TransformationModel`): frozen-model loading, the feature cache (shared
+with the transformation when the settings agree), training from images or from stored embeddings (``fct-fit --data
+embeddings``), validation, ``best.ckpt`` and ``fct-transform`` (which applies F, the gallery transform). The loss is
+:func:`~fct_lightning.models.adapters.adapter_loss`:
+``MSE(F(old), new) + back_weight * MSE(B(new), old) + orth_weight * ||G_B - I||_F^2``.
+
+Spaces: ``F`` (``F+side`` with side-info), the old gallery mapped by F, searched by new-model queries (case
+``new/F``); and ``B``, new-model queries mapped by B, searched against the untouched old gallery (case ``B/old``:
+backward compatibility without re-training the new model or touching the gallery). Store and file names allow no
+parentheses, hence ``F`` and ``B`` for the paper's ``F(old)`` and ``B(new)``. A deployment applies B to the query
+embeddings (:func:`fct_lightning.models.adapters.backward`), never to the gallery.
+
+``fct-eval`` measures ``new/F`` (and ``new/F+side``); ``B/old`` is logged by the validation callback
+(``val/B/old/*``) but is not a registry case yet: fct-eval embeds every space of a stage with ``frozen_models`` and
+``transform`` as ``transform(old, side)``, so it would compute F(old) for the query space B. It needs to embed a
+query space of such a stage with the stage's ``query_embed`` (here B(new(x)), from the new model's features).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fct_lightning.models.adapters import FORWARD_KINDS, Adapters, adapter_loss
+from fct_lightning.stages.transformation import TransformationModel
+
+#: the query space of the new model mapped by B into the old space
+BACKWARD_SPACE = "B"
+
+
+class OrthogonalModel(TransformationModel):
+    """F and a near-orthogonal B on frozen old, side-info and new models (stage ``orthogonal``).
+
+    Args:
+        old_checkpoint: The old model's checkpoint.
+        new_checkpoint: The new model's checkpoint.
+        side_info_checkpoint: The side-info model's checkpoint (with ``use_side_info``).
+        use_side_info: F maps ``[old, side]`` (True) or ``old`` alone (default; B never takes side-info: a query has
+            none of the gallery's stored side-info).
+        forward_kind: F's layout: ``mlp`` (the FCT h's, sized by ``mixer_width``, ``mixer_depth``,
+            ``branch_width_factor``) or ``linear`` (one affine layer).
+        orth_weight: λ, the weight of B's orthogonality penalty ``||G_B - I||_F^2`` (0 = B unconstrained).
+        back_weight: Weight of B's regression term ``MSE(B(new), old)``.
+        mixer_width: ``mlp`` F: width of the mixer layers.
+        mixer_depth: ``mlp`` F: number of hidden mixer layers.
+        branch_width_factor: ``mlp`` F: hidden width of the branches as a multiple of their input size.
+        bn_eval_after: ``mlp`` F: fraction of the epochs after which its BatchNorm layers switch to eval mode.
+        cached: Train on cached features (default) instead of recomputing the frozen models every step.
+        cache_views: Augmented views per training image in the cache (the transformation's value shares it).
+        cache_dir: Where caches live (default ``artifacts/<dataset>/cache``).
+        cache_dtype: Storage dtype of cached features.
+        cache_seed: Seed of the cached augmentations.
+        optimizer: ``sgd`` or ``adamw``.
+        lr: Peak learning rate.
+        stored: Train from stored embeddings (see the transformation stage; linked by the CLI).
+        **kwargs: The dataset name and the other optimiser settings of
+            :class:`~fct_lightning.stages.base.RetrievalStage`.
+    """
+
+    stage = "orthogonal"
+
+    def __init__(
+        self,
+        old_checkpoint: str | None = None,
+        new_checkpoint: str | None = None,
+        side_info_checkpoint: str | None = None,
+        use_side_info: bool = False,
+        forward_kind: str = "mlp",
+        orth_weight: float = 1.0,
+        back_weight: float = 1.0,
+        mixer_width: int = 2048,
+        mixer_depth: int = 2,
+        branch_width_factor: int = 2,
+        bn_eval_after: float = 0.5,
+        cached: bool = True,
+        cache_views: int = 10,
+        cache_dir: str | None = None,
+        cache_dtype: str = "float16",
+        cache_seed: int = 0,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        stored: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if forward_kind not in FORWARD_KINDS:
+            raise ValueError(f"forward_kind={forward_kind!r} is not known; choose one of {FORWARD_KINDS}")
+        for name, value in (("orth_weight", orth_weight), ("back_weight", back_weight)):
+            if not value >= 0:
+                raise ValueError(f"{name}={value!r} must be >= 0")
+        # the parent's throwaway h is 1 wide: the adapters replace it at once
+        super().__init__(old_checkpoint, new_checkpoint, side_info_checkpoint, use_side_info=use_side_info,
+                         mixer_width=1, mixer_depth=1, branch_width_factor=1, bn_eval_after=bn_eval_after,
+                         cached=cached, cache_views=cache_views, cache_dir=cache_dir, cache_dtype=cache_dtype,
+                         cache_seed=cache_seed, uncertainty=False, optimizer=optimizer, lr=lr, stored=stored,
+                         **kwargs)
+        self.save_hyperparameters()  # this class's arguments (not the throwaway h's the parent recorded)
+        self.forward_kind, self.orth_weight, self.back_weight = forward_kind, orth_weight, back_weight
+        self.h = Adapters(self.h.old_dim, self.h.new_dim, self.h.side_dim, forward_kind, branch_width_factor,
+                          mixer_width, mixer_depth)
+
+    @property
+    def gallery_space(self) -> str:
+        return "F+side" if self.use_side_info else "F"
+
+    def fct_metadata(self) -> dict[str, Any]:
+        meta = super().fct_metadata()
+        meta.update(forward_kind=self.forward_kind, orth_weight=self.orth_weight, back_weight=self.back_weight,
+                    orthogonality=float(self.h.orthogonality().detach()))
+        return meta
+
+    # ----------------------------------------------------------------- embeddings
+    def backward_embed(self, new: Tensor) -> Tensor:
+        """B(new embeddings): the new model's queries in the old space."""
+        return self.h.to_old(new)
+
+    def eval_embeddings(self, images: Tensor) -> dict[str, Tensor]:
+        out = super().eval_embeddings(images)
+        return {**out, BACKWARD_SPACE: self.backward_embed(out["new"])}
+
+    @property
+    def eval_cases(self) -> dict[str, tuple[str, str]]:
+        return {f"new/{self.gallery_space}": ("new", self.gallery_space),
+                f"{BACKWARD_SPACE}/old": (BACKWARD_SPACE, "old"), "old/old": ("old", "old"), "new/new": ("new", "new")}
+
+    def query_embed(self, images: Tensor) -> Tensor:
+        """B(new(x)): a new-model query mapped into the old space (searched against the old gallery)."""
+        return self.backward_embed(super().query_embed(images))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        out = super().validation_step(batch, batch_idx)
+        if isinstance(batch, dict):  # stored embeddings: the parent gave old, new and F; add B
+            out["embeddings"][BACKWARD_SPACE] = self.backward_embed(out["embeddings"]["new"])
+        return out
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if isinstance(batch, dict):
+            feats, labels = batch, batch["labels"]
+        else:
+            images, labels, _ = batch
+            feats = self.frozen_embeddings(images)
+        old, new = feats["old"].float(), feats["new"].float()
+        side = feats["side"].float() if self.use_side_info else None
+        loss, parts = adapter_loss(self.h(old, side), new, self.h.to_old(new), old, self.h.backward_adapter.weight,
+                                   self.orth_weight, self.back_weight)
+        self.check_loss(loss, "orthogonal")
+        self.log_loss("loss", loss, len(labels))
+        for name, value in parts.items():
+            self.log_loss(name, value.detach(), len(labels), step=False)
+        return loss
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.h.parameters() if p.requires_grad]
