@@ -228,3 +228,19 @@ def test_results_read_from_other_split_folders_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="disagree on the evaluation split_folder"):
         report_main([str(a), str(b), "--no_wandb", "--out_dir", str(tmp_path / "out")])
     assert "2 run(s)" in make_report([a, c], tmp_path / "out", "t")["md"].read_text()
+
+
+def test_metrics_through_an_index_are_reported_beside_the_exact_ones(tmp_path):
+    """fct-eval --index on stores adds index/<metric> to each case: the table and the CSV gain those columns (and
+    only when a result has them)."""
+    data = results({"old/old": 0.50, "fct+side/old": 0.70}, "s0")
+    data["cases"]["fct+side/old"].update({"index/top1": 0.65, "index/top5": 0.9, "index/map@r": 0.4})
+    files = make_report([write(tmp_path / "r.json", data)], tmp_path / "out", "t")
+    md = files["md"].read_text()
+    assert "| case | top-1 | top-5 | mAP | mAP@R | top-1 (index) | top-5 (index) | mAP@R (index) |" in md
+    assert "| fct+side/old | 70.0 | 70.0 | 70.0 | 70.0 | 65.0 | 90.0 | 40.0 |" in md
+    rows = {r["case"]: r for r in csv.DictReader(files["csv"].open())}
+    assert float(rows["fct+side/old"]["index/map@r_mean"]) == pytest.approx(0.4)
+    assert rows["old/old"]["index/top1_mean"] == ""
+    plain = make_report([write(tmp_path / "p.json", results({"old/old": 0.5}, "s1"))], tmp_path / "out2", "t")
+    assert "(index)" not in plain["md"].read_text()

@@ -29,6 +29,14 @@ def _spaces_of(case: str) -> tuple[str, str] | None:
 
 METRICS = ("top1", "top5", "map", "map@r")
 HEADERS = {"top1": "top-1", "top5": "top-5", "map": "mAP", "map@r": "mAP@R"}
+# metrics through a FAISS index (fct-eval --index on stores), reported beside the exact ones when a result has them
+INDEX_METRICS = ("index/top1", "index/top5", "index/map@r")
+HEADERS.update({m: f"{HEADERS[m.split('/')[1]]} (index)" for m in INDEX_METRICS})
+
+
+def columns(table: dict[str, dict[str, tuple[float, float, int]]]) -> tuple[str, ...]:
+    """The exact metrics, then the index metrics that any case of ``table`` has."""
+    return METRICS + tuple(m for m in INDEX_METRICS if any(m in cells for cells in table.values()))
 
 
 def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
@@ -193,10 +201,11 @@ def _fmt(cell: tuple[float, float, int]) -> str:
 
 
 def to_markdown(table: dict[str, dict[str, tuple[float, float, int]]], title: str) -> str:
-    head = ["case", *(HEADERS[m] for m in METRICS), "compatible (top-1)", "compatible (mAP)"]
+    metrics = columns(table)
+    head = ["case", *(HEADERS[m] for m in metrics), "compatible (top-1)", "compatible (mAP)"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, cells in table.items():
-        vals = [_fmt(cells[m]) if m in cells else "" for m in METRICS]
+        vals = [_fmt(cells[m]) if m in cells else "" for m in metrics]
         lines.append("| " + " | ".join([case, *vals, compatibility(table, case, "top1"),
                                        compatibility(table, case, "map")]) + " |")
     n = max((c[2] for cells in table.values() for c in cells.values()), default=0)
@@ -211,11 +220,11 @@ def to_markdown(table: dict[str, dict[str, tuple[float, float, int]]], title: st
 
 def write_csv(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> None:
     with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "n_runs",
+        w, metrics = csv.writer(f), columns(table)
+        w.writerow(["case", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "n_runs",
                     "compatible_top1", "compatible_map"])
         for case, cells in table.items():
-            vals = [f"{cells[m][i]:.6f}" if m in cells else "" for m in METRICS for i in (0, 1)]
+            vals = [f"{cells[m][i]:.6f}" if m in cells else "" for m in metrics for i in (0, 1)]
             n = max(c[2] for c in cells.values())
             w.writerow([case, *vals, n, compatibility(table, case, "top1"), compatibility(table, case, "map")])
 

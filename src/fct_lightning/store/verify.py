@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from fct_lightning.store.create import first_duplicate
 from fct_lightning.store.files import CHUNK_BYTES, npy_size, sha256_file
-from fct_lightning.store.format import COLUMNS_SUFFIX, META, StoreError
+from fct_lightning.store.format import COLUMNS_SUFFIX, META, Shard, StoreError
 from fct_lightning.store.store import Store
 
 
@@ -52,22 +52,39 @@ def _meta_problems(store: Store, check_content: bool) -> list[str]:
     return problems
 
 
+def _fix(space: str) -> str:
+    return f"run the command that wrote space {space!r} again (it rewrites such shards), or restore the file"
+
+
+def _present(store: Store, path_of: Callable[[str, int], Path], space: str, problems: list[str],
+             fix: str) -> Iterator[tuple[Shard, Path]]:
+    """``(shard, file)`` for each shard whose file of ``space`` exists; a message in ``problems`` per missing one."""
+    for shard in store.shards:
+        path = path_of(space, shard.index)
+        if path.is_file():
+            yield shard, path
+        else:
+            problems.append(f"{path} is missing; {fix}")
+
+
+def _checksum_problems(path: Path, sha256: str, check_content: bool, fix: str) -> list[str]:
+    """``[message]`` when ``check_content`` and the file's sha256 is not the manifest's; ``[]`` otherwise."""
+    if check_content and sha256_file(path) != sha256:
+        return [f"{path} does not match its sha256 in the manifest (it was changed or damaged); {fix}"]
+    return []
+
+
 def _space_problems(store: Store, name: str, check_content: bool) -> list[str]:
     space, folder = store.space(name), store.path / name
     problems = _extra(folder, {f"{s.name}.npy" for s in store.shards})
-    fix = f"run the command that wrote space {name!r} again (it rewrites such shards), or restore the file"
-    for shard in store.shards:
-        path = store.array_path(name, shard.index)
-        if not path.is_file():
-            problems.append(f"{path} is missing; {fix}")
-            continue
+    fix = _fix(name)
+    for shard, path in _present(store, store.array_path, name, problems, fix):
         size, want = path.stat().st_size, npy_size(shard.rows, space.dim, space.dtype)
         if size != want:
             problems.append(f"{path} holds {size} bytes, not the {want} of {shard.rows} x {space.dim} {space.dtype} "
                             f"rows (truncated or replaced); {fix}")
             continue
-        if check_content and sha256_file(path) != space.sha256[shard.index]:
-            problems.append(f"{path} does not match its sha256 in the manifest (it was changed or damaged); {fix}")
+        problems += _checksum_problems(path, space.sha256[shard.index], check_content, fix)
         try:
             arr = store.array(name, shard.index)
         except StoreError as err:
@@ -82,14 +99,11 @@ def _column_problems(store: Store, name: str, check_content: bool) -> list[str]:
     """The row columns of space ``name``: one table per shard, its checksum, its rows and its columns' types."""
     space = store.space(name)
     problems = _extra(store.path / f"{name}{COLUMNS_SUFFIX}", {f"{s.name}.parquet" for s in store.shards})
-    fix = f"run the command that wrote space {name!r} again (it rewrites such shards), or restore the file"
-    for shard in store.shards:
-        path = store.columns_path(name, shard.index)
-        if not path.is_file():
-            problems.append(f"{path} is missing; {fix}")
-            continue
-        if check_content and sha256_file(path) != space.columns_sha256[shard.index]:
-            problems.append(f"{path} does not match its sha256 in the manifest (it was changed or damaged); {fix}")
+    fix = _fix(name)
+    for shard, path in _present(store, store.columns_path, name, problems, fix):
+        bad = _checksum_problems(path, space.columns_sha256[shard.index], check_content, fix)
+        if bad:
+            problems += bad
             continue
         try:
             table = store.row_columns(name, shard.index)
