@@ -102,8 +102,9 @@ def chain_dir(tmp_path_factory):
     return art
 
 
-@pytest.mark.parametrize(("variant", "space"), [("orthogonal", "F"), ("orthogonal_side", "F+side")])
-def test_orthogonal_fits_evaluates_and_reports(chain_dir, variant, space):
+@pytest.mark.parametrize(("variant", "space", "backward_cases"),
+                         [("orthogonal", "F", ("B/old",)), ("orthogonal_side", "F+side", ())])
+def test_orthogonal_fits_evaluates_and_reports(chain_dir, variant, space, backward_cases):
     cli = run(variant, chain_dir, *SMALL_H, "--trainer.max_epochs", "2")
     assert cli.out_dir == chain_dir / "digits" / variant
     metrics = cli.trainer.callback_metrics
@@ -125,16 +126,18 @@ def test_orthogonal_fits_evaluates_and_reports(chain_dir, variant, space):
         torch.testing.assert_close(module.query_embed(images), backward(h, f["new"]))
         torch.testing.assert_close(module.eval_embeddings(images)["B"], backward(h, f["new"]))
     out = chain_dir / "digits" / "results" / f"{variant}.json"
-    eval_main(["--artifacts", str(chain_dir), "--no_wandb", "--cases", f"old/old,new/new,new/{space}",
-               "--out", str(out)])
+    cases = ("old/old", "new/new", f"new/{space}", *backward_cases)
+    eval_main(["--artifacts", str(chain_dir), "--no_wandb", "--cases", ",".join(cases), "--out", str(out)])
     results = json.loads(out.read_text())
-    assert set(results["cases"]) == {"old/old", "new/new", f"new/{space}"}
-    # fct-eval's new/F is the validation callback's (same split, same models)
-    assert results["cases"][f"new/{space}"]["top1"] == pytest.approx(float(metrics[f"val/new/{space}/top1"]),
-                                                                    abs=1e-6)
+    assert set(results["cases"]) == set(cases)
+    # fct-eval's new/F and B/old (B on the new model's queries, the old gallery untouched) are the validation
+    # callback's (same split, same models)
+    for case in cases:
+        for metric in ("top1", "map"):
+            assert results["cases"][case][metric] == pytest.approx(float(metrics[f"val/{case}/{metric}"]), abs=1e-6)
     report_main([str(out), "--out_dir", str(chain_dir / f"report-{variant}"), "--no_wandb"])
     table = (chain_dir / f"report-{variant}" / "report.md").read_text()
-    assert f"| new/{space} |" in table
+    assert all(f"| {case} |" in table for case in (f"new/{space}", *backward_cases))
 
 
 def test_orthogonality_weight_reaches_b_on_digits(chain_dir):

@@ -257,12 +257,13 @@ for _v in (
 # ------------------------------------------------------------------------------ λ-orthogonality (Ricci et al., 2025)
 # F (old -> new) moves the gallery to the new space (case new/F); B (new -> old), kept near orthogonal, maps new-model
 # queries into the old space to search the untouched old gallery (case B/old). B is the same with and without
-# side-info (only F takes it), so the side-info variant adds F+side alone. B/old is logged by the validation callback
-# (val/B/old/*); it is not a registry case yet: fct-eval embeds every space of an h stage as transform(old, side),
-# which for B would be F(old) (see the orthogonal stage's note).
+# side-info (only F takes it), so the side-info variant adds F+side alone. B is a query space: fct-eval applies B to the
+# new model's features (the stage's query_embed, B(new(x))), the old gallery stays as the old model embedded it.
 for _v in (
     Variant("orthogonal", "orthogonal", {"use_side_info": False}, upstream=("old", "new"),
-            spaces=(Space("F", "gallery"),), cases=(Case("new/F", "new", "F", cross=True, order=10),), seed_offset=5),
+            spaces=(Space("F", "gallery"), Space("B", "query")),
+            cases=(Case("new/F", "new", "F", cross=True, order=10), Case("B/old", "B", "old", cross=True, order=12)),
+            seed_offset=5),
     Variant("orthogonal_side", "orthogonal", {"use_side_info": True}, upstream=("old", "side_info", "new"),
             spaces=(Space("F+side", "gallery"),),
             cases=(Case("new/F+side", "new", "F+side", cross=True, order=11),), seed_offset=5),

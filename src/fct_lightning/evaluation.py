@@ -107,14 +107,32 @@ def check_chain(embedders: dict[str, Any]) -> None:
     refuse_stale(problems)
 
 
-def _frozen_parts(space: str, module: Any, meta: dict[str, Any]) -> list[tuple[str | None, Any]]:
-    """``(checkpoint digest, embedding function)`` of the image models a space runs; the digest names the
-    checkpoint file's content, so two spaces that load the same file (the old model of ``old``, ``fct`` and
-    ``fct+side``) share its embeddings."""
-    if hasattr(module, "frozen_models") and hasattr(module, "transform"):  # h's inputs, in transform()'s order
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _frozen_parts(space: str, module: Any, meta: dict[str, Any]) -> tuple[list[tuple[str | None, Any]], Any]:
+    """``([(checkpoint digest, embedding function)], combine)``: the image models a space runs, and the function that
+    makes the space's embedding of their features. The digest names the checkpoint file's content, so two spaces that
+    load the same file (the old model of ``old``, ``fct`` and ``fct+side``; the new model of ``new`` and ``B``) share
+    its features; a digest of None runs its function alone.
+
+    A stage built on frozen models (``frozen_models`` and ``transform``) embeds a ``gallery`` space as
+    ``transform(old, side)``, and a ``query`` space as its query-side map of the new model's features
+    (``backward_embed``, the orthogonal stage's B: its ``query_embed`` is B(new(x))); a stage without that map runs
+    its ``query_embed`` on the images.
+    """
+    embed = chain.space_source(space)[1].embed
+    if hasattr(module, "frozen_models") and hasattr(module, "transform"):
         frozen = module.frozen_models()
-        return [frozen[role] for role in ("old", "side") if role in frozen]
-    return [(meta.get("digest"), module.query_embed)]
+        if embed == "gallery":  # h's inputs, in transform()'s order
+            return [frozen[role] for role in ("old", "side") if role in frozen], module.transform
+        if hasattr(module, "backward_embed"):
+            return [frozen["new"]], module.backward_embed
+        return [(None, module.query_embed)], _identity
+    if embed == "gallery":
+        return [(None, module.gallery_embed)], _identity
+    return [(meta.get("digest"), module.query_embed)], _identity
 
 
 @torch.no_grad()
@@ -123,7 +141,8 @@ def embed_split(loader: Any, embedders: dict[str, Any],
     """Embed every item of ``loader`` in every space, in item order.
 
     Every image model runs once per batch, however many spaces use it; ``fct`` and ``fct+side`` apply h to
-    those features (as a deployed system transforms its stored gallery).
+    those features (as a deployed system transforms its stored gallery), and a query space of a stage on frozen
+    models its query-side map to the new model's (``B``: B(new(x))); see :func:`_frozen_parts`.
 
     Returns:
         ``({space: [N, d]}, labels [N], {checkpoint digest: [N, d]})``: the last holds each image model's
@@ -137,15 +156,15 @@ def embed_split(loader: Any, embedders: dict[str, Any],
         batch: dict[str, Tensor] = {}
         for space, (module, _, meta) in embedders.items():
             got = []
-            for digest, fn in _frozen_parts(space, module, meta):
+            parts, combine = _frozen_parts(space, module, meta)
+            for digest, fn in parts:
                 if digest is None:
                     got.append(fn(images).float())
                     continue
                 if digest not in batch:
                     batch[digest] = fn(images).float()
                 got.append(batch[digest])
-            emb = module.transform(*got) if hasattr(module, "transform") else got[0]
-            out[space].append(emb.float())
+            out[space].append(combine(*got).float())
         for digest, f in batch.items():
             feats.setdefault(digest, []).append(f)
         labels.append(y.to(device))

@@ -14,7 +14,8 @@ import pytorch_lightning as pl
 import torch
 
 from fct_lightning.commands.fit import build_cli, fit
-from fct_lightning.stages import load_stage
+from fct_lightning.models.adapters import backward
+from fct_lightning.stages import load_h, load_stage
 from fct_lightning.stages.checkpoints import CheckpointError, read_checkpoint
 from tests.commands import eval_main, fit_main, report_main
 
@@ -23,7 +24,8 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
 SMALL_NET = ["--model.width", "8"]
 SMALL_H = ["--model.mixer_width", "64", "--model.cache_views", "2"]
 CLOSED_FORM = {"linear": "linear+side/old", "linear_noside": "linear/old", "procrustes": "procrustes/old"}
-ORTHOGONAL = {"orthogonal": "new/F", "orthogonal_side": "new/F+side"}  # fct-eval's cases of the λ-orthogonal adapters
+ORTHOGONAL = {"orthogonal": ("new/F", "B/old"), "orthogonal_side": ("new/F+side",)}  # fct-eval's cases of the adapters
+ORTHOGONAL_CASES = tuple(c for cases in ORTHOGONAL.values() for c in cases)
 REPLACE = ["--overwrite"]  # the module's chain may already hold the stage these runs would write
 
 
@@ -80,14 +82,14 @@ def test_transformation_bct_eval_report(full_chain, capsys):
     eval_main(["--artifacts", str(chain), "--no_wandb"])
     results = json.loads((chain / "digits" / "results" / "eval.json").read_text())
     assert set(results["cases"]) == {"old/old", "new/new", "new/old", "bct/old", "bct/bct", "fct/old", "fct+side/old",
-                                     *CLOSED_FORM.values(), *ORTHOGONAL.values()}
+                                     *CLOSED_FORM.values(), *ORTHOGONAL_CASES}
     assert results["missing"] == {}
     for metrics in results["cases"].values():
         assert set(metrics) == {"top1", "top5", "map", "map@r"}
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     report_main(["--artifacts", str(chain), "--no_wandb"])
     out = capsys.readouterr().out
-    assert all(f"| {case} |" in out for case in ("fct+side/old", *CLOSED_FORM.values(), *ORTHOGONAL.values()))
+    assert all(f"| {case} |" in out for case in ("fct+side/old", *CLOSED_FORM.values(), *ORTHOGONAL_CASES))
     assert (chain / "digits" / "report.png").is_file()
 
 
@@ -98,13 +100,17 @@ def test_eval_shares_image_models_between_spaces(full_chain):
     results = evaluation.run_eval("digits", full_chain)
     embs, labels = results["_embeddings"]
     dm, dev = results["_datamodule"], results["_device"]
-    assert len(results["_features"]) == 4  # old, side_info, new, bct: fct and fct+side reuse old and side_info
+    assert len(results["_features"]) == 4  # old, side_info, new, bct: fct and fct+side reuse old and side_info, B new
     embedders, _ = evaluation.load_spaces(full_chain, "digits", set(embs))
     with torch.no_grad():
         for space, (module, fn, _) in embedders.items():
             module.eval()
             alone = torch.cat([fn(x.to(dev)).float() for x, _, _ in dm.eval_dataloader(dm.eval_split)])
             torch.testing.assert_close(embs[space], alone)
+    # B, a query space of a stage on frozen models, is B applied to the new model's embeddings (not F(old))
+    h, _ = load_h(full_chain / "digits" / "orthogonal" / "best.ckpt")
+    torch.testing.assert_close(embs["B"], backward(h.to(dev), embs["new"]))
+    assert embs["B"].shape == embs["old"].shape and not torch.allclose(embs["B"], embs["F"])
     # backfilling from the stored features = backfilling that reads the images again
     kwargs = {"policies": ["random", "distance"], "points": 3, "seeds": 1, "distance": "l2"}
     shared = evaluation.run_backfill(full_chain, dm, dev, **kwargs, features=results["_features"], labels=labels)

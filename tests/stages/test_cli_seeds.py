@@ -26,7 +26,8 @@ def test_run_seed_seeds_the_data_and_the_cached_views(tmp_path, seed):
 
 def test_lightning_group_options_are_not_read_as_dataset():
     pre, rest = _pre_parser("fct-fit").parse_known_args(["--stage", "old", "--data=cifar10", "--data", "d.yaml"])
-    assert pre.dataset is None and rest == ["--data=cifar10", "--data", "d.yaml"]  # None: digits, or the stores' dataset
+    # None: resolved after parsing (digits, or the dataset the stores record)
+    assert pre.dataset is None and rest == ["--data=cifar10", "--data", "d.yaml"]
 
 
 def test_an_explicit_seed_everything_is_warned_about(tmp_path, caplog):

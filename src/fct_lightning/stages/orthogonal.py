@@ -14,10 +14,9 @@ backward compatibility without re-training the new model or touching the gallery
 parentheses, hence ``F`` and ``B`` for the paper's ``F(old)`` and ``B(new)``. A deployment applies B to the query
 embeddings (:func:`fct_lightning.models.adapters.backward`), never to the gallery.
 
-``fct-eval`` measures ``new/F`` (and ``new/F+side``); ``B/old`` is logged by the validation callback
-(``val/B/old/*``) but is not a registry case yet: fct-eval embeds every space of a stage with ``frozen_models`` and
-``transform`` as ``transform(old, side)``, so it would compute F(old) for the query space B. It needs to embed a
-query space of such a stage with the stage's ``query_embed`` (here B(new(x)), from the new model's features).
+``fct-eval`` measures ``new/F`` (and ``new/F+side``) and ``B/old``: it embeds a query space of a stage on frozen
+models with the stage's ``backward_embed`` applied to the new model's features (B(new(x)), shared with the ``new``
+space), and a gallery space with ``transform(old, side)``.
 """
 
 from __future__ import annotations
