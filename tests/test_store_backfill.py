@@ -27,13 +27,8 @@ SHARD_ROWS = 128  # the digits test split's 540 items: 5 shards, the last one of
 N = 540
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Subprocesses run with OMP_NUM_THREADS=1; in-process runs use one thread too, so bytes can be compared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# subprocesses run with OMP_NUM_THREADS=1: in-process runs too, so that bytes can be compared
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

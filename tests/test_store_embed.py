@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fct_lightning.commands.fit import fit
 from fct_lightning.gallery import embed
@@ -32,13 +31,8 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
 SHARDS = ["--split", "test", "--shard_rows", "200", "--batch_size", "50"]  # 540 digits: shards of 200, 200, 140
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The subprocesses run with OMP_NUM_THREADS=1; in-process runs use one thread too, so bytes can be compared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# subprocesses run with OMP_NUM_THREADS=1: in-process runs too, so that bytes can be compared
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
