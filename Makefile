@@ -23,6 +23,9 @@ RECIPE    ?=
 DEVICES   ?=
 EXTRA     ?=
 POINTS    ?= 22
+# datasets whose `make <dataset>` also runs the chain of model versions (configs/<dataset>/versions.yaml) and puts its
+# compatibility matrix in the report; `make <dataset>-versions` runs it for any dataset with a plan
+VERSIONS  ?= digits
 PYTEST_ARGS ?=
 FIT       ?= $(BIN)/fct-fit
 EVAL      ?= $(BIN)/fct-eval
@@ -35,7 +38,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 DATASETS := digits cifar10 cifar100 imagenet places365 vggface2 folder
 
-.PHONY: help install test test-all demo lint bench clean report $(DATASETS) $(foreach d,$(DATASETS),$(addprefix $(d)-,$(CHAIN_VARIANTS) eval report))
+.PHONY: help install test test-all demo lint bench clean report $(DATASETS) $(foreach d,$(DATASETS),$(addprefix $(d)-,$(CHAIN_VARIANTS) eval report versions))
 
 help:  ## list the targets and variables
 	@echo "targets:"
@@ -43,9 +46,9 @@ help:  ## list the targets and variables
 	@echo "  <dataset>                the whole chain + eval + report; datasets: $(DATASETS)"
 	@echo "  <dataset>-<variant>      one variant (and its upstream ones); the variants, from src/fct_lightning/chain.py:"
 	@if [ -x $(BIN)/fct-chain ]; then $(BIN)/fct-chain list | sed 's/^/    /'; else echo "    (make install, then $(BIN)/fct-chain list)"; fi
-	@echo "  <dataset>-eval, <dataset>-report"
+	@echo "  <dataset>-eval, <dataset>-report, <dataset>-versions (the chain of model versions v1 -> v2 -> v3)"
 	@echo "variables: ARTIFACTS=$(ARTIFACTS) SEED=$(SEED) (SEED=N>0 trains in ARTIFACTS/seedN/) DATA_ROOT=<dataset root> TRAINER=<presets in configs/trainer, e.g. 'gpu-fast' or 'ddp bf16'>"
-	@echo "           DEVICES=<n> EXTRA='<more fct-fit options>' POINTS=$(POINTS) (backfill curve points)"
+	@echo "           DEVICES=<n> EXTRA='<more fct-fit options>' POINTS=$(POINTS) (backfill curve points) VERSIONS='$(VERSIONS)' (datasets whose chain includes the versions)"
 	@echo "           RECIPE=<folder in configs/recipes, one <stage>.yaml each: cifar10_cpu, folder_cpu, cifar100_resnet50>"
 
 $(STAMP): setup.cfg pyproject.toml
@@ -102,14 +105,24 @@ endef
 define CHAIN
 $(ARTIFACTS)/$(1)/results/seed$(SEED).json: $(foreach v,$(CHAIN_VARIANTS),$(RUNS)/$(1)/$(v)/done.json)
 	$$(EVAL) --dataset $(1) --artifacts $(RUNS) $$(data_opts) --backfill random,uncertainty,distance --points $$(POINTS) --out $$@
-$(ARTIFACTS)/$(1)/report.md: $(ARTIFACTS)/$(1)/results/seed$(SEED).json
+$(ARTIFACTS)/$(1)/report.md: $(ARTIFACTS)/$(1)/results/seed$(SEED).json $(if $(filter $(1),$(VERSIONS)),$(RUNS)/$(1)/versions/results.json)
 	$$(REPORT) --dataset $(1) --artifacts $(ARTIFACTS)
 $(1): $(ARTIFACTS)/$(1)/report.md
 $(1)-eval: $(ARTIFACTS)/$(1)/results/seed$(SEED).json
 $(1)-report: $(ARTIFACTS)/$(1)/report.md
 endef
+# $(1) = dataset: the chain of model versions of configs/<dataset>/versions.yaml (fct-versions trains what the plan
+# adds to the chain, v2 and the updates' h, each as an fct-fit run with the same TRAINER/RECIPE/DEVICES/EXTRA, then
+# writes the compatibility matrices to $(RUNS)/<dataset>/versions/)
+define VERSION_CHAIN
+$(RUNS)/$(1)/versions/results.json: $(foreach v,old side_info new transformation,$(RUNS)/$(1)/$(v)/done.json) | $(SETUP) $(1)-data
+	$(BIN)/fct-versions --dataset $(1) --artifacts $(RUNS) --seed $(SEED) $$(data_opts) $(if $(RECIPE),--recipe configs/recipes/$(RECIPE)) -- \
+	  $(foreach t,$(TRAINER),--config configs/trainer/$(t).yaml) $(if $(DEVICES),--trainer.devices $(DEVICES)) $(EXTRA)
+$(1)-versions: $(RUNS)/$(1)/versions/results.json
+endef
 $(foreach d,$(DATASETS),$(foreach v,$(CHAIN_VARIANTS),$(eval $(call VARIANT,$(d),$(v)))))
 $(foreach d,$(DATASETS),$(eval $(call CHAIN,$(d))))
+$(foreach d,$(DATASETS),$(eval $(call VERSION_CHAIN,$(d))))
 
 # ----------------------------------------------------------------------------- data checks
 # digits ships inside scikit-learn. CIFAR-10 can come from the JPEG archive; the others must be put in place.

@@ -184,8 +184,24 @@ FITTED_ELSEWHERE = {"embeddings/transformation.yaml": "tests/test_embeddings_dat
                     "embeddings/orthogonal.yaml": "tests/test_orthogonal.py"}
 
 
+def version_plans() -> set[str]:
+    """The packaged version plans (fct-versions' input, not fct-fit configs): checked by the test below."""
+    return {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.glob("*/versions.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(version_plans()))
+def test_version_plans_parse_and_say_how_to_run(name):
+    from fct_lightning.versions import load_plan
+
+    plan = load_plan(name.split("/")[0], CONFIG_DIR / name)
+    assert len(plan.versions) >= 2 and plan.source.endswith(name)
+    assert "fct-versions" in (CONFIG_DIR / name).read_text().split("\n", 1)[0] or \
+        "make " in (CONFIG_DIR / name).read_text().split("\n", 1)[0], name
+
+
 def test_every_shipped_config_is_tested():
-    assert shipped_configs() == covered_configs()
+    assert shipped_configs() - version_plans() == covered_configs()
+    assert {"digits/versions.yaml", "cifar10/versions.yaml"} <= version_plans()
     root = CONFIG_DIR.parents[2]
     for name, module in FITTED_ELSEWHERE.items():  # that module fits through the config (fct-fit --data embeddings)
         assert '"--data", "embeddings"' in (root / module).read_text(), (name, module)

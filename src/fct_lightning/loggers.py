@@ -99,6 +99,16 @@ def _quiet_settings():
 RESULT_METRICS = ("top1", "top5", "map", "map@r")
 
 
+def _start_run(wandb: Any, meta: dict[str, Any], artifacts: Path, job_type: str, name: str | None = None) -> Any:
+    """A results run in the dataset's group, named ``name`` (default ``<dataset>-<job_type>``), configured with
+    ``meta``; offline without credentials."""
+    mode = ensure_wandb_mode("skip W&B with --no_wandb")
+    dataset = meta["dataset"]
+    return wandb.init(project=wandb_project(), group=dataset, job_type=job_type, name=name or f"{dataset}-{job_type}",
+                      dir=str(artifacts), mode=mode if mode in ("online", "offline", "disabled") else None,
+                      config=meta, reinit="finish_previous", settings=_quiet_settings())
+
+
 def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None) -> None:
     """Results as a W&B Table plus summary metrics, in the dataset's group (offline without credentials).
 
@@ -111,12 +121,7 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
         log.warning("wandb is not installed; results are not logged to W&B (pip install wandb)")
         return
 
-    mode = ensure_wandb_mode("skip W&B with --no_wandb")
-    dataset = results["meta"]["dataset"]
-    run = wandb.init(project=wandb_project(), group=dataset, job_type=job_type, name=name or f"{dataset}-{job_type}",
-                     dir=str(artifacts), mode=mode if mode in ("online", "offline", "disabled") else None,
-                     config=results["meta"], reinit="finish_previous",
-                     settings=wandb.Settings(silent=True, console="off"))
+    run = _start_run(wandb, results["meta"], artifacts, job_type, name)
     table = wandb.Table(columns=["case", *RESULT_METRICS])
     for case, m in results["cases"].items():
         table.add_data(case, *(m[k] for k in RESULT_METRICS))
@@ -126,4 +131,30 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
         for k, v in curve.get("auc_mean", {}).items():
             run.summary[f"backfill/{curve_name}/auc/{k}"] = v
     run.log({"results": table})
+    run.finish()
+
+
+def log_versions_to_wandb(results: dict[str, Any], artifacts: Path) -> None:
+    """A version chain's matrices as one W&B Table (a row per kind, query and gallery version), with AC and AM as
+    summary metrics ``versions/<kind>/<metric>/ac|am`` (offline without credentials)."""
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed; the version matrices are not logged to W&B (pip install wandb)")
+        return
+
+    run = _start_run(wandb, results["meta"], artifacts, "versions")
+    names = [v["name"] for v in results["versions"]]
+    metrics = list(next(iter(results["matrices"].values())))
+    table = wandb.Table(columns=["kind", "query", "gallery", *metrics])
+    for kind, m in results["matrices"].items():
+        for i, query in enumerate(names):
+            for j, gallery in enumerate(names):
+                if m[metrics[0]][i][j] is not None:
+                    table.add_data(kind, query, gallery, *(m[k][i][j] for k in metrics))
+        for metric, s in results["scores"][kind].items():
+            for name, value in s.items():
+                if value is not None:
+                    run.summary[f"versions/{kind}/{metric}/{name}"] = value
+    run.log({"versions": table})
     run.finish()

@@ -359,13 +359,17 @@ def make_report(paths: list[str | Path], out_dir: str | Path, title: str = "Comp
 
 def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str,
                  table: dict[str, dict[str, tuple[float, float, int]]] | None = None) -> dict[str, Path]:
-    """Write the report files; ``table`` is ``aggregate(runs)`` when the caller already has it."""
+    """Write the report files; ``table`` is ``aggregate(runs)`` when the caller already has it. The markdown ends with
+    ``versions/versions.md`` of ``out_dir`` (fct-versions' compatibility matrices) when there is one."""
     table = aggregate(runs) if table is None else table
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
     matrices = update_matrices(table)
-    files["md"].write_text(to_markdown(table, title) + compat_markdown(matrices, flip_table(runs)))
+    versions = out / "versions" / "versions.md"  # fct-versions' chain of model versions, when it was run
+    versions_text = "\n" + versions.read_text().replace("versions.png", "versions/versions.png") if versions.is_file() \
+        else ""
+    files["md"].write_text(to_markdown(table, title) + compat_markdown(matrices, flip_table(runs)) + versions_text)
     write_csv(table, files["csv"])
     plot_bars(table, files["png"], title)
     if matrices:

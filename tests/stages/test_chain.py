@@ -224,8 +224,11 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_wrong_checkpoint_for_role(chain, tmp_path):
     new = chain / "digits" / "new" / "best.ckpt"
-    with pytest.raises(CheckpointError, match="'new' checkpoint but the old role needs a old checkpoint"):
+    with pytest.raises(ValueError, match="old_checkpoint and new_checkpoint are the same file"):
         run("transformation", chain, *SMALL_H, *REPLACE, "--model.old_checkpoint", str(new))
+    side = chain / "digits" / "side_info" / "best.ckpt"
+    with pytest.raises(CheckpointError, match="'side_info' checkpoint but the old role needs a old or new checkpoint"):
+        run("transformation", chain, *SMALL_H, *REPLACE, "--model.old_checkpoint", str(side))
     with pytest.raises(CheckpointError, match="does not exist"):
         run("transformation", chain, *SMALL_H, *REPLACE, "--model.side_info_checkpoint", str(tmp_path / "nope.ckpt"))
     corrupt = tmp_path / "corrupt.ckpt"

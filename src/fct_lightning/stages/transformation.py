@@ -44,7 +44,8 @@ class TransformationModel(RetrievalStage):
 
     Args:
         old_checkpoint: The old model's checkpoint (default ``artifacts/<dataset>/old/best.ckpt``); optional with
-            ``stored``.
+            ``stored``. A ``new`` stage's checkpoint is accepted too: in a chain of model versions (``fct-versions``)
+            the new model of one update is the old model of the next. It may not be ``new_checkpoint`` itself.
         side_info_checkpoint: The side-info model's checkpoint (``.../side_info/best.ckpt``).
         new_checkpoint: The new model's checkpoint (``.../new/best.ckpt``); optional with ``stored``.
         use_side_info: h(old, side) when True; the no-side-info variant h(old) when False (case ``fct/old``).
@@ -127,8 +128,11 @@ class TransformationModel(RetrievalStage):
         self.new_meta: dict[str, Any] = {}
         self.side_meta: dict[str, Any] = {}
         self.new_classes: list[Any] | None = None
-        if old_checkpoint:
-            old, self.old_meta = load_stage(old_checkpoint, "old", ("old",), dataset)
+        if old_checkpoint and new_checkpoint and Path(old_checkpoint).resolve() == Path(new_checkpoint).resolve():
+            raise ValueError(f"old_checkpoint and new_checkpoint are the same file ({old_checkpoint}): h would map a "
+                             "model onto itself. Pass the deployed (old) model's best.ckpt as old_checkpoint.")
+        if old_checkpoint:  # the old role: an old model, or the new model of an earlier update (version chains)
+            old, self.old_meta = load_stage(old_checkpoint, "old", ("old", "new"), dataset)
             self.old_net = freeze(old.net)
             dims["old"] = old.embedding_dim
         if new_checkpoint:
