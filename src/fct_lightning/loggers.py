@@ -109,12 +109,44 @@ def _start_run(wandb: Any, meta: dict[str, Any], artifacts: Path, job_type: str,
                       config=meta, reinit="finish_previous", settings=_quiet_settings())
 
 
-def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None) -> None:
-    """Results as a W&B Table plus summary metrics, in the dataset's group (offline without credentials).
+def eval_summary(results: dict[str, Any]) -> dict[str, float]:
+    """The summary metrics an eval (or report) run logs: ``<case>/<metric>`` and, per backfilling curve,
+    ``backfill/<gallery> <policy>/auc/<metric>`` (the mean over the curve's points)."""
+    out = {f"{case}/{k}": m[k] for case, m in results["cases"].items() for k in RESULT_METRICS}
+    for curve_name, curve in results.get("backfill", {}).items():
+        out.update({f"backfill/{curve_name}/auc/{k}": v for k, v in curve.get("auc_mean", {}).items()})
+    return out
 
-    Summary keys: ``<case>/<metric>`` and, for backfilling curves, ``backfill/<gallery> <policy>/auc/<metric>``
-    (mean over the curve's points). The run is named ``name`` (default ``<dataset>-<job_type>``).
-    """
+
+#: the x axis of the backfilling curves an eval run logs as history (the share of the gallery re-embedded)
+BACKFILL_FRACTION = "backfill/fraction"
+
+
+def backfill_history(results: dict[str, Any]) -> list[dict[str, float]]:
+    """One history row per backfilling point: ``backfill/fraction`` and ``backfill/<gallery> <policy>/<metric>``
+    of every curve evaluated at that fraction (curves of the same number of points share rows)."""
+    rows: dict[float, dict[str, float]] = {}
+    for curve_name, curve in results.get("backfill", {}).items():
+        for n, fraction in enumerate(curve.get("fractions", [])):
+            row = rows.setdefault(float(fraction), {BACKFILL_FRACTION: float(fraction)})
+            row.update({f"backfill/{curve_name}/{k}": float(v[n]) for k, v in curve.get("curves", {}).items()})
+    return [rows[f] for f in sorted(rows)]
+
+
+def versions_summary(results: dict[str, Any]) -> dict[str, float]:
+    """A version chain's summary metrics: ``versions/<kind>/<metric>/ac|am`` of every complete matrix."""
+    return {f"versions/{kind}/{metric}/{name}": value for kind, per in results["scores"].items()
+            for metric, s in per.items() for name, value in s.items() if value is not None}
+
+
+#: the media key of the version chain's heat-maps
+VERSIONS_HEATMAP = "versions/heatmap"
+
+
+def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None) -> None:
+    """Results as a W&B Table plus summary metrics (:func:`eval_summary`) and the backfilling curves as history
+    (:func:`backfill_history`), in the dataset's group (offline without credentials). The run is named ``name``
+    (default ``<dataset>-<job_type>``)."""
     try:
         import wandb
     except ImportError:
@@ -125,18 +157,16 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
     table = wandb.Table(columns=["case", *RESULT_METRICS])
     for case, m in results["cases"].items():
         table.add_data(case, *(m[k] for k in RESULT_METRICS))
-        for k in RESULT_METRICS:
-            run.summary[f"{case}/{k}"] = m[k]
-    for curve_name, curve in results.get("backfill", {}).items():
-        for k, v in curve.get("auc_mean", {}).items():
-            run.summary[f"backfill/{curve_name}/auc/{k}"] = v
+    for row in backfill_history(results):
+        run.log(row)
+    run.summary.update(eval_summary(results))
     run.log({"results": table})
     run.finish()
 
 
-def log_versions_to_wandb(results: dict[str, Any], artifacts: Path) -> None:
-    """A version chain's matrices as one W&B Table (a row per kind, query and gallery version), with AC and AM as
-    summary metrics ``versions/<kind>/<metric>/ac|am`` (offline without credentials)."""
+def log_versions_to_wandb(results: dict[str, Any], artifacts: Path, heatmap: Path | None = None) -> None:
+    """A version chain's matrices as one W&B Table (a row per kind, query and gallery version), AC and AM as
+    summary metrics (:func:`versions_summary`) and the heat-map image ``heatmap`` (offline without credentials)."""
     try:
         import wandb
     except ImportError:
@@ -152,9 +182,9 @@ def log_versions_to_wandb(results: dict[str, Any], artifacts: Path) -> None:
             for j, gallery in enumerate(names):
                 if m[metrics[0]][i][j] is not None:
                     table.add_data(kind, query, gallery, *(m[k][i][j] for k in metrics))
-        for metric, s in results["scores"][kind].items():
-            for name, value in s.items():
-                if value is not None:
-                    run.summary[f"versions/{kind}/{metric}/{name}"] = value
-    run.log({"versions": table})
+    run.summary.update(versions_summary(results))
+    logged: dict[str, Any] = {"versions": table}
+    if heatmap is not None and Path(heatmap).is_file():
+        logged[VERSIONS_HEATMAP] = wandb.Image(str(heatmap))
+    run.log(logged)
     run.finish()

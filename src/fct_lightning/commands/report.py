@@ -1,11 +1,18 @@
-"""``fct-report``: results JSON(s) from ``fct-eval`` -> markdown and CSV tables and a PNG bar chart."""
+"""``fct-report``: results JSON(s) from ``fct-eval`` -> markdown and CSV tables and a PNG bar chart.
+
+``--dashboard`` also builds the dataset's W&B dashboard (:mod:`fct_lightning.dashboard`): with credentials and
+``--entity`` it creates the workspace in the project; otherwise it writes the spec to ``<out_dir>/dashboard.json``
+and says how to publish it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from fct_lightning.commands import run_command
+from fct_lightning.dashboard import dashboard_sections, publish
 from fct_lightning.loggers import log_to_wandb
 from fct_lightning.report import aggregate, select_runs, write_report
 
@@ -18,6 +25,10 @@ def report_command(argv: list[str] | None = None) -> None:
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out_dir", default=None, help="default <artifacts>/<dataset>")
     p.add_argument("--no_wandb", action="store_true")
+    p.add_argument("--dashboard", action="store_true", help="build the W&B dashboard (BCT vs FCT) of the dataset")
+    p.add_argument("--entity", default=None, help="--dashboard: the W&B entity (user or team) to create it in")
+    p.add_argument("--project", default=None, help="--dashboard: the W&B project (default: FCT_WANDB_PROJECT or "
+                                                   "fct-lightning)")
     args = p.parse_args(argv)
     folder = Path(args.artifacts) / (args.dataset or "digits") / "results"
     paths = args.results or sorted(folder.glob("*.json"))
@@ -36,6 +47,12 @@ def report_command(argv: list[str] | None = None) -> None:
     files = write_report(runs, out_dir, f"{dataset}: compatibility", table)
     print(files["md"].read_text())
     print("written: " + ", ".join(str(f) for f in files.values()))
+    if args.dashboard:
+        chain_versions = Path(args.artifacts) / dataset / "versions" / "results.json"
+        versions = json.loads(chain_versions.read_text()) if chain_versions.is_file() else None
+        message, _ = publish(dashboard_sections(runs[0], versions), out_dir / "dashboard.json", dataset,
+                             entity=args.entity, project=args.project)
+        print(f"fct-report --dashboard: {message}")
     if not args.no_wandb:
         log_to_wandb({"cases": {c: {k: v[0] for k, v in m.items()}
                                 for c, m in table.items() if not c.startswith("backfill")},

@@ -82,7 +82,7 @@ def versions_command(argv: list[str] | None = None) -> dict:
     print(files["md"].read_text())
     print("written: " + ", ".join(str(f) for f in [path, *files.values()]))
     if not args.no_wandb:
-        log_versions_to_wandb(results, Path(args.artifacts))
+        log_versions_to_wandb(results, Path(args.artifacts), files.get("png"))
     return results
 
 
