@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fct_lightning.dashboard import build_workspace, dashboard_sections, panel_keys, publish, workspace_spec
-from fct_lightning.loggers import VERSIONS_HEATMAP, backfill_history, eval_summary, versions_summary
+from fct_lightning.loggers import GRID_MEDIA, VERSIONS_HEATMAP, backfill_history, eval_summary, versions_summary
 from fct_lightning.versions import matrices, scores
 from tests.commands import eval_main, report_main
 from tests.stages.test_chain import SMALL_H, SMALL_NET, run
@@ -48,17 +48,18 @@ def test_every_panel_names_a_key_the_runs_log(chain_runs):
     art, results, trained = chain_runs
     versions = _versions_results()
     sections = dashboard_sections(results, versions)
+    assert results["grid"] == "seed0-grid.png" and (art / "digits" / "results" / results["grid"]).is_file()
     logged = (trained | set(eval_summary(results)) | {k for row in backfill_history(results) for k in row}
-              | set(versions_summary(versions)) | {VERSIONS_HEATMAP})
+              | set(versions_summary(versions)) | {VERSIONS_HEATMAP, GRID_MEDIA})
     keys = panel_keys(sections)
     assert keys <= logged, sorted(keys - logged)
     # what the dashboard promises: bars with the floor and ceiling, BCT and FCT curves, backfilling, the matrix
     assert {"old/old/top1", "new/new/top1", "bct/old/top1", "fct+side/old/top1", "fct/old/top1"} <= keys
     assert {"val/bct/old/map", "val/fct+side/old/map", "val/fct/old/map"} <= keys
-    assert {"backfill/fct+side uncertainty/top1", "backfill/fraction", "versions/fct/top1/am"} <= keys
+    assert {"backfill/fct+side uncertainty/top1", "backfill/fraction", "versions/fct/top1/am", GRID_MEDIA} <= keys
     bars = sections[0].panels[0].keys
     assert bars[:2] == ("old/old/top1", "new/new/top1")  # floor and ceiling first
-    assert all(p.groupby == "stage" for p in sections[1].panels)
+    assert all(p.groupby == "stage" for s in sections if s.name.startswith("Training") for p in s.panels)
 
 
 def test_the_spec_is_written_offline_and_says_how_to_publish(chain_runs, tmp_path, capsys, monkeypatch):
@@ -81,3 +82,5 @@ def test_the_spec_is_written_offline_and_says_how_to_publish(chain_runs, tmp_pat
     report_main(["--artifacts", str(art), "--no_wandb", "--dashboard"])
     assert "no --entity given" in capsys.readouterr().out
     assert (art / "digits" / "dashboard.json").is_file()
+    assert "## Retrieval grid" in (art / "digits" / "report.md").read_text()
+    assert "(results/seed0-grid.png)" in (art / "digits" / "report.md").read_text()

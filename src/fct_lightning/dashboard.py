@@ -7,7 +7,8 @@ one, fct-versions' results) and the registry's vocabulary, naming only keys that
   as the ceiling;
 * training curves ``val/<case>/map`` of every cross-model case a stage validates, grouped by stage;
 * backfilling curves (``backfill/<gallery> <policy>/<metric>`` against ``backfill/fraction``) and their areas;
-* the model-update chain's AC / AM and its heat-maps (``versions/...``).
+* the model-update chain's AC / AM and its heat-maps (``versions/...``);
+* fct-eval's retrieval grid (``retrieval/grid``), when it drew one.
 
 :func:`build_workspace` turns them into a ``wandb_workspaces`` Workspace; :func:`publish` saves it to W&B when the
 machine has credentials and otherwise writes the spec it would create (``dashboard.json``) and says how to publish.
@@ -23,6 +24,7 @@ from typing import Any
 from fct_lightning import chain
 from fct_lightning.loggers import (
     BACKFILL_FRACTION,
+    GRID_MEDIA,
     RESULT_METRICS,
     VERSIONS_HEATMAP,
     wandb_has_credentials,
@@ -64,6 +66,9 @@ def dashboard_sections(results: dict[str, Any], versions: dict[str, Any] | None 
     cases = sorted(results["cases"], key=lambda c: order.get(c, len(order)))
     sections = [Section("BCT vs FCT: every case of fct-eval (old/old = the floor, new/new = the ceiling)", tuple(
         Panel("bar", f"{title} per case", tuple(f"{c}/{m}" for c in cases)) for m, title in BAR_METRICS.items()))]
+    if results.get("grid"):
+        sections.append(Section("Retrieval grid: top-5 of fixed queries before and after the update",
+                                (Panel("media", "old/old, new/old, fct+side/old, new/new", (GRID_MEDIA,)),)))
     trained = [c for c in _cross_cases_validated_in_training() if c in results["cases"]]
     curves = [Panel("line", f"{c}: validation mAP while training", (f"val/{c}/map",), x="epoch", groupby="stage")
               for c in trained]

@@ -141,12 +141,15 @@ def versions_summary(results: dict[str, Any]) -> dict[str, float]:
 
 #: the media key of the version chain's heat-maps
 VERSIONS_HEATMAP = "versions/heatmap"
+#: the media key of fct-eval's retrieval grid
+GRID_MEDIA = "retrieval/grid"
 
 
-def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None) -> None:
+def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None,
+                 media: dict[str, Path] | None = None) -> None:
     """Results as a W&B Table plus summary metrics (:func:`eval_summary`) and the backfilling curves as history
-    (:func:`backfill_history`), in the dataset's group (offline without credentials). The run is named ``name``
-    (default ``<dataset>-<job_type>``)."""
+    (:func:`backfill_history`), in the dataset's group (offline without credentials), and ``media`` (key: image
+    file, e.g. :data:`GRID_MEDIA`). The run is named ``name`` (default ``<dataset>-<job_type>``)."""
     try:
         import wandb
     except ImportError:
@@ -160,7 +163,8 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
     for row in backfill_history(results):
         run.log(row)
     run.summary.update(eval_summary(results))
-    run.log({"results": table})
+    images = {key: wandb.Image(str(f)) for key, f in (media or {}).items() if Path(f).is_file()}
+    run.log({"results": table, **images})
     run.finish()
 
 

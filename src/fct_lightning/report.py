@@ -59,6 +59,8 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
                                  "file was edited or damaged: re-run fct-eval")
         if not isinstance(data.get("meta", {}), dict) or not isinstance(data.get("backfill", {}), dict):
             raise ValueError(f"results file {path}: 'meta' / 'backfill' are not tables; re-run fct-eval")  # noqa: TRY004
+        if isinstance(data.get("grid"), str):  # fct-eval's retrieval grid, a file next to the results file
+            data["grid"] = str(path.parent / Path(data["grid"]).name)
         runs.append(data)
     if not runs:
         raise ValueError("no results files given")
@@ -366,10 +368,19 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str,
     out.mkdir(parents=True, exist_ok=True)
     files = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
     matrices = update_matrices(table)
+    grids = [Path(r["grid"]) for r in runs if r.get("grid") and Path(r["grid"]).is_file()]
+    grid_text = ""
+    if grids:
+        try:
+            where = grids[0].resolve().relative_to(out.resolve())
+        except ValueError:
+            where = grids[0].resolve()
+        grid_text = f"\n## Retrieval grid\n\nTop-5 of fixed queries, green = same class: ![retrieval grid]({where})\n"
     versions = out / "versions" / "versions.md"  # fct-versions' chain of model versions, when it was run
     versions_text = "\n" + versions.read_text().replace("versions.png", "versions/versions.png") if versions.is_file() \
         else ""
-    files["md"].write_text(to_markdown(table, title) + compat_markdown(matrices, flip_table(runs)) + versions_text)
+    files["md"].write_text(to_markdown(table, title) + compat_markdown(matrices, flip_table(runs)) + grid_text
+                           + versions_text)
     write_csv(table, files["csv"])
     plot_bars(table, files["png"], title)
     if matrices:

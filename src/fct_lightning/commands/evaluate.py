@@ -24,7 +24,8 @@ from fct_lightning.data import DATAMODULES
 from fct_lightning.devices import resolve_device
 from fct_lightning.evaluation import markdown_table, run_backfill, run_eval
 from fct_lightning.evaluation_stores import PAIRING, IndexSpec, run_store_backfill, run_store_eval
-from fct_lightning.loggers import log_to_wandb
+from fct_lightning.grids import retrieval_grid
+from fct_lightning.loggers import GRID_MEDIA, log_to_wandb
 
 
 def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
@@ -47,6 +48,8 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backfill", default=None, help="backfilling policies, e.g. random,uncertainty,distance")
     p.add_argument("--points", type=int, default=22, help="backfilled fractions evaluated (0%% and 100%% included)")
     p.add_argument("--backfill_seeds", type=int, default=3, help="seeds averaged for the random policy")
+    p.add_argument("--grid", type=int, default=6, help="queries in the retrieval grid (<out>-grid.png: their top-5 "
+                   "under old/old, new/old, fct+side/old, new/new); 0 = none")
     s = p.add_argument_group("on embedding stores (instead of checkpoints and images)")
     s.add_argument("--query_store", default=None, help="store of the queries' spaces (e.g. new, from fct-embed)")
     s.add_argument("--gallery_store", default=None, help="store of the gallery spaces (old, fct+side, ...); the "
@@ -93,6 +96,17 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"no case could be evaluated under --artifacts {args.artifacts} (dataset "
                          f"{args.dataset}): {results['missing']}; train the stages first or fix --artifacts / "
                          f"--dataset; {out} was left as it was")
+    if args.grid > 0 and "query_split" not in results["meta"]:  # leave-one-out: the grid's hits over one split
+        dm = results["_datamodule"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        embeddings, labels = results["_embeddings"]
+        grid = retrieval_grid(embeddings, labels, {c: (chain.case(c).query, chain.case(c).gallery)
+                                                   for c in results["cases"]}, dm.eval_dataloader(dm.eval_split),
+                              out.with_name(f"{out.stem}-grid.png"), args.grid, distance=args.distance,
+                              title=f"{args.dataset}: top-5 of fixed queries (green: same class)",
+                              class_names=getattr(dm, "class_names", None))
+        if grid is not None:
+            results["grid"] = grid.name
     if policies:
         dm = results.pop("_datamodule")
         if "query_split" in results["meta"] and results["_queries"] is None:
@@ -129,7 +143,8 @@ def _write(results: dict[str, Any], out: Path, args: argparse.Namespace, started
     print(markdown_table(results))
     print(f"\nresults written to {out} ({time.perf_counter() - started:.1f} s)")
     if not args.no_wandb:
-        log_to_wandb(results, Path(args.artifacts), name=name)
+        media = {GRID_MEDIA: out.parent / results["grid"]} if results.get("grid") else {}
+        log_to_wandb(results, Path(args.artifacts), name=name, media=media)
     return results
 
 
