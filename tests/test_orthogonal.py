@@ -143,10 +143,44 @@ def test_orthogonal_fits_evaluates_and_reports(chain_dir, variant, space, backwa
 def test_orthogonality_weight_reaches_b_on_digits(chain_dir):
     """λ = 0 against a large λ on the digits cache: the penalty of the trained B differs as it should."""
     args = (*SMALL_H, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "1.0", "--model.lr", "0.01",
-            "--model.warmup_epochs", "0", "--model.forward_kind", "linear", "--overwrite")
+            "--model.warmup_epochs", "0", "--model.forward_kind", "linear", "--model.backward_init", "random",
+            "--overwrite")
     free = load_h(run("orthogonal", chain_dir, *args, "--model.orth_weight", "0").out_dir / "best.ckpt")[0]
     tied = load_h(run("orthogonal", chain_dir, *args, "--model.orth_weight", "100").out_dir / "best.ckpt")[0]
     assert float(tied.orthogonality().detach()) < 0.5 * float(free.orthogonality().detach())
+
+
+def test_b_starts_from_the_procrustes_map_of_the_cache(chain_dir):
+    """A fresh run's B is the orthogonal Procrustes map new -> old of the feature cache (scipy's, on the centred
+    pairs), so training starts aligned; a random start (the bug behind B/old below chance on digits) is far worse."""
+    args = (*SMALL_H, "--trainer.max_epochs", "1", "--model.lr", "1e-7", "--model.warmup_epochs", "0", "--overwrite")
+    cli = run("orthogonal", chain_dir, *args)
+    caches = [torch.load(f, weights_only=True) for f in (chain_dir / "digits" / "cache").rglob("features.pt")]
+    feats = next(c for c in caches if "side" not in c and c["old"].shape[0] == 2)  # orthogonal's: 2 views, no side
+    new, old = (feats[k].double().flatten(0, 1).numpy() for k in ("new", "old"))
+    rotation, _ = scipy.linalg.orthogonal_procrustes(new - new.mean(0), old - old.mean(0))  # (new - mean) R ~ old
+    layer = cli.model.h.backward_adapter
+    np.testing.assert_allclose(layer.weight.detach().double().T.numpy(), rotation, atol=1e-4)
+    np.testing.assert_allclose(layer.bias.detach().double().numpy(), old.mean(0) - new.mean(0) @ rotation, atol=1e-4)
+    aligned = float(cli.trainer.callback_metrics["val/B/old/top1"])
+    assert read_checkpoint(cli.out_dir / "best.ckpt", "orthogonal")["fct"]["backward_init"] == "procrustes"
+    random = run("orthogonal", chain_dir, *args, "--model.backward_init", "random")
+    assert aligned > float(random.trainer.callback_metrics["val/B/old/top1"]) + 0.05  # 0.198 vs 0.100 here
+
+
+def test_procrustes_backward_is_semi_orthogonal_for_unequal_dimensions():
+    from fct_lightning.models.adapters import procrustes_backward
+
+    gen = torch.Generator().manual_seed(0)
+    for new_dim, old_dim in ((8, 5), (5, 8)):
+        new, old = torch.randn(200, new_dim, generator=gen), torch.randn(200, old_dim, generator=gen)
+        w, b = procrustes_backward([(new[:120], old[:120]), (new[120:], old[120:])])  # blocks = one pass
+        assert w.shape == (old_dim, new_dim) and float(orthogonality_penalty(w)) < 1e-20
+        w1, b1 = procrustes_backward([(new, old)])
+        torch.testing.assert_close(w, w1)
+        torch.testing.assert_close(b, b1)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        procrustes_backward([(new[:1], old[:1])])
 
 
 def test_options_are_checked(chain_dir):
@@ -154,6 +188,8 @@ def test_options_are_checked(chain_dir):
         run("orthogonal", chain_dir, "--model.forward_kind", "conv", "--overwrite")
     with pytest.raises(ValueError, match="orth_weight"):
         run("orthogonal", chain_dir, "--model.orth_weight", "-1", "--overwrite")
+    with pytest.raises(ValueError, match="backward_init"):
+        run("orthogonal", chain_dir, "--model.backward_init", "eye", "--overwrite")
 
 
 def test_fct_transform_applies_f(chain_dir, tmp_path, capsys):

@@ -90,14 +90,26 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--out {out} must be a .json file path (it is "
                          f"{'a folder' if out.is_dir() else 'not a .json name'})")
     policies = _policies(args)
+    if args.grid < 0:
+        raise ValueError(f"--grid {args.grid}: the number of queries in the retrieval grid is 0 (none) or more")
     results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
                        args.device, args.batch_size, args.query_split, args.gallery_split)
     if not results["cases"]:
         raise ValueError(f"no case could be evaluated under --artifacts {args.artifacts} (dataset "
                          f"{args.dataset}): {results['missing']}; train the stages first or fix --artifacts / "
                          f"--dataset; {out} was left as it was")
-    if args.grid > 0 and "query_split" not in results["meta"]:  # leave-one-out: the grid's hits over one split
-        dm = results["_datamodule"]
+    dm = results["_datamodule"]
+    if policies:
+        results.pop("_datamodule")
+        if "query_split" in results["meta"] and results["_queries"] is None:
+            raise ValueError("backfilling curves with a separate query split need the new model's queries: "
+                             "evaluate a case with new as the query model too (e.g. new/new, the default)")
+        results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
+                                           args.points, args.backfill_seeds, args.distance,
+                                           results.pop("_features"), results["_embeddings"][1],
+                                           results["_queries"], results["_chain"], results["_reference_correct"])
+    # last, when every check has passed (a refused evaluation writes nothing); leave-one-out: hits over one split
+    if args.grid > 0 and "query_split" not in results["meta"]:
         out.parent.mkdir(parents=True, exist_ok=True)
         embeddings, labels = results["_embeddings"]
         grid = retrieval_grid(embeddings, labels, {c: (chain.case(c).query, chain.case(c).gallery)
@@ -107,15 +119,6 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
                               class_names=getattr(dm, "class_names", None))
         if grid is not None:
             results["grid"] = grid.name
-    if policies:
-        dm = results.pop("_datamodule")
-        if "query_split" in results["meta"] and results["_queries"] is None:
-            raise ValueError("backfilling curves with a separate query split need the new model's queries: "
-                             "evaluate a case with new as the query model too (e.g. new/new, the default)")
-        results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
-                                           args.points, args.backfill_seeds, args.distance,
-                                           results.pop("_features"), results["_embeddings"][1],
-                                           results["_queries"], results["_chain"], results["_reference_correct"])
     for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries", "_chain", "_reference_correct"):
         results.pop(key, None)
     return _write(results, out, args, started, f"{args.dataset}-eval-{out.stem}")

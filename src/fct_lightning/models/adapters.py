@@ -19,6 +19,7 @@ rebuilds it, its ``state_dict`` holds F and B.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -28,7 +29,8 @@ from torch import Tensor, nn
 from fct_lightning.models.closed_form import LinearMap
 from fct_lightning.models.transformation import Transformation
 
-__all__ = ["ADAPTER_MAPS", "FORWARD_KINDS", "Adapters", "adapter_loss", "backward", "orthogonality_penalty"]
+__all__ = ["ADAPTER_MAPS", "FORWARD_KINDS", "Adapters", "adapter_loss", "backward", "orthogonality_penalty",
+           "procrustes_backward"]
 
 FORWARD_KINDS = ("mlp", "linear")
 
@@ -51,6 +53,41 @@ def orthogonality_penalty(weight: Tensor) -> Tensor:
     gram = weight.T @ weight if out >= inp else weight @ weight.T
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     return (gram - eye).pow(2).sum()
+
+
+@torch.no_grad()
+def procrustes_backward(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The (semi-)orthogonal affine map new -> old that best fits the pairs after centring (orthogonal Procrustes):
+    ``(weight [old_dim, new_dim], bias [old_dim])`` for ``y = x W^T + b``.
+
+    ``W = V U^T`` from the SVD ``U S V^T`` of the centred cross-covariance ``sum (new - mean_new)^T (old - mean_old)``
+    (float64), so ``W`` has orthonormal rows or columns (the orthogonality penalty is 0 at it), and
+    ``b = mean_old - W mean_new``. ``pairs`` are blocks ``(new [n, new_dim], old [n, old_dim])`` of the same items.
+
+    Example:
+        >>> rot = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+        >>> new = torch.randn(50, 4, dtype=torch.float64)
+        >>> w, b = procrustes_backward([(new, new @ rot.T + 1.0)])
+        >>> bool(torch.allclose(w, rot, atol=1e-8)) and bool(torch.allclose(b, torch.ones(4, dtype=torch.float64)))
+        True
+    """
+    n, sum_new, sum_old, cross = 0, None, None, None
+    for new, old in pairs:
+        new, old = new.double(), old.double()
+        if sum_new is None:
+            sum_new, sum_old = new.new_zeros(new.shape[1]), old.new_zeros(old.shape[1])
+            cross = new.new_zeros(new.shape[1], old.shape[1])
+        n += len(new)
+        sum_new += new.sum(0)
+        sum_old += old.sum(0)
+        cross += new.T @ old
+    if n < 2:
+        raise ValueError("Procrustes needs at least 2 pairs of new and old embeddings")
+    mean_new, mean_old = sum_new / n, sum_old / n
+    centred = cross - n * torch.outer(mean_new, mean_old)
+    u, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    weight = (u @ vh).T
+    return weight, mean_old - weight @ mean_new
 
 
 def adapter_loss(pred_new: Tensor, new: Tensor, pred_old: Tensor, old: Tensor, backward_weight: Tensor,

@@ -24,13 +24,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from fct_lightning.models.adapters import FORWARD_KINDS, Adapters, adapter_loss
+from fct_lightning.models.adapters import FORWARD_KINDS, Adapters, adapter_loss, procrustes_backward
 from fct_lightning.stages.transformation import TransformationModel
 
 #: the query space of the new model mapped by B into the old space
 BACKWARD_SPACE = "B"
+#: how B starts (``backward_init``)
+BACKWARD_INITS = ("procrustes", "random")
 
 
 class OrthogonalModel(TransformationModel):
@@ -46,6 +49,11 @@ class OrthogonalModel(TransformationModel):
             ``branch_width_factor``) or ``linear`` (one affine layer).
         orth_weight: λ, the weight of B's orthogonality penalty ``||G_B - I||_F^2`` (0 = B unconstrained).
         back_weight: Weight of B's regression term ``MSE(B(new), old)``.
+        backward_init: How B starts: ``procrustes`` (default: the (semi-)orthogonal least-squares map new -> old of
+            the training pairs, solved by SVD at the start of a fresh run, so training starts where the penalty is 0
+            and refines it) or ``random`` (``nn.Linear``'s initialisation). With ``random``, the penalty (a sum over
+            the Gram matrix) dominates the regression (a mean): B became orthogonal but not aligned, and B/old fell
+            below chance on digits (1.1 top-1; the Procrustes map alone gives 94.3).
         mixer_width: ``mlp`` F: width of the mixer layers.
         mixer_depth: ``mlp`` F: number of hidden mixer layers.
         branch_width_factor: ``mlp`` F: hidden width of the branches as a multiple of their input size.
@@ -73,6 +81,7 @@ class OrthogonalModel(TransformationModel):
         forward_kind: str = "mlp",
         orth_weight: float = 1.0,
         back_weight: float = 1.0,
+        backward_init: str = "procrustes",
         mixer_width: int = 2048,
         mixer_depth: int = 2,
         branch_width_factor: int = 2,
@@ -89,6 +98,8 @@ class OrthogonalModel(TransformationModel):
     ) -> None:
         if forward_kind not in FORWARD_KINDS:
             raise ValueError(f"forward_kind={forward_kind!r} is not known; choose one of {FORWARD_KINDS}")
+        if backward_init not in BACKWARD_INITS:
+            raise ValueError(f"backward_init={backward_init!r} is not known; choose one of {BACKWARD_INITS}")
         for name, value in (("orth_weight", orth_weight), ("back_weight", back_weight)):
             if not value >= 0:
                 raise ValueError(f"{name}={value!r} must be >= 0")
@@ -100,6 +111,7 @@ class OrthogonalModel(TransformationModel):
                          **kwargs)
         self.save_hyperparameters()  # this class's arguments (not the throwaway h's the parent recorded)
         self.forward_kind, self.orth_weight, self.back_weight = forward_kind, orth_weight, back_weight
+        self.backward_init = backward_init
         self.h = Adapters(self.h.old_dim, self.h.new_dim, self.h.side_dim, forward_kind, branch_width_factor,
                           mixer_width, mixer_depth)
 
@@ -110,6 +122,7 @@ class OrthogonalModel(TransformationModel):
     def fct_metadata(self) -> dict[str, Any]:
         meta = super().fct_metadata()
         meta.update(forward_kind=self.forward_kind, orth_weight=self.orth_weight, back_weight=self.back_weight,
+                    backward_init=self.backward_init,
                     orthogonality=float(self.h.orthogonality().detach()))
         return meta
 
@@ -138,6 +151,27 @@ class OrthogonalModel(TransformationModel):
         return out
 
     # ----------------------------------------------------------------- training
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        """A fresh run with ``backward_init="procrustes"``: B := the Procrustes map new -> old of the training pairs
+        (the feature cache, or the stored rows), the same on every rank (rank 0's, broadcast). A resumed run keeps
+        the B of its checkpoint."""
+        if self.backward_init != "procrustes" or self.trainer.global_step > 0:
+            return
+        batches = getattr(self, "_feature_loader", None) or getattr(self.trainer.datamodule, "train_batches", None)
+        data = getattr(batches, "data", None)
+        if data is None:
+            rank_zero_warn("orthogonal: training on the fly (no feature cache, no stored rows): B starts from a "
+                           "random initialisation; --model.cached true lets it start from the Procrustes map")
+            return
+        new, old = data["new"].reshape(-1, data["new"].shape[-1]), data["old"].reshape(-1, data["old"].shape[-1])
+        rows = 65536
+        weight, bias = procrustes_backward((new[i:i + rows], old[i:i + rows]) for i in range(0, len(new), rows))
+        layer = self.h.backward_adapter
+        weight, bias = self.trainer.strategy.broadcast((weight, bias), src=0)
+        layer.weight.copy_(weight.to(layer.weight))
+        layer.bias.copy_(bias.to(layer.bias))
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if isinstance(batch, dict):
             feats, labels = batch, batch["labels"]
