@@ -91,8 +91,19 @@ def test_procrustes_equals_scipy_and_recovers_an_orthogonal_map():
     np.testing.assert_allclose(exact(torch.as_tensor(old, dtype=torch.float32)).numpy(), y, atol=1e-4)
     r = exact.rotation.detach().double()
     torch.testing.assert_close(r.T @ r, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="old_dim == new_dim|same dimension"):
-        fit_procrustes(old, new[:, :5])
+    # unequal dimensions: R = U V^T of the thin SVD, semi-orthogonal, and the best such map (an isometry 8 -> 11
+    # recovered exactly; 8 -> 5 the least-squares orthogonal projection, at least as good as any other one)
+    wide = scipy.linalg.qr(rng.normal(size=(11, 11)))[0][:8]  # [8, 11], orthonormal rows
+    up = fit_procrustes(old, old @ wide + shift[0])
+    np.testing.assert_allclose(up.rotation.detach().double().numpy(), wide, atol=1e-5)
+    down = fit_procrustes(old, new[:, :5])
+    r = down.rotation.detach().double()
+    torch.testing.assert_close(r.T @ r, torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    xc, yc = old - old.mean(0), new[:, :5] - new[:, :5].mean(0)
+    best = np.linalg.norm(xc @ r.numpy() - yc)
+    for seed in range(5):
+        other = scipy.linalg.qr(np.random.default_rng(seed).normal(size=(8, 8)))[0][:, :5]
+        assert best <= np.linalg.norm(xc @ other - yc) + 1e-9
 
 
 def test_fits_from_a_store_shard_by_shard_equal_the_fits_from_arrays(tmp_path):

@@ -240,7 +240,7 @@ for _v in (
 
 # ----------------------------------------------------------------------------------- closed-form transformations
 # h solved in one pass over the transformation's training pairs (the same feature cache), no optimiser: least squares
-# with and without side-info, and orthogonal Procrustes (the old and new embeddings must have the same dimension)
+# with and without side-info, and orthogonal Procrustes (semi-orthogonal when the dimensions differ)
 for _v in (
     Variant("linear", "closed_form", {"family": "linear", "use_side_info": True}, upstream=("old", "side_info", "new"),
             spaces=(Space("linear+side", "gallery"),),

@@ -73,7 +73,9 @@ def draw_grid(hits: Mapping[str, Tensor], queries: Sequence[int], labels: Tensor
     cases = list(hits)
     k = next(iter(hits.values())).shape[1]
     rows = len(queries) * len(cases)
-    fig, axes = plt.subplots(rows, k + 1, figsize=(1.25 * (k + 1) + 1.2, 1.25 * rows + 0.6), squeeze=False)
+    height = 1.25 * rows + 0.6
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.25 * (k + 1) + 1.2, height), squeeze=False)
+    fig.subplots_adjust(top=1 - 0.9 / height)  # the title just above the first row, however many rows
     name = (lambda c: class_names[c]) if class_names else str
     for qi, q in enumerate(queries):
         for ci, case in enumerate(cases):

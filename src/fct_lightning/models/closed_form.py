@@ -9,8 +9,12 @@ gallery of any size fits in memory): with ``x = [old, side, 1]`` (the constant c
   constant embedding dimensions (a ReLU unit that never fires) are no error.
 * ``procrustes``: ``y = s (x - mean_old) R + mean_new`` with ``R`` orthogonal (``R = U V^T`` from the SVD of the
   centred ``old^T new``, Schönemann 1966) and ``s = 1`` or, with ``scale=True``, the least-squares isotropic scale
-  ``trace(S) / ||old - mean_old||_F^2``. Old and new embeddings must have the same dimension; ``center=False`` uses
-  the raw embeddings (``scipy.linalg.orthogonal_procrustes`` then gives the same ``R``).
+  ``trace(S) / ||old - mean_old||_F^2``. ``center=False`` uses the raw embeddings
+  (``scipy.linalg.orthogonal_procrustes`` then gives the same ``R``). Old and new dimensions may differ: ``R``
+  ``[p, q]`` then has orthonormal rows
+  (``p <= q``: an isometry into the larger new space) or orthonormal columns (``p > q``: the best orthogonal
+  projection onto ``q`` dimensions, i.e. Procrustes after a projection chosen with it), still ``U V^T`` of the
+  thin SVD.
 
 The fitted maps are ``nn.Module`` s with the interface of :class:`~fct_lightning.models.transformation.Transformation`
 (``old_dim``, ``new_dim``, ``side_dim``, ``has_side_info``, ``config``, ``forward(old, side)``, ``transform_stored``),
@@ -94,17 +98,13 @@ def solve_linear(moments: Moments, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
 
 
 def solve_procrustes(moments: Moments, center: bool = True, scale: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``(R [d, d], b [d], s)`` of ``y = s x R + b``: R orthogonal from the SVD of (centred) ``x^T y``, float64."""
-    p, q = moments.gram.shape[0] - 1, moments.cross.shape[1]
-    if p != q:
-        raise ValueError(f"orthogonal Procrustes maps a space onto one of the same dimension, but the inputs are "
-                         f"{p}-d and the new embeddings {q}-d; use the 'linear' family (least squares, any "
-                         "dimensions), or project one side to the other's dimension first")
+    """``(R [p, q], b [q], s)`` of ``y = s x R + b``: R (semi-)orthogonal, ``U V^T`` from the thin SVD of (centred)
+    ``x^T y``, float64."""
     mean_x, mean_y, sxx, sxy, _ = moments.centred()
     if not center:
         mean_x, mean_y = torch.zeros_like(mean_x), torch.zeros_like(mean_y)
         sxx, sxy = moments.gram[:-1, :-1], moments.cross[:-1]
-    u, sv, vh = torch.linalg.svd(sxy.cpu())
+    u, sv, vh = torch.linalg.svd(sxy.cpu(), full_matrices=False)
     rotation = u @ vh
     s = torch.tensor(1.0, dtype=torch.float64)
     if scale:
@@ -223,11 +223,12 @@ class LinearMap(nn.Module):
 
 
 class OrthogonalMap(LinearMap):
-    """``y = s (x - mean_old) R + mean_new`` with ``R`` orthogonal (stored as the affine map it is).
+    """``y = s (x - mean_old) R + mean_new`` with ``R`` orthogonal (stored as the affine map it is); semi-orthogonal
+    (orthonormal rows or columns) when the dimensions differ.
 
     Args:
         old_dim: Old embedding dimension.
-        new_dim: New embedding dimension; must equal ``old_dim``.
+        new_dim: New embedding dimension.
         side_dim: Must be None: Procrustes maps one space onto another of its dimension.
     """
 
@@ -237,15 +238,12 @@ class OrthogonalMap(LinearMap):
         if side_dim is not None:
             raise ValueError(f"side_dim={side_dim!r}: orthogonal Procrustes maps the old space alone onto the new one "
                              "(side-info would change the input dimension); use the 'linear' family with side-info")
-        if old_dim != new_dim:
-            raise ValueError(f"orthogonal Procrustes needs old_dim == new_dim, got {old_dim} and {new_dim}; use the "
-                             "'linear' family (least squares, any dimensions), or project one side first")
         super().__init__(old_dim, new_dim, None)
         self.register_buffer("scale", torch.ones(()))
 
     @property
     def rotation(self) -> Tensor:
-        """``R`` ``[d, d]`` (orthogonal)."""
+        """``R`` ``[old_dim, new_dim]`` ((semi-)orthogonal)."""
         return self.weight / self.scale
 
     def fit(self, moments: Moments, center: bool = True, scale: bool = False) -> OrthogonalMap:  # type: ignore[override]
@@ -347,7 +345,7 @@ def fit_procrustes(old: ArrayLike | str, new: ArrayLike | str, *, center: bool =
 
     Args:
         old: Old embeddings ``[n, d]`` (numpy or torch), or with ``store`` the name of a store space.
-        new: New embeddings of the same items ``[n, d]`` (same ``d``), or a space name.
+        new: New embeddings of the same items ``[n, q]``, or a space name; ``q != d`` gives a semi-orthogonal ``R``.
         center: Subtract each side's mean first (the map then adds the new mean back); False = the plain
             ``argmin_R ||old R - new||`` of ``scipy.linalg.orthogonal_procrustes``.
         scale: Also fit one isotropic scale ``s`` (``y = s (x - mean_old) R + mean_new``).
@@ -356,11 +354,6 @@ def fit_procrustes(old: ArrayLike | str, new: ArrayLike | str, *, center: bool =
 
     Returns:
         An :class:`OrthogonalMap` (``map.rotation`` is ``R``).
-
-    Raises:
-        ValueError: If old and new have different dimensions (use :func:`fit_linear`).
     """
     moments, p, q = _moments(_blocks(old, new, None, store, batch_rows))
-    if p != q:
-        solve_procrustes(moments)  # raises, naming both dimensions
     return OrthogonalMap(p, q).fit(moments, center, scale)

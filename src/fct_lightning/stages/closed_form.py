@@ -35,8 +35,8 @@ class ClosedFormModel(TransformationModel):
         old_checkpoint: The old model's checkpoint.
         new_checkpoint: The new model's checkpoint.
         side_info_checkpoint: The side-info model's checkpoint (with ``use_side_info``).
-        family: ``linear`` (least-squares affine map, any dimensions) or ``procrustes`` (orthogonal, equal
-            dimensions, no side-info).
+        family: ``linear`` (least-squares affine map, any dimensions) or ``procrustes`` ((semi-)orthogonal: a
+            rotation, or with unequal dimensions an isometry or an orthogonal projection; no side-info).
         use_side_info: Map ``[old, side]`` (True) or ``old`` alone.
         ridge: ``linear``: weight of ``||W||^2`` (0 = minimum-norm least squares).
         center: ``procrustes``: centre both sides first.
