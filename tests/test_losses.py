@@ -265,3 +265,27 @@ def test_check_finite():
         check_finite(torch.tensor(float("nan")), "transformation", step=7)
     with pytest.raises(FloatingPointError, match=r"loss of bct is inf; .*--trainer.gradient_clip_val 1.0"):
         check_finite(torch.tensor([1.0, float("inf")]), "bct")
+
+
+def test_supervised_contrastive_equals_the_definition():
+    from fct_lightning.losses import supervised_contrastive
+
+    gen = torch.Generator().manual_seed(0)
+    a, c = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    an, cn = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(c, dim=1)
+    want = []
+    for i in range(6):
+        logits = [float(an[i] @ cn[j]) / 0.2 for j in range(6)]
+        log_z = math.log(sum(math.exp(v) for v in logits))
+        positives = [j for j in range(6) if labels[j] == labels[i]]
+        want.append(-sum(logits[p] - log_z for p in positives) / len(positives))
+    assert float(supervised_contrastive(a, c, labels, 0.2)) == pytest.approx(sum(want) / 6, rel=1e-5)
+    # aligned, well-separated classes cost less than shuffled ones
+    centres = torch.eye(3)[labels] * 5
+    shuffled = centres[[1, 0, 3, 2, 5, 4]]
+    assert supervised_contrastive(centres, centres, labels) < supervised_contrastive(centres, shuffled, labels)
+    with pytest.raises(ValueError, match="label"):
+        supervised_contrastive(a, c, torch.tensor([0, 1, -1, 2, 1, 0]))
+    with pytest.raises(ValueError, match="temperature"):
+        supervised_contrastive(a, c, labels, 0.0)

@@ -190,6 +190,15 @@ def test_options_are_checked(chain_dir):
         run("orthogonal", chain_dir, "--model.orth_weight", "-1", "--overwrite")
     with pytest.raises(ValueError, match="backward_init"):
         run("orthogonal", chain_dir, "--model.backward_init", "eye", "--overwrite")
+    with pytest.raises(ValueError, match="temperature"):
+        run("orthogonal", chain_dir, "--model.temperature", "0", "--overwrite")
+
+
+def test_the_supervised_contrastive_term_trains_and_is_logged(chain_dir):
+    cli = run("orthogonal", chain_dir, *SMALL_H, "--model.contrastive_weight", "0.5", "--overwrite")
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["train/contrastive_epoch"]) > 0 and "val/B/old/top1" in metrics
+    assert read_checkpoint(cli.out_dir / "best.ckpt", "orthogonal")["fct"]["contrastive_weight"] == 0.5
 
 
 def test_fct_transform_applies_f(chain_dir, tmp_path, capsys):

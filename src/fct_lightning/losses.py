@@ -10,6 +10,7 @@ References:
     * BCT: Shen et al., "Towards Backward-Compatible Representation Learning", CVPR 2020.
     * FCT: Ramanujan et al., "Forward Compatible Training for Large-Scale Embedding Retrieval", CVPR 2022.
     * FastFill: Jaeckle et al., "FastFill: Efficient Compatible Model Update", ICLR 2023.
+    * Supervised contrastive: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "fastfill_loss",
     "label_smoothed_cross_entropy",
     "nt_xent",
+    "supervised_contrastive",
     "synthesize_classifier_rows",
     "transformation_loss",
 ]
@@ -129,6 +131,42 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     idx = torch.arange(b, device=z.device)
     positives = torch.cat([idx + b, idx])
     return F.cross_entropy(sim, positives)
+
+
+def supervised_contrastive(anchors: Tensor, candidates: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+    """Cross-model supervised contrastive loss: each anchor (e.g. ``F(old(x_i))``) is pulled towards the candidates
+    of its class (e.g. the new model's embeddings ``new(x_j)``, ``y_j = y_i``, its own pair included) and pushed from
+    the rest of the batch::
+
+        l(i) = -1/|P(i)| sum_{p in P(i)} log( exp(a_i . c_p / t) / sum_j exp(a_i . c_j / t) )
+
+    with ``a``, ``c`` L2-normalised; the loss is the mean of ``l`` over the anchors. Every anchor has at least its
+    own pair as a positive, so no anchor is left out.
+
+    Args:
+        anchors: ``[B, D]``.
+        candidates: ``[B, D]``; row ``i`` is the same item as ``anchors[i]``.
+        labels: ``[B]`` integer class labels (all >= 0).
+        temperature: Softmax temperature ``t > 0``.
+
+    Returns:
+        Scalar loss (float32).
+
+    Raises:
+        ValueError: If the shapes differ, a label is negative (unknown), or ``temperature <= 0``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_pair(anchors, candidates, "anchors", "candidates")
+    if labels.shape != anchors.shape[:1]:
+        raise ValueError(f"labels must be [B={anchors.shape[0]}], got {tuple(labels.shape)}")
+    if bool((labels < 0).any()):
+        raise ValueError("the supervised contrastive term needs every item's label; some are unknown (negative)")
+    a = F.normalize(anchors.float(), p=2, dim=1)
+    c = F.normalize(candidates.float(), p=2, dim=1)
+    log_prob = torch.log_softmax(a @ c.t() / temperature, dim=1)
+    positive = (labels[:, None] == labels[None, :]).float()
+    return (-(log_prob * positive).sum(1) / positive.sum(1)).mean()
 
 
 def bct_influence_loss(

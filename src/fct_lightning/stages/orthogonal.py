@@ -27,6 +27,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from fct_lightning.losses import supervised_contrastive
 from fct_lightning.models.adapters import FORWARD_KINDS, Adapters, adapter_loss, procrustes_backward
 from fct_lightning.stages.transformation import TransformationModel
 
@@ -49,6 +50,10 @@ class OrthogonalModel(TransformationModel):
             ``branch_width_factor``) or ``linear`` (one affine layer).
         orth_weight: λ, the weight of B's orthogonality penalty ``||G_B - I||_F^2`` (0 = B unconstrained).
         back_weight: Weight of B's regression term ``MSE(B(new), old)``.
+        contrastive_weight: Weight of a supervised contrastive term (Khosla et al.), as the λ-orthogonality paper adds
+            to the regression: ``F(old)`` against the new embeddings of the batch and ``B(new)`` against the old
+            ones, same-class items as positives (:func:`~fct_lightning.losses.supervised_contrastive`); 0 = off.
+        temperature: Its softmax temperature.
         backward_init: How B starts: ``procrustes`` (default: the (semi-)orthogonal least-squares map new -> old of
             the training pairs, solved by SVD at the start of a fresh run, so training starts where the penalty is 0
             and refines it) or ``random`` (``nn.Linear``'s initialisation). With ``random``, the penalty (a sum over
@@ -82,6 +87,8 @@ class OrthogonalModel(TransformationModel):
         orth_weight: float = 1.0,
         back_weight: float = 1.0,
         backward_init: str = "procrustes",
+        contrastive_weight: float = 0.0,
+        temperature: float = 0.1,
         mixer_width: int = 2048,
         mixer_depth: int = 2,
         branch_width_factor: int = 2,
@@ -100,7 +107,10 @@ class OrthogonalModel(TransformationModel):
             raise ValueError(f"forward_kind={forward_kind!r} is not known; choose one of {FORWARD_KINDS}")
         if backward_init not in BACKWARD_INITS:
             raise ValueError(f"backward_init={backward_init!r} is not known; choose one of {BACKWARD_INITS}")
-        for name, value in (("orth_weight", orth_weight), ("back_weight", back_weight)):
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0")
+        for name, value in (("orth_weight", orth_weight), ("back_weight", back_weight),
+                            ("contrastive_weight", contrastive_weight)):
             if not value >= 0:
                 raise ValueError(f"{name}={value!r} must be >= 0")
         # the parent's throwaway h is 1 wide: the adapters replace it at once
@@ -112,6 +122,7 @@ class OrthogonalModel(TransformationModel):
         self.save_hyperparameters()  # this class's arguments (not the throwaway h's the parent recorded)
         self.forward_kind, self.orth_weight, self.back_weight = forward_kind, orth_weight, back_weight
         self.backward_init = backward_init
+        self.contrastive_weight, self.temperature = contrastive_weight, temperature
         self.h = Adapters(self.h.old_dim, self.h.new_dim, self.h.side_dim, forward_kind, branch_width_factor,
                           mixer_width, mixer_depth)
 
@@ -122,7 +133,7 @@ class OrthogonalModel(TransformationModel):
     def fct_metadata(self) -> dict[str, Any]:
         meta = super().fct_metadata()
         meta.update(forward_kind=self.forward_kind, orth_weight=self.orth_weight, back_weight=self.back_weight,
-                    backward_init=self.backward_init,
+                    backward_init=self.backward_init, contrastive_weight=self.contrastive_weight,
                     orthogonality=float(self.h.orthogonality().detach()))
         return meta
 
@@ -180,8 +191,14 @@ class OrthogonalModel(TransformationModel):
             feats = self.frozen_embeddings(images)
         old, new = feats["old"].float(), feats["new"].float()
         side = feats["side"].float() if self.use_side_info else None
-        loss, parts = adapter_loss(self.h(old, side), new, self.h.to_old(new), old, self.h.backward_adapter.weight,
-                                   self.orth_weight, self.back_weight)
+        pred_new, pred_old = self.h(old, side), self.h.to_old(new)
+        loss, parts = adapter_loss(pred_new, new, pred_old, old, self.h.backward_adapter.weight, self.orth_weight,
+                                   self.back_weight)
+        if self.contrastive_weight > 0:
+            labels = labels.to(old.device).long()
+            parts["contrastive"] = (supervised_contrastive(pred_new, new, labels, self.temperature)
+                                    + supervised_contrastive(pred_old, old, labels, self.temperature))
+            loss = loss + self.contrastive_weight * parts["contrastive"]
         self.check_loss(loss, "orthogonal")
         self.log_loss("loss", loss, len(labels))
         for name, value in parts.items():
