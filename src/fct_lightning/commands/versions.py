@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -23,16 +22,6 @@ from fct_lightning.commands import run_command
 from fct_lightning.loggers import log_versions_to_wandb
 from fct_lightning.versions import evaluate_versions, load_plan, plan_steps, run_steps, versions_dir
 from fct_lightning.versions.report import write_versions_report
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def fit_in_subprocess(argv: Sequence[str]) -> int:
@@ -76,7 +65,7 @@ def versions_command(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(results), indent=2))
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=False))  # no NaN: empty entries are null
     tmp.replace(path)
     files = write_versions_report(results, out)
     print(files["md"].read_text())

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from fct_lightning.models.closed_form import LinearMap
+from fct_lightning.models.closed_form import LinearMap, Moments, solve_procrustes
 from fct_lightning.models.transformation import Transformation
 
 __all__ = ["ADAPTER_MAPS", "FORWARD_KINDS", "Adapters", "adapter_loss", "backward", "orthogonality_penalty",
@@ -60,9 +60,10 @@ def procrustes_backward(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor,
     """The (semi-)orthogonal affine map new -> old that best fits the pairs after centring (orthogonal Procrustes):
     ``(weight [old_dim, new_dim], bias [old_dim])`` for ``y = x W^T + b``.
 
-    ``W = V U^T`` from the SVD ``U S V^T`` of the centred cross-covariance ``sum (new - mean_new)^T (old - mean_old)``
-    (float64), so ``W`` has orthonormal rows or columns (the orthogonality penalty is 0 at it), and
-    ``b = mean_old - W mean_new``. ``pairs`` are blocks ``(new [n, new_dim], old [n, old_dim])`` of the same items.
+    The closed-form ``procrustes`` family's solution (:func:`~fct_lightning.models.closed_form.solve_procrustes` of
+    the pairs' float64 :class:`~fct_lightning.models.closed_form.Moments`) with new as input and old as target:
+    ``W = R^T`` has orthonormal rows or columns (the orthogonality penalty is 0 at it) and ``b = mean_old - W
+    mean_new``. ``pairs`` are blocks ``(new [n, new_dim], old [n, old_dim])`` of the same items.
 
     Example:
         >>> rot = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
@@ -71,23 +72,15 @@ def procrustes_backward(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor,
         >>> bool(torch.allclose(w, rot, atol=1e-8)) and bool(torch.allclose(b, torch.ones(4, dtype=torch.float64)))
         True
     """
-    n, sum_new, sum_old, cross = 0, None, None, None
+    moments = None
     for new, old in pairs:
-        new, old = new.double(), old.double()
-        if sum_new is None:
-            sum_new, sum_old = new.new_zeros(new.shape[1]), old.new_zeros(old.shape[1])
-            cross = new.new_zeros(new.shape[1], old.shape[1])
-        n += len(new)
-        sum_new += new.sum(0)
-        sum_old += old.sum(0)
-        cross += new.T @ old
-    if n < 2:
+        if moments is None:
+            moments = Moments(new.shape[1], old.shape[1], new.device)
+        moments.add(new, old)
+    if moments is None or moments.count < 2:
         raise ValueError("Procrustes needs at least 2 pairs of new and old embeddings")
-    mean_new, mean_old = sum_new / n, sum_old / n
-    centred = cross - n * torch.outer(mean_new, mean_old)
-    u, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    weight = (u @ vh).T
-    return weight, mean_old - weight @ mean_new
+    rotation, bias, _ = solve_procrustes(moments)  # old ~ new R + b, R [new_dim, old_dim]
+    return rotation.T, bias
 
 
 def adapter_loss(pred_new: Tensor, new: Tensor, pred_old: Tensor, old: Tensor, backward_weight: Tensor,
