@@ -104,7 +104,7 @@ endef
 # $(1) = dataset
 define CHAIN
 $(ARTIFACTS)/$(1)/results/seed$(SEED).json: $(foreach v,$(CHAIN_VARIANTS),$(RUNS)/$(1)/$(v)/done.json)
-	$$(EVAL) --dataset $(1) --artifacts $(RUNS) $$(data_opts) --backfill random,uncertainty,distance --points $$(POINTS) --out $$@
+	$$(EVAL) --dataset $(1) --artifacts $(RUNS) $$(data_opts) --backfill random,uncertainty,confident,distance --points $$(POINTS) --out $$@
 $(ARTIFACTS)/$(1)/report.md: $(ARTIFACTS)/$(1)/results/seed$(SEED).json $(if $(filter $(1),$(VERSIONS)),$(RUNS)/$(1)/versions/results.json)
 	$$(REPORT) --dataset $(1) --artifacts $(ARTIFACTS)
 $(1): $(ARTIFACTS)/$(1)/report.md

@@ -57,6 +57,16 @@ def test_uncertainty_ties_keep_lower_index_first() -> None:
     assert get_policy("uncertainty").order(_ctx(torch.tensor([0.5, 0.9, 0.5])), 0).tolist() == [1, 0, 2]
 
 
+def test_confident_order_is_least_uncertain_first_ties_by_index() -> None:
+    policy = get_policy("confident")
+    assert policy.order(_ctx(torch.tensor([0.1, 0.9, 0.5])), 0).tolist() == [0, 2, 1]
+    assert policy.order(_ctx(torch.tensor([0.5, 0.9, 0.5])), 0).tolist() == [0, 2, 1]
+    assert policy.needs_uncertainty and not policy.oracle and not policy.stochastic
+    assert not get_policy("random").needs_uncertainty and not get_policy("distance").needs_uncertainty
+    with pytest.raises(ValueError, match="policy 'confident' needs per-item uncertainty.*--model.uncertainty true"):
+        policy.order(_ctx(), 0)
+
+
 def test_distance_order_hand_made() -> None:
     policy = get_policy("distance")
     assert policy.order(_ctx(), 0).tolist() == [1, 2, 0]

@@ -98,22 +98,23 @@ def make_data(dataset: str, root: Path, images: bool, small: bool = False) -> Pa
     """A tiny tree in ``dataset``'s layout under ``root`` with the real class count; returns ``--data.root``.
 
     ``images=False`` writes empty class folders for the ImageNet-style datasets (enough to instantiate: the
-    datamodule only lists class folders until ``setup``); ``images=True`` one training image per class and a few
-    evaluation images. The CIFAR sets always hold images, as few as a one-batch chain needs (CPU time).
+    datamodule only lists class folders until ``setup``); ``images=True`` two training images per class (one of
+    them held out for validation, ``val_fraction``) and a few evaluation images. The CIFAR sets always hold
+    images, as few as a one-batch chain needs (CPU time).
     """
     if dataset == "digits":
         return root  # scikit-learn's bundled digits; root unused
     if dataset == "cifar10":  # the offline archive's layout: <root>/cifar10/{train,test}/<class>/NNNN.jpg
-        make_imagefolder(root / "cifar10", CIFAR10_CLASSES, {"train": 1, "test": 1}, size=32)
+        make_imagefolder(root / "cifar10", CIFAR10_CLASSES, {"train": 2, "test": 1}, size=32)
         return root
-    if dataset == "cifar100":  # torchvision's pickles: one training image per class (BCT needs every class), 20 test
-        make_cifar_pickles(root, 100, train_per_batch=20, num_test=20)
+    if dataset == "cifar100":  # torchvision's pickles: two training images per class (BCT needs every class), 20 test
+        make_cifar_pickles(root, 100, train_per_batch=40, num_test=20)
         return root
     train, evaluation = _class_names(dataset, small)
     eval_dir = EVAL_DIR[dataset]
     if images:
         shown = evaluation[:6]
-        make_imagefolder(root, sorted(set(train) | set(evaluation)), {"train": 1, eval_dir: 2}, size=16,
+        make_imagefolder(root, sorted(set(train) | set(evaluation)), {"train": 2, eval_dir: 2}, size=16,
                          classes_by_split={"train": train, eval_dir: shown})
     else:
         for split, names in (("train", train), (eval_dir, evaluation)):

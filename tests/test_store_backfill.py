@@ -187,6 +187,10 @@ def test_orders_are_fct_evals():
     assert backfill_order("uncertainty", 7, uncertainty=unc).tolist() == [6, 1, 4, 0, 2, 5, 3]
     assert (backfill_order("uncertainty", 7, uncertainty=unc).tolist()
             == get_policy("uncertainty").order(ctx, 0).tolist())
+    # confident: lowest first, ties still by row (not the reversed uncertainty order, which would reverse them too)
+    assert backfill_order("confident", 7, uncertainty=unc).tolist() == [3, 0, 2, 5, 1, 4, 6]
+    assert (backfill_order("confident", 7, uncertainty=unc).tolist()
+            == get_policy("confident").order(ctx, 0).tolist())
     for seed in (0, 5):
         assert backfill_order("random", 7, seed).tolist() == get_policy("random").order(ctx, seed).tolist()
     source = np.array([0, 1, 0, 0, 0, 0, 2], np.int16)  # rows 1 and 6 backfilled before

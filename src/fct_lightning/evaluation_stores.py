@@ -403,10 +403,11 @@ def run_store_backfill(results: dict[str, Any], policies: Sequence[str], points:
             raise ValueError(f"backfilling {space!r}: {gallery.path}'s {space!r} is {list(transformed.shape)} but its "
                              f"'new' is {list(new.shape)}; the transformed gallery must be in the new model's space")
         unc = store_uncertainty(gallery, space)
-        usable = [p for p in policies if p != "uncertainty" or unc is not None]
+        usable = [p for p in policies if not get_policy(p).needs_uncertainty or unc is not None]
         if len(usable) < len(policies):
             log.warning("backfill: %s has no %s-uncertainty space (fct-transform writes it for a FastFill h); "
-                        "skipping the uncertainty policy for %s", gallery.path, space, space)
+                        "skipping the %s policies for %s", gallery.path, space,
+                        "/".join(sorted(set(policies) - set(usable))), space)
         if not usable:
             continue
         ctx = BackfillContext(transformed, new, gl, None if unc is None else torch.from_numpy(unc).to(dev))

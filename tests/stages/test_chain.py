@@ -61,6 +61,7 @@ def test_upstream_stages_write_artifacts(chain):
         assert {"best.ckpt", "last.ckpt", "config.yaml"} <= {p.name for p in folder.iterdir()}
         meta = read_checkpoint(folder / "best.ckpt", stage)["fct"]
         assert meta["stage"] == stage and meta["dataset"] == "digits" and meta["embedding_dim"] == 128
+        assert meta["val_fraction"] == 0.1  # configs/digits/data.yaml: selection on the held-out training items
     assert read_checkpoint(chain / "digits" / "old" / "best.ckpt", "old")["fct"]["classes"] == [0, 1, 2, 3, 4]
     assert read_checkpoint(chain / "digits" / "new" / "best.ckpt", "new")["fct"]["classes"] == list(range(10))
     cfg = (chain / "digits" / "old" / "config.yaml").read_text()
@@ -247,6 +248,14 @@ def test_dataset_and_dimension_mismatch(chain, tmp_path):
     with pytest.raises(CheckpointError, match="dimension mismatch"):
         run("bct", chain, *SMALL_NET, *REPLACE, "--model.embedding_dim", "64")
     # runs that fail in set-up leave the stages' folders as they were, --overwrite or not
+    assert not list((chain / "digits").glob("*/*.replaced.ckpt"))
+
+
+def test_upstream_with_another_holdout_is_refused(chain):
+    """h validated on items its old model trained on would be selected on flattering numbers."""
+    with pytest.raises(CheckpointError, match=r"val_fraction=0.1 of the training images held out for validation, "
+                                              r"this run with 0.*--data.val_fraction 0.1"):
+        run("transformation", chain, *SMALL_H, *REPLACE, "--data.val_fraction", "0")
     assert not list((chain / "digits").glob("*/*.replaced.ckpt"))
 
 

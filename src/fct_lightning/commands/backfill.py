@@ -20,11 +20,12 @@ def backfill_command(argv: list[str] | None = None) -> Path:
                                 "model made each row (0: h, k: the new model, in round k); resumable.")
     p.add_argument("--store", required=True, help="the store (fct-embed --store, then fct-transform --store)")
     p.add_argument("--h", required=True, help="the transformation that made --space (a FastFill h, e.g. "
-                   "fastfill/best.ckpt, for --policy uncertainty)")
+                   "fastfill/best.ckpt, for --policy uncertainty or confident)")
     p.add_argument("--checkpoint", required=True, help="the new model h was trained toward (new/best.ckpt)")
     p.add_argument("--policy", required=True, choices=POLICIES, help="uncertainty: FastFill's predicted "
-                   "uncertainty, highest first; random: a seeded permutation (--seed); list: the ids in --list, in "
-                   "file order")
+                   "uncertainty, highest first (the paper's order); confident: lowest first (a higher "
+                   "top-1 along the way on CIFAR-10, docs/results.md); random: a seeded permutation (--seed); list: "
+                   "the ids in --list, in file order")
     p.add_argument("--fraction", type=float, default=None, help="the share of the gallery backfilled AFTER this "
                    "round, counting earlier rounds: 0.1, then 0.2 on the first round's space adds another 10%% "
                    "(rows already backfilled are never chosen again); optional with --policy list (default: every "

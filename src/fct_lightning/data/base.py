@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fct_lightning.data.fingerprint import files_fingerprint
+from fct_lightning.data.holdout import HOLDOUT, check_val_fraction, split_holdout
 from fct_lightning.data.memory import InMemoryAugmentedLoader
 from fct_lightning.data.recipes import Recipe, recipe_for
 from fct_lightning.data.sampling import EpochShuffleSampler, mix_seed, single_item_tail
@@ -188,7 +189,12 @@ class RetrievalDataModule(pl.LightningDataModule):
             exactly those class indices. Labels keep their original class index.
         views: images per training item: 1, or V >= 2 contrastive views (a batch is then ``[B, V, C, H, W]``;
             the augmentation is then the family's strong, SimCLR-style recipe).
-        eval_split: split used by the val/test/predict loaders (all classes); one of :attr:`splits`.
+        eval_split: split used by the test/predict loaders, and by the val loader unless ``val_fraction`` is set
+            (all classes); one of :attr:`splits`.
+        val_fraction: share of each class's training images held out as the ``holdout`` split, which the val
+            loader then serves (checkpoint selection and early stopping see no test item; the training split
+            loses those items); 0 = validate on ``eval_split``. The same items for every seed
+            (:mod:`fct_lightning.data.holdout`): give every stage of a chain the same value.
         augment: apply the family's training augmentation in ``train_dataloader`` (the recipes of
             :mod:`fct_lightning.data.recipes`: digits shifts, affine and noise; CIFAR pad-crop and flip;
             ImageNet-style RandomResizedCrop and flip); False = the evaluation transform.
@@ -230,6 +236,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         image_size: int | None = None,
         in_memory_gpu: bool = False,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -254,7 +261,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.image_size = image_size or self.default_image_size
         self.in_memory_gpu = in_memory_gpu
+        self.val_fraction = check_val_fraction(val_fraction)
         self._sources: dict[str, Dataset] = {}
+        self._raw: dict[str, Dataset] = {}
         self._fingerprints: dict[str, str | None] = {}
         self._scan()
         if eval_split not in self.splits:
@@ -282,17 +291,48 @@ class RetrievalDataModule(pl.LightningDataModule):
         """Sorted class indices of the training split (resolved from ``train_classes``)."""
         return list(self._train_class_ids)
 
+    @property
+    def val_split(self) -> str:
+        """The split the val loader serves: ``holdout`` with ``val_fraction``, else ``eval_split``."""
+        return HOLDOUT if self.val_fraction else self.eval_split
+
+    def _held_out(self, split: str) -> bool:
+        return bool(self.val_fraction) and split in ("train", HOLDOUT)
+
+    def _raw_source(self, split: str) -> Dataset:
+        if split not in self._raw:
+            self._raw[split] = self._load_split(split)
+        return self._raw[split]
+
     def source(self, split: str) -> Dataset:
-        """The (cached) source dataset of ``split``."""
+        """The (cached) source dataset of ``split`` (with ``val_fraction``, ``train`` without the ``holdout``
+        items)."""
         self._check_split(split)
         if split not in self._sources:
-            self._sources[split] = self._load_split(split)
+            if self._held_out(split):
+                train, held = split_holdout(self._raw_source("train"), self.val_fraction, TensorImages)
+                if len(held) == 0:
+                    raise ValueError(
+                        f"val_fraction={self.val_fraction:g} holds out no training image of {self.name}: no class has "
+                        "two or more (one stays for training). Add training images, or validate on the evaluation "
+                        f"split with --data.val_fraction 0.")
+                self._sources.update({"train": train, HOLDOUT: held})
+            else:
+                self._sources[split] = self._raw_source(split)
         return self._sources[split]
 
     def content_key(self, split: str) -> str | None:
         """Fingerprint of the files behind ``split`` (:func:`files_fingerprint`), for caches derived from them;
-        None for a split that is not read from image files (built-in arrays, pickles: fixed content)."""
-        src = self.source(split)  # a split decoded into memory records its fingerprint while loading
+        None for a split that is not read from image files (built-in arrays, pickles: fixed content). With
+        ``val_fraction``, ``train`` and ``holdout`` also name the division (another fraction, another key)."""
+        if self._held_out(split):
+            self.source(split)
+            return f"{self._files_key('train')}|{split} of val_fraction={self.val_fraction}"
+        self.source(split)
+        return self._files_key(split)
+
+    def _files_key(self, split: str) -> str | None:
+        src = self._raw_source(split)  # a split decoded into memory records its fingerprint while loading
         if split not in self._fingerprints:
             paths = getattr(src, "paths", None)
             if not paths:
@@ -307,7 +347,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         return fp
 
     def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ["train", self.eval_split], "validate": [self.eval_split]}.get(
+        needed = {"fit": ["train", self.val_split], "validate": [self.val_split]}.get(
             stage or "fit", [self.eval_split])
         for split in needed:
             self.source(split)
@@ -363,8 +403,9 @@ class RetrievalDataModule(pl.LightningDataModule):
                                 drop_last=single_item_tail(math.ceil(len(ds) / world), self.batch_size))
 
     def val_dataloader(self) -> Any:
-        """Evaluation split, all classes, evaluation transform, in order."""
-        return self.eval_dataloader(self.eval_split)
+        """:attr:`val_split` (the held-out training items, or the evaluation split), all classes, evaluation
+        transform, in order."""
+        return self.eval_dataloader(self.val_split)
 
     def test_dataloader(self) -> Any:
         return self.eval_dataloader(self.eval_split)
@@ -438,8 +479,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         )
 
     def _check_split(self, split: str) -> None:
+        if split == HOLDOUT and self.val_fraction:
+            return
         if split not in self.splits:
-            raise ValueError(f"split={split!r} is not a split of {self.name}; allowed: {self.splits}")
+            hint = (f"; {HOLDOUT!r} exists only with val_fraction > 0 (--data.val_fraction 0.1)"
+                    if split == HOLDOUT else "")
+            raise ValueError(f"split={split!r} is not a split of {self.name}; allowed: {self.splits}{hint}")
 
     def __str__(self) -> str:  # LightningDataModule.__str__ builds every dataloader; keep printing cheap
         return repr(self)

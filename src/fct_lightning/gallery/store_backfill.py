@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from fct_lightning.backfill import backfill_count
+from fct_lightning.backfill import backfill_count, uncertainty_order
 from fct_lightning.devices import resolve_device
 from fct_lightning.gallery.items import SplitItems
 from fct_lightning.gallery.jobs import job_part, publish
@@ -57,7 +57,8 @@ from fct_lightning.stages.loading import load_h
 from fct_lightning.store import SpaceSpec, SpaceWriter, Store, StoreError, check_space_name, read_ids
 
 log = logging.getLogger(__name__)
-POLICIES = ("uncertainty", "random", "list")
+UNCERTAINTY_POLICIES = ("uncertainty", "confident")  # FastFill's head, most / least uncertain first
+POLICIES = (*UNCERTAINTY_POLICIES, "random", "list")
 SOURCE = "source"
 """The row column of a backfilled space: 0 = h's transformed vector, k >= 1 = new-model embedding of round k."""
 
@@ -92,14 +93,15 @@ def read_source(store: Store, space: str) -> np.ndarray:
 
 def backfill_order(policy: str, n: int, seed: int = 0, uncertainty: np.ndarray | None = None) -> np.ndarray:
     """All ``n`` rows in ``policy``'s order (int64), as :mod:`fct_lightning.backfill`'s policies order them:
-    ``random`` = ``torch.randperm(n)`` seeded with ``seed``; ``uncertainty`` = highest first, ties by row."""
+    ``random`` = ``torch.randperm(n)`` seeded with ``seed``; ``uncertainty`` = highest first, ``confident`` =
+    lowest first, ties by row (:func:`~fct_lightning.backfill.uncertainty_order`)."""
     if policy == "random":
         return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
-    if policy == "uncertainty":
+    if policy in UNCERTAINTY_POLICIES:
         if uncertainty is None or uncertainty.shape != (n,):
-            raise ValueError(f"policy 'uncertainty' needs one value per row ([{n}])")
-        return np.argsort(-uncertainty.astype(np.float32), kind="stable").astype(np.int64)
-    raise ValueError(f"--policy {policy!r}: an order is computed for uncertainty and random; list reads a file")
+            raise ValueError(f"policy {policy!r} needs one value per row ([{n}])")
+        return uncertainty_order(torch.from_numpy(uncertainty.astype(np.float32)), policy == "uncertainty").numpy()
+    raise ValueError(f"--policy {policy!r}: an order is computed for {', '.join(POLICIES[:-1])}; list reads a file")
 
 
 def choose_rows(order: np.ndarray, source: np.ndarray, target: int) -> np.ndarray:
@@ -203,9 +205,9 @@ def uncertainty_of(store: Store, base: str, h: Transformation, h_meta: dict[str,
     if info is not None and (info.role, info.dim, info.checkpoint_digest) == ("uncertainty", 1, h_meta["digest"]):
         return np.concatenate([_whole(store, name, i)[:, 0] for i in range(len(store.shards))]), store.digest(name)
     if h.uncertainty_head is None:
-        raise ValueError(f"--policy uncertainty needs FastFill's per-item uncertainty, but h ({h_meta.get('path')}) "
-                         "has no uncertainty head; train the transformation with --model.uncertainty true "
-                         "(artifacts/<dataset>/fastfill), or use --policy random")
+        raise ValueError(f"--policy uncertainty/confident needs FastFill's per-item uncertainty, but h "
+                         f"({h_meta.get('path')}) has no uncertainty head; train the transformation with "
+                         "--model.uncertainty true (artifacts/<dataset>/fastfill), or use --policy random")
     log.info("space %r is not there (or not h's): computing the uncertainty with h from the store's old%s rows",
              name, " and side_info" if h.has_side_info else "")
     check_input(store, "old", "old", h.old_dim, h_meta)
@@ -268,7 +270,8 @@ def backfill_store(store: str | Path, h_checkpoint: str | Path, new_checkpoint: 
 
     Args:
         store: the store folder.
-        h_checkpoint: the transformation that made ``from_space`` (a FastFill h for ``policy="uncertainty"``).
+        h_checkpoint: the transformation that made ``from_space`` (a FastFill h for the ``uncertainty`` and
+            ``confident`` policies).
         new_checkpoint: the new model h was trained toward (its ``new/best.ckpt``); it embeds the chosen images.
         policy: ``uncertainty``, ``random`` or ``list`` (see the module's docstring).
         fraction: cumulative share of the gallery backfilled after this round, in (0, 1] (optional for ``list``).
@@ -329,8 +332,8 @@ def backfill_store(store: str | Path, h_checkpoint: str | Path, new_checkpoint: 
         target = (backfill_count(fraction, n) if fraction is not None
                   else int(np.count_nonzero(source)) + int(np.count_nonzero(source[order] == 0)))
     else:
-        uncertainty, what["uncertainty"] = (uncertainty_of(st, base, h, h_meta, 65536) if policy == "uncertainty"
-                                            else (None, None))
+        uncertainty, what["uncertainty"] = (uncertainty_of(st, base, h, h_meta, 65536)
+                                            if policy in UNCERTAINTY_POLICIES else (None, None))
         if policy == "random":
             what["seed"] = int(seed)
         order = backfill_order(policy, n, seed, uncertainty)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fct_lightning.losses import check_finite
-from fct_lightning.stages.checkpoints import CheckpointError, check_class_names
+from fct_lightning.stages.checkpoints import CheckpointError, check_class_names, check_holdout
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,16 @@ class RetrievalStage(pl.LightningModule):
         names = self.dataset_class_names()
         if names is not None:
             meta["class_names"] = names
+        fraction = self.datamodule_val_fraction()
+        if fraction is not None:
+            meta["val_fraction"] = fraction
         return meta
+
+    def datamodule_val_fraction(self) -> float | None:
+        """The attached image datamodule's ``val_fraction`` (None without one, or for stored embeddings)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        fraction = getattr(dm, "val_fraction", None)
+        return None if fraction is None else float(fraction)
 
     def dataset_class_names(self) -> list[str] | None:
         """The attached datamodule's class names in index order (None without a trainer or datamodule)."""
@@ -209,9 +218,12 @@ class RetrievalStage(pl.LightningModule):
         """Each frozen upstream model must have been trained on this run's class list (see
         :func:`~fct_lightning.stages.checkpoints.check_class_names`)."""
         current = self.dataset_class_names()
+        fraction = self.datamodule_val_fraction()
         for role, meta in self.frozen_inputs().items():
             if meta:
                 check_class_names(meta, meta.get("path", role), role, current)
+                if meta.get("dataset") == self.dataset:
+                    check_holdout(meta, meta.get("path", role), role, fraction)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fct"] = self.fct_metadata()

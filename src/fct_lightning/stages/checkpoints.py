@@ -203,6 +203,24 @@ def check_class_names(meta: dict[str, Any], path: str | Path, role: str, current
     )
 
 
+def check_holdout(meta: dict[str, Any], path: str | Path, role: str, current: float | None) -> None:
+    """Refuse an upstream checkpoint of the same dataset trained with another held-out validation share.
+
+    Every stage of a chain must hold out the same training images (``--data.val_fraction``, the same division
+    for every seed): an upstream model trained on this run's validation items would make its selection look
+    better than the test split will. Checkpoints from before the share was recorded are taken as they are.
+    """
+    saved = meta.get("val_fraction")
+    if saved is None or current is None or float(saved) == float(current):
+        return
+    raise CheckpointError(
+        f"the {role} checkpoint {path} was trained with val_fraction={float(saved):g} of the training images held "
+        f"out for validation, this run with {float(current):g}: the items one model validates on would be training "
+        f"items of the other. Give this run --data.val_fraction {float(saved):g} (or set it in the dataset's "
+        f"data.yaml for every stage), or re-train the stages from {role} on with {float(current):g}."
+    )
+
+
 def check_dims(expected: int, got: int, what: str, path: str | Path, fix: str) -> None:
     """Raise a clear error when two embedding dimensions that must agree do not."""
     if expected != got:
