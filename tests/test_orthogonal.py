@@ -14,7 +14,8 @@ from fct_lightning.models.adapters import Adapters, adapter_loss, backward, orth
 from fct_lightning.stages import load_h, load_stage
 from fct_lightning.stages.checkpoints import read_checkpoint
 from tests.commands import eval_main, report_main, transform_main
-from tests.stages.test_chain import SMALL_H, SMALL_NET, run
+from tests.stages.test_chain import SMALL_H, SMALL_NET
+from tests.stages.test_chain import run as chain_run
 
 
 # ----------------------------------------------------------------------------------------------- the penalty
@@ -94,6 +95,15 @@ def test_adapters_rebuild_from_their_config_and_check_inputs():
 
 
 # ----------------------------------------------------------------------------------------------- through the chain
+# every run of this module validates on fct-eval's split (not a held-out part of the training images), so the two
+# can be compared number for number below
+ON_THE_TEST_SPLIT = ("--data.val_fraction", "0")
+
+
+def run(stage: str, artifacts, *extra: str):
+    return chain_run(stage, artifacts, *extra, *ON_THE_TEST_SPLIT)
+
+
 @pytest.fixture(scope="module")
 def chain_dir(tmp_path_factory):
     art = tmp_path_factory.mktemp("orthogonal")

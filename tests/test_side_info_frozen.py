@@ -83,7 +83,7 @@ def chain(pretrained, tmp_path_factory):
 
 
 def train_features(net: torch.nn.Module) -> torch.Tensor:
-    dm = DATAMODULES["digits"](train_classes=5)
+    dm = DATAMODULES["digits"](train_classes=5, val_fraction=0.1)  # configs/digits/data.yaml's training items
     dm.setup("fit")
     with torch.no_grad():
         return torch.cat([net(x) for x, _, _ in dm.eval_dataloader("train", classes=list(range(5)))])

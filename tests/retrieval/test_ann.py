@@ -33,6 +33,17 @@ def test_flat_equals_exact(distance: str, exclude_self: bool) -> None:
     assert ann.evaluate_index(q, y, x, y, **kw) == _exact(q, y, x, y, **kw)
 
 
+@pytest.mark.parametrize("n", [3, 4, 5])
+@pytest.mark.parametrize("exclude_self", [True, False])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8"])
+def test_a_gallery_smaller_than_the_cut_off_counts_every_item(n: int, exclude_self: bool, factory: str) -> None:
+    """Fewer gallery items than top-5 needs: the exact path ranks the whole gallery; the index path stopped with
+    'ks=(1, 5) needs at least 5 hits' (a validation split of four images did)."""
+    x, y, q = _clustered(n, 4, 2)
+    kw = dict(exclude_self=exclude_self, ks=(1, 5))
+    assert ann.evaluate_index(q, y, x, y, factory=factory, **kw) == _exact(q, y, x, y, **kw)
+
+
 def test_flat_reranking_is_what_makes_it_exact() -> None:
     """On this data FAISS's float32 distances order some near ties differently from the canonical ones: the hits
     taken as FAISS returns them miss the exact mAP@R, the re-ranked ones do not (so the test above can fail)."""

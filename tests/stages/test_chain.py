@@ -618,9 +618,14 @@ def test_fastfill_refuses_classes_the_new_classifier_does_not_know(chain, tmp_pa
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_h_trains_when_the_last_batch_would_hold_one_item(chain, tmp_path, cached):
-    """digits' training split has 1257 = 8 * 157 + 1 items: a one-item last batch would stop h's BatchNorm1d
-    ("Expected more than 1 value per channel"); the training loaders leave it out."""
+    """With a batch of n - 1 items, digits' n training items (1130 after the held-out tenth) leave a one-item last
+    batch, which would stop h's BatchNorm1d ("Expected more than 1 value per channel"); the training loaders leave
+    it out."""
+    from fct_lightning.data import DigitsDataModule
     from fct_lightning.stages import TransformationModel
+
+    n = len(DigitsDataModule(val_fraction=0.1).source("train"))  # configs/digits/data.yaml's division
+    assert n == 1130
 
     steps: list[int] = []
     original = TransformationModel.training_step
@@ -631,9 +636,9 @@ def test_h_trains_when_the_last_batch_would_hold_one_item(chain, tmp_path, cache
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TransformationModel, "training_step", spy)
-        run("transformation", chain, *h_into(tmp_path / "cache", tmp_path / "out", chain), "--data.batch_size", "157",
+        run("transformation", chain, *h_into(tmp_path / "cache", tmp_path / "out", chain), "--data.batch_size", str(n - 1),
             "--trainer.limit_train_batches", "1.0", "--model.cached", str(cached).lower())
-    assert steps == [157] * 8
+    assert steps == [n - 1]
 
 
 @pytest.mark.parametrize(("max_epochs", "max_steps"), [(-1, 12), (50, 12), (3, -1)])

@@ -365,4 +365,8 @@ def evaluate_index(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray
         log.debug("evaluate_index: %d of %d queries re-ranked against the whole gallery", unsure, q.shape[0])
     else:
         hits = _sorted_hits(dists, ids, self_index, k)
+    if hits.shape[1] < max(ks):
+        # a gallery with fewer items than the largest cut-off: each list holds all of them, and the missing places
+        # count as no hit, so top-k is the exact path's (which ranks the whole, shorter, gallery)
+        hits = torch.cat([hits, hits.new_full((hits.shape[0], max(ks) - hits.shape[1]), -1)], dim=1)
     return metrics_from_hits(hits, None, ql, gl, self_index=self_index, ks=ks)

@@ -214,11 +214,13 @@ class RetrievalStage(pl.LightningModule):
         names = getattr(dm, "class_names", None)
         return None if names is None else [str(n) for n in names]
 
-    def check_frozen_classes(self) -> None:
+    def check_frozen_classes(self, stage: str | None = "fit") -> None:
         """Each frozen upstream model must have been trained on this run's class list (see
-        :func:`~fct_lightning.stages.checkpoints.check_class_names`)."""
+        :func:`~fct_lightning.stages.checkpoints.check_class_names`) and, when this run trains (``stage="fit"``),
+        with its held-out validation share (:func:`~fct_lightning.stages.checkpoints.check_holdout`); validating
+        a trained model on another split is fine."""
         current = self.dataset_class_names()
-        fraction = self.datamodule_val_fraction()
+        fraction = self.datamodule_val_fraction() if stage in (None, "fit") else None
         for role, meta in self.frozen_inputs().items():
             if meta:
                 check_class_names(meta, meta.get("path", role), role, current)
