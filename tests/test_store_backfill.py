@@ -269,8 +269,8 @@ def test_wrong_inputs_are_refused_with_one_message(chain, store):
         assert re.search(message, text), (message, text)
     assert _tree(store) == tree  # nothing was written
     transform_store(chain / "transformation" / "best.ckpt", store, space="plain", device="cpu")
-    with pytest.raises(SystemExit, match="--policy uncertainty/confident needs FastFill's per-item uncertainty, but h .* has no "
-                                         "uncertainty head"):
+    with pytest.raises(SystemExit, match="--policy uncertainty/confident needs FastFill's per-item uncertainty, "
+                                         "but h .* has no uncertainty head"):
         _run(*_args(chain, store, "--policy", "uncertainty", "--fraction", ".1", "--space", "plain",
                     h="transformation"))
 
