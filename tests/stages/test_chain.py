@@ -637,7 +637,8 @@ def test_h_trains_when_the_last_batch_would_hold_one_item(chain, tmp_path, cache
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TransformationModel, "training_step", spy)
         run("transformation", chain, *h_into(tmp_path / "cache", tmp_path / "out", chain),
-            "--data.batch_size", str(n - 1), "--trainer.limit_train_batches", "1.0", "--model.cached", str(cached).lower())
+            "--data.batch_size", str(n - 1), "--trainer.limit_train_batches", "1.0",
+            "--model.cached", str(cached).lower())
     assert steps == [n - 1]
 
 
