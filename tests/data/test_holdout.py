@@ -68,6 +68,15 @@ def test_caches_of_another_division_have_another_key(tmp_path):
     assert label == int(held.targets[0]) and image.shape[0] == 3
 
 
+def test_an_in_memory_split_is_held_once(tmp_path):
+    """The divided in-memory split replaces the whole one (not kept beside it); its fingerprint stays known."""
+    dm = DigitsDataModule(val_fraction=0.1)
+    dm.source("train")
+    assert "train" not in dm._raw
+    key = dm.content_key("train")
+    assert key == "None|train of val_fraction=0.1" and "train" not in dm._raw
+
+
 def test_tiny_classes_keep_a_training_item():
     pos = holdout_positions(torch.tensor([0, 0, 1, 2, 2, 2]), 0.9)
     kept = set(range(6)) - set(pos.tolist())

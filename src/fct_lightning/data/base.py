@@ -317,6 +317,9 @@ class RetrievalDataModule(pl.LightningDataModule):
                         "two or more (one stays for training). Add training images, or validate on the evaluation "
                         f"split with --data.val_fraction 0.")
                 self._sources.update({"train": train, HOLDOUT: held})
+                if isinstance(train, TensorImages):  # two in-memory copies: drop the whole split (its key is kept)
+                    self._files_key("train")
+                    del self._raw["train"]
             else:
                 self._sources[split] = self._raw_source(split)
         return self._sources[split]
@@ -332,6 +335,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         return self._files_key(split)
 
     def _files_key(self, split: str) -> str | None:
+        if split in self._fingerprints:
+            return self._fingerprints[split]
         src = self._raw_source(split)  # a split decoded into memory records its fingerprint while loading
         if split not in self._fingerprints:
             paths = getattr(src, "paths", None)
