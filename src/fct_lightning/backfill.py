@@ -188,6 +188,13 @@ def get_policy(name: str) -> BackfillPolicy:
     return POLICIES[name]()
 
 
+def usable_policies(policies: Sequence[str], has_uncertainty: bool) -> tuple[list[str], list[str]]:
+    """``(usable, skipped)``: the policies that can order this gallery, and those that need an uncertainty it lacks
+    (:attr:`BackfillPolicy.needs_uncertainty`); unknown names raise as in :func:`get_policy`."""
+    usable = [p for p in policies if has_uncertainty or not get_policy(p).needs_uncertainty]
+    return usable, [p for p in policies if p not in usable]
+
+
 def check_order(order: Tensor, n: int, name: str = "order") -> Tensor:
     """Validate that ``order`` is a permutation of ``0..n-1``; return it as int64."""
     order = torch.as_tensor(order)

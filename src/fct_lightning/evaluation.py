@@ -23,8 +23,8 @@ from fct_lightning.backfill import (
     BackfillContext,
     backfill_curves,
     embed_for_backfill,
-    get_policy,
     transform_features,
+    usable_policies,
 )
 from fct_lightning.data import DATAMODULES
 from fct_lightning.devices import resolve_device
@@ -305,10 +305,10 @@ def run_backfill(
                      and m.get("digest") and m["digest"] != digest[role]]
         refuse_stale(list(dict.fromkeys(problems)))
         module.to(dev)
-        usable = [p for p in policies if not get_policy(p).needs_uncertainty or module.uncertainty]
-        if len(usable) < len(policies):
+        usable, skipped = usable_policies(policies, bool(module.uncertainty))
+        if skipped:
             log.warning("backfill: %s has no uncertainty head (train it with --model.uncertainty true); "
-                        "skipping the %s policies for %s", path, "/".join(sorted(set(policies) - set(usable))), space)
+                        "skipping the %s policies for %s", path, "/".join(skipped), space)
         if not usable:
             continue
         # on `dev`: the curves evaluate the whole gallery once per point, policy and seed (on an H200, CIFAR-10's

@@ -49,6 +49,7 @@ from fct_lightning.backfill import (
     backfill_masks,
     check_order,
     get_policy,
+    usable_policies,
 )
 from fct_lightning.index import check_store, load_index, search_arrays, set_nprobe
 from fct_lightning.retrieval import summarize
@@ -403,11 +404,10 @@ def run_store_backfill(results: dict[str, Any], policies: Sequence[str], points:
             raise ValueError(f"backfilling {space!r}: {gallery.path}'s {space!r} is {list(transformed.shape)} but its "
                              f"'new' is {list(new.shape)}; the transformed gallery must be in the new model's space")
         unc = store_uncertainty(gallery, space)
-        usable = [p for p in policies if not get_policy(p).needs_uncertainty or unc is not None]
-        if len(usable) < len(policies):
+        usable, skipped = usable_policies(policies, unc is not None)
+        if skipped:
             log.warning("backfill: %s has no %s-uncertainty space (fct-transform writes it for a FastFill h); "
-                        "skipping the %s policies for %s", gallery.path, space,
-                        "/".join(sorted(set(policies) - set(usable))), space)
+                        "skipping the %s policies for %s", gallery.path, space, "/".join(skipped), space)
         if not usable:
             continue
         ctx = BackfillContext(transformed, new, gl, None if unc is None else torch.from_numpy(unc).to(dev))

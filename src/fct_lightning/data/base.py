@@ -328,10 +328,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         """Fingerprint of the files behind ``split`` (:func:`files_fingerprint`), for caches derived from them;
         None for a split that is not read from image files (built-in arrays, pickles: fixed content). With
         ``val_fraction``, ``train`` and ``holdout`` also name the division (another fraction, another key)."""
-        if self._held_out(split):
-            self.source(split)
-            return f"{self._files_key('train')}|{split} of val_fraction={self.val_fraction}"
         self.source(split)
+        if self._held_out(split):
+            return f"{self._files_key('train')}|{split} of val_fraction={self.val_fraction}"
         return self._files_key(split)
 
     def _files_key(self, split: str) -> str | None:

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from fct_lightning.backfill import backfill_count, uncertainty_order
+from fct_lightning.backfill import POLICIES as ORDERS
+from fct_lightning.backfill import UncertaintyPolicy, backfill_count, get_policy, uncertainty_order
 from fct_lightning.devices import resolve_device
 from fct_lightning.gallery.items import SplitItems
 from fct_lightning.gallery.jobs import job_part, publish
@@ -57,7 +58,8 @@ from fct_lightning.stages.loading import load_h
 from fct_lightning.store import SpaceSpec, SpaceWriter, Store, StoreError, check_space_name, read_ids
 
 log = logging.getLogger(__name__)
-UNCERTAINTY_POLICIES = ("uncertainty", "confident")  # FastFill's head, most / least uncertain first
+# the deployable orders of FastFill's head (uncertainty: most uncertain first, confident: least), from the registry
+UNCERTAINTY_POLICIES = tuple(n for n, c in ORDERS.items() if issubclass(c, UncertaintyPolicy))
 POLICIES = (*UNCERTAINTY_POLICIES, "random", "list")
 SOURCE = "source"
 """The row column of a backfilled space: 0 = h's transformed vector, k >= 1 = new-model embedding of round k."""
@@ -100,7 +102,8 @@ def backfill_order(policy: str, n: int, seed: int = 0, uncertainty: np.ndarray |
     if policy in UNCERTAINTY_POLICIES:
         if uncertainty is None or uncertainty.shape != (n,):
             raise ValueError(f"policy {policy!r} needs one value per row ([{n}])")
-        return uncertainty_order(torch.from_numpy(uncertainty.astype(np.float32)), policy == "uncertainty").numpy()
+        first = get_policy(policy).most_uncertain_first
+        return uncertainty_order(torch.from_numpy(uncertainty.astype(np.float32)), first).numpy()
     raise ValueError(f"--policy {policy!r}: an order is computed for {', '.join(POLICIES[:-1])}; list reads a file")
 
 
