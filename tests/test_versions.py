@@ -125,6 +125,31 @@ def test_exact_inverse_maps_make_every_gallery_compatible():
     assert scores(got["none"])["top1"]["ac"] == 0.0
 
 
+def test_an_entry_two_kinds_hold_the_same_way_is_evaluated_once(monkeypatch):
+    """The diagonal is the same gallery in every kind and ``direct`` differs from ``fct`` only where a direct h
+    exists: of 3 + 3 + 3 diagonal-and-sequence entries, 1 direct and 3 untransformed ones, 10 are evaluated
+    (was 18), with the same numbers."""
+    from fct_lightning.versions import matrix as module
+
+    labels = torch.arange(4).repeat_interleave(5)
+    feats = [torch.nn.functional.one_hot(labels, 4).float() + 0.3 * torch.randn(20, 4) for _ in range(3)]
+    hs = {(0, 1): _Map(2 * torch.eye(4)), (1, 2): _Map(torch.eye(4)), (0, 2): _Map(-torch.eye(4))}
+    calls = []
+    real = module.evaluate_queries
+    monkeypatch.setattr(module, "evaluate_queries", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = matrices(feats, None, labels, hs)
+    assert len(calls) == 10
+    for kind in ("fct", "direct"):
+        for i, j in ((0, 0), (1, 1), (2, 2), (1, 0), (2, 1)):
+            assert got[kind]["map"][i][j] == got["fct"]["map"][i][j]
+    alone = {}
+    for kind in ("fct", "direct", "none"):  # each kind's entries as computed on their own
+        for (i, j), gallery in held_galleries(feats, None, hs, kind).items():
+            per = real(feats[i], labels, gallery, labels, exclude_self=True)
+            alone[(kind, i, j)] = float(module.summarize(per, (1, 5), map_at_r=True)["map"])
+    assert {key: got[key[0]]["map"][key[1]][key[2]] for key in alone} == pytest.approx(alone)
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 def _fit_in_process(argv):
     fit(list(argv))

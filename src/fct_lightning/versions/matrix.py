@@ -111,18 +111,27 @@ def held_galleries(feats: list[Tensor], side: Tensor | None, hs: dict[tuple[int,
                    kind: str) -> dict[tuple[int, int], Tensor]:
     """``{(i, j): gallery of version j as held when version i serves}`` for ``j <= i``, held the ``kind`` way;
     ``none`` leaves out pairs whose dimensions differ."""
+    return {pair: gallery for pair, (_, gallery) in _held(feats, side, hs, kind).items()}
+
+
+def _held(feats: list[Tensor], side: Tensor | None, hs: dict[tuple[int, int], Any],
+          kind: str) -> dict[tuple[int, int], tuple[tuple[Any, ...], Tensor]]:
+    """:func:`held_galleries` with, per gallery, a key naming how it was made: two kinds that hold a gallery the
+    same way (the diagonal in every kind; ``direct`` equals ``fct`` except where a direct h exists) give it the
+    same key, so its entry is evaluated once."""
     k = len(feats)
-    out: dict[tuple[int, int], Tensor] = {}
+    out: dict[tuple[int, int], tuple[tuple[Any, ...], Tensor]] = {}
     for j in range(k):
         held = feats[j]
-        out[(j, j)] = held
+        out[(j, j)] = (("embedded", j), held)
         for i in range(j + 1, k):
             if kind == "none":
                 if feats[j].shape[1] == feats[i].shape[1]:
-                    out[(i, j)] = feats[j]
+                    out[(i, j)] = (("embedded", j), feats[j])
                 continue
             held = hs[(i - 1, i)].transform(held, side)  # the sequence of updates, one after the other
-            out[(i, j)] = hs[(j, i)].transform(feats[j], side) if kind == "direct" and (j, i) in hs else held
+            out[(i, j)] = ((("direct", j, i), hs[(j, i)].transform(feats[j], side))
+                           if kind == "direct" and i - j > 1 and (j, i) in hs else (("sequence", j, i), held))
     return out
 
 
@@ -134,17 +143,21 @@ def matrices(feats: list[Tensor], side: Tensor | None, labels: Tensor, hs: dict[
     kinds = [kind for kind in KINDS if kind != "direct" or any(j - i > 1 for i, j in hs)]
     out: dict[str, dict[str, list[list[float | None]]]] = {}
     diagonal: dict[int, Tensor] = {}  # per version, which queries v_j/v_j answers right
+    done: dict[tuple[Any, ...], dict[str, float]] = {}  # (query version, how the gallery was held) -> entry
     for kind in kinds:
         m: dict[str, list[list[float | None]]] = {name: [[None] * k for _ in range(k)] for name in ENTRY_METRICS}
-        for (i, j), gallery in sorted(held_galleries(feats, side, hs, kind).items(), key=lambda p: (p[0][1], p[0][0])):
-            per = evaluate_queries(feats[i], labels, gallery, labels, exclude_self=True, distance=distance)
-            got = summarize(per, (1, 5), map_at_r=True)
-            correct = top1_correct(per).cpu()
-            if i == j:
-                diagonal[j] = correct
-            got["neg_flip"], got["pos_flip"] = flips(diagonal[j], correct)
+        held = _held(feats, side, hs, kind)
+        for (i, j), (how, gallery) in sorted(held.items(), key=lambda p: (p[0][1], p[0][0])):
+            if (i, *how) not in done:
+                per = evaluate_queries(feats[i], labels, gallery, labels, exclude_self=True, distance=distance)
+                got = summarize(per, (1, 5), map_at_r=True)
+                correct = top1_correct(per).cpu()
+                if i == j:
+                    diagonal[j] = correct
+                got["neg_flip"], got["pos_flip"] = flips(diagonal[j], correct)
+                done[(i, *how)] = {name: float(got[name]) for name in ENTRY_METRICS}
             for name in ENTRY_METRICS:
-                m[name][i][j] = float(got[name])
+                m[name][i][j] = done[(i, *how)][name]
         out[kind] = m
     return out
 
