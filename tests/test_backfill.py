@@ -20,6 +20,7 @@ from fct_lightning.backfill import (
     backfill_curve,
     backfill_curves,
     backfill_masks,
+    backfilled_gallery,
     check_order,
     embed_for_backfill,
     get_policy,
@@ -176,6 +177,25 @@ def test_curve_intermediate_point_is_mixed_gallery(synthetic: BackfillContext) -
     mixed[order[:150]] = c.gallery_new[order[:150]]
     ref = evaluate(c.gallery_new, c.labels, mixed, c.labels, exclude_self=True, distance="cosine")
     assert {m: out["curves"][m][1] for m in METRICS} == ref
+
+
+def test_the_backfilled_gallery_is_the_state_the_curve_evaluates(synthetic: BackfillContext) -> None:
+    c = synthetic
+    order = get_policy("uncertainty").order(c, 0)
+    got = backfilled_gallery(c, "uncertainty", 0.1)
+    want = c.gallery_transformed.clone()
+    want[order[:30]] = c.gallery_new[order[:30]]  # 10% of 300: the 30 most uncertain
+    assert torch.equal(got, want)
+    assert torch.equal(backfilled_gallery(c, "random", 0.5, seed=3)[get_policy("random").order(c, 3)[150:]],
+                       c.gallery_transformed[get_policy("random").order(c, 3)[150:]])
+    assert torch.equal(backfilled_gallery(c, "random", 0.0), c.gallery_transformed)
+    assert torch.equal(backfilled_gallery(c, "random", 1.0), c.gallery_new)
+    # the curve's point at 10% is this gallery's evaluation
+    curve = backfill_curve(c.gallery_new, c.labels, c.gallery_transformed, c.gallery_new, c.labels, order, points=11)
+    ref = evaluate(c.gallery_new, c.labels, got, c.labels, exclude_self=True)
+    assert {m: curve["curves"][m][1] for m in METRICS} == pytest.approx(ref)
+    with pytest.raises(ValueError, match=r"fraction=1.5 must be in \[0, 1\]"):
+        backfilled_gallery(c, "random", 1.5)
 
 
 def test_curves_layout_reproducible_and_random_averaged(synthetic: BackfillContext) -> None:

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from fct_lightning.dashboard import build_workspace, dashboard_sections, panel_keys, publish, workspace_spec
-from fct_lightning.loggers import GRID_MEDIA, VERSIONS_HEATMAP, backfill_history, eval_summary, versions_summary
+from fct_lightning.loggers import GRID_MEDIA, GRID_TABLE, VERSIONS_HEATMAP, versions_summary
 from fct_lightning.versions import matrices, scores
 from tests.commands import eval_main, report_main
 from tests.stages.test_chain import SMALL_H, SMALL_NET, run
 
 pytest.importorskip("wandb_workspaces")
+wandb = pytest.importorskip("wandb")
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,29 @@ def chain_runs(tmp_path_factory):
         cli = run(stage, art, *extra)
         logged |= set(cli.trainer.logged_metrics) | set(cli.trainer.callback_metrics)
     out = art / "digits" / "results" / "seed0.json"
-    eval_main(["--artifacts", str(art), "--no_wandb", "--device", "cpu", "--backfill", "random,uncertainty",
-               "--points", "3", "--out", str(out)])
-    return art, json.loads(out.read_text()), logged
+    runs: list[_Run] = []
+    with pytest.MonkeyPatch.context() as mp:  # the eval run's W&B calls, recorded (its real Tables and Images)
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setattr(wandb, "init", lambda **kw: runs.append(_Run()) or runs[-1])
+        eval_main(["--artifacts", str(art), "--device", "cpu", "--backfill", "random,uncertainty", "--points", "3",
+                   "--out", str(out)])
+    (eval_run,) = runs
+    return art, json.loads(out.read_text()), logged, eval_run
+
+
+class _Run:
+    """What a W&B run was given: the keys of every ``log`` (and the values), the summary, whether it finished."""
+
+    def __init__(self) -> None:
+        self.logged: dict[str, object] = {}
+        self.summary: dict[str, object] = {}
+        self.finished = False
+
+    def log(self, row: dict) -> None:
+        self.logged.update(row)
+
+    def finish(self) -> None:
+        self.finished = True
 
 
 def _versions_results():
@@ -45,25 +66,32 @@ def _versions_results():
 
 
 def test_every_panel_names_a_key_the_runs_log(chain_runs):
-    art, results, trained = chain_runs
+    art, results, trained, run = chain_runs
     versions = _versions_results()
     sections = dashboard_sections(results, versions)
     assert results["grid"] == "seed0-grid.png" and (art / "digits" / "results" / results["grid"]).is_file()
-    logged = (trained | set(eval_summary(results)) | {k for row in backfill_history(results) for k in row}
-              | set(versions_summary(versions)) | {VERSIONS_HEATMAP, GRID_MEDIA})
+    assert run.finished and isinstance(run.logged[GRID_MEDIA], wandb.Image)
+    # the grid after a backfilling round (10%, the first deterministic policy given): a row in picture and table
+    backfilled = "new/fct+side, 10% backfilled (uncertainty)"
+    assert results["grid_cases"] == ["old/old", "new/old", "fct+side/old", "new/new", backfilled]
+    table = run.logged[GRID_TABLE]
+    assert isinstance(table, wandb.Table) and len(table.data) == 6 * 5  # 6 queries x 5 cases
+    assert {r[2] for r in table.data} == set(results["grid_cases"])
+    logged = trained | set(run.logged) | set(run.summary) | set(versions_summary(versions)) | {VERSIONS_HEATMAP}
     keys = panel_keys(sections)
     assert keys <= logged, sorted(keys - logged)
     # what the dashboard promises: bars with the floor and ceiling, BCT and FCT curves, backfilling, the matrix
     assert {"old/old/top1", "new/new/top1", "bct/old/top1", "fct+side/old/top1", "fct/old/top1"} <= keys
     assert {"val/bct/old/map", "val/fct+side/old/map", "val/fct/old/map"} <= keys
-    assert {"backfill/fct+side uncertainty/top1", "backfill/fraction", "versions/fct/top1/am", GRID_MEDIA} <= keys
+    assert {"backfill/fct+side uncertainty/top1", "backfill/fraction", "versions/fct/top1/am", GRID_MEDIA,
+            GRID_TABLE} <= keys
     bars = sections[0].panels[0].keys
     assert bars[:2] == ("old/old/top1", "new/new/top1")  # floor and ceiling first
     assert all(p.groupby == "stage" for s in sections if s.name.startswith("Training") for p in s.panels)
 
 
 def test_the_spec_is_written_offline_and_says_how_to_publish(chain_runs, tmp_path, capsys, monkeypatch):
-    art, results, _ = chain_runs
+    art, results, _, _ = chain_runs
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     sections = dashboard_sections(results)
@@ -75,7 +103,7 @@ def test_the_spec_is_written_offline_and_says_how_to_publish(chain_runs, tmp_pat
     assert spec["workspace"]["project"] == "fct-lightning" and "val/fct+side/old/map" in text
     views = [p["viewType"] for s in spec["workspace"]["spec"]["section"]["panelBankConfig"]["sections"]
              for p in s["panels"]]
-    assert "Bar Chart" in views and "Run History Line Plot" in views
+    assert "Bar Chart" in views and "Run History Line Plot" in views and "Weave" in views
     workspace = build_workspace(sections, "e", "p", "n")
     assert workspace_spec(workspace)["entity"] == "e"
     # through fct-report

@@ -241,6 +241,17 @@ def backfill_masks(order: Tensor, counts: Sequence[int]) -> Tensor:
     return position.unsqueeze(0) < torch.as_tensor(list(counts), device=order.device).unsqueeze(1)
 
 
+def backfilled_gallery(ctx: BackfillContext, policy: str, fraction: float, seed: int = 0) -> Tensor:
+    """The gallery after backfilling ``fraction`` of it along ``policy``'s order (``seed`` for a random one): the
+    new-model embedding for the first ``backfill_count(fraction, N)`` items of the order, the transformed one for the
+    rest (the state each point of the curves evaluates), ``[N, d]``."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r} must be in [0, 1] (the share of the gallery backfilled)")
+    order = check_order(get_policy(policy).order(ctx, seed), ctx.n, f"policy {policy!r} order")
+    mask = backfill_masks(order, [backfill_count(fraction, ctx.n)])[0]
+    return torch.where(mask.unsqueeze(1), ctx.gallery_new, ctx.gallery_transformed)
+
+
 def _curves(query_new: Tensor, query_labels: Tensor, gallery_transformed: Tensor, gallery_new: Tensor,
             gallery_labels: Tensor, orders: Sequence[Tensor], points: int, reference_correct: Tensor | None = None,
             **evaluate_kw: Any) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ one, fct-versions' results) and the registry's vocabulary, naming only keys that
 * training curves ``val/<case>/map`` of every cross-model case a stage validates, grouped by stage;
 * backfilling curves (``backfill/<gallery> <policy>/<metric>`` against ``backfill/fraction``) and their areas;
 * the model-update chain's AC / AM and its heat-maps (``versions/...``);
-* fct-eval's retrieval grid (``retrieval/grid``), when it drew one.
+* fct-eval's retrieval grid (``retrieval/grid``) and its table of images (``retrieval/grid_table``), when it drew
+  one.
 
 :func:`build_workspace` turns them into a ``wandb_workspaces`` Workspace; :func:`publish` saves it to W&B when the
 machine has credentials and otherwise writes the spec it would create (``dashboard.json``) and says how to publish.
@@ -25,6 +26,7 @@ from fct_lightning import chain
 from fct_lightning.loggers import (
     BACKFILL_FRACTION,
     GRID_MEDIA,
+    GRID_TABLE,
     RESULT_METRICS,
     VERSIONS_HEATMAP,
     wandb_has_credentials,
@@ -37,8 +39,8 @@ BAR_METRICS = {"top1": "top-1", "map@r": "mAP@R", "map": "mAP"}
 
 @dataclass(frozen=True)
 class Panel:
-    """One panel: ``kind`` ``bar`` (summary metrics of runs), ``line`` (history, ``x`` against ``keys``) or
-    ``media`` (logged images)."""
+    """One panel: ``kind`` ``bar`` (summary metrics of runs), ``line`` (history, ``x`` against ``keys``), ``media``
+    (logged images) or ``table`` (a logged W&B Table, ``keys`` = its one key)."""
 
     kind: str
     title: str
@@ -66,9 +68,6 @@ def dashboard_sections(results: dict[str, Any], versions: dict[str, Any] | None 
     cases = sorted(results["cases"], key=lambda c: order.get(c, len(order)))
     sections = [Section("BCT vs FCT: every case of fct-eval (old/old = the floor, new/new = the ceiling)", tuple(
         Panel("bar", f"{title} per case", tuple(f"{c}/{m}" for c in cases)) for m, title in BAR_METRICS.items()))]
-    if results.get("grid"):
-        sections.append(Section("Retrieval grid: top-5 of fixed queries before and after the update",
-                                (Panel("media", "old/old, new/old, fct+side/old, new/new", (GRID_MEDIA,)),)))
     trained = [c for c in _cross_cases_validated_in_training() if c in results["cases"]]
     curves = [Panel("line", f"{c}: validation mAP while training", (f"val/{c}/map",), x="epoch", groupby="stage")
               for c in trained]
@@ -93,6 +92,11 @@ def dashboard_sections(results: dict[str, Any], versions: dict[str, Any] | None 
             Panel("bar", "AM (mean of the lower triangle), top-1", tuple(f"versions/{k}/top1/am" for k in kinds)),
             Panel("bar", "AC (share of compatible pairs), top-1", tuple(f"versions/{k}/top1/ac" for k in kinds)),
             Panel("media", "compatibility matrices", (VERSIONS_HEATMAP,)))))
+    if results.get("grid"):
+        shown = ", ".join(results.get("grid_cases", ()))
+        sections.append(Section("Retrieval grid: top-5 of fixed queries before and after the update", (
+            Panel("media", shown or "the grid", (GRID_MEDIA,)),
+            Panel("table", "the grid's images by query and case (filter or sort by case)", (GRID_TABLE,)))))
     return sections
 
 
@@ -116,6 +120,8 @@ def build_workspace(sections: list[Section], entity: str, project: str, name: st
             return wr.BarPlot(title=p.title, metrics=list(p.keys), orientation="v")
         if p.kind == "line":
             return wr.LinePlot(title=p.title, x=p.x or "Step", y=list(p.keys), groupby=p.groupby)
+        if p.kind == "table":
+            return wr.WeavePanelSummaryTable(table_name=p.keys[0])
         return wr.MediaBrowser(title=p.title, media_keys=list(p.keys))
 
     return ws.Workspace(entity=entity, project=project, name=name, sections=[

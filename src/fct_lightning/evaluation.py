@@ -263,7 +263,7 @@ def run_backfill(
     artifacts: Path, dm: Any, dev: torch.device, policies: list[str], points: int, seeds: int, distance: str,
     features: dict[str, Tensor] | None = None, labels: Tensor | None = None,
     queries: tuple[Tensor, Tensor, str] | None = None, chain_models: dict[str, dict[str, Any]] | None = None,
-    reference_correct: Tensor | None = None,
+    reference_correct: Tensor | None = None, galleries: dict[str, tuple[BackfillContext, list[str]]] | None = None,
 ) -> dict[str, Any]:
     """Backfilling curves for each transformation variant found (FastFill's head preferred: it has uncertainty).
 
@@ -276,6 +276,8 @@ def run_backfill(
     other ones is refused (:func:`stale_inputs`), as is one whose frozen models' files changed since training.
     ``reference_correct``: per query, whether ``old/old``'s top-1 is right (the same queries as the curves'); each
     curve then also has its negative and positive flips per backfilling point (``"flips"``).
+    ``galleries``: a dict that receives, per gallery space with curves, ``(its BackfillContext, the policies used)``
+    (fct-eval draws a partly backfilled gallery in its retrieval grid from them).
     Keys of the result are ``"<space> <policy>"``, e.g. ``"fct+side uncertainty"``.
     """
     features = features or {}
@@ -321,7 +323,10 @@ def run_backfill(
         query: dict[str, Any] = {}
         if queries is not None:
             query = {"query_new": queries[0], "query_labels": queries[1], "exclude_self": False}
-        curves = backfill_curves(BackfillContext.from_embeddings(emb), usable, seeds=tuple(range(seeds)),
+        ctx = BackfillContext.from_embeddings(emb)
+        if galleries is not None:
+            galleries[space] = (ctx, usable)
+        curves = backfill_curves(ctx, usable, seeds=tuple(range(seeds)),
                                  points=points, distance=distance, reference_correct=reference_correct, **query)
         out.update({f"{space} {policy}": dict(curve, checkpoint=str(path), digest=meta["digest"],
                                               source=path.parent.name)

@@ -1,14 +1,18 @@
 """Retrieval grids: what a user of the search sees, for a few fixed queries, before and after the update.
 
 One row per (query, case): the query image, then its top-k gallery images under ``old/old``, ``new/old``,
-``fct+side/old`` and ``new/new`` (those evaluated), each framed green when it is of the query's class and red when
-not. The queries are fixed (the first item of each of the first classes of the split), so grids of two runs show the
-same images. fct-eval writes ``<results>-grid.png`` next to its results; the report and W&B show it.
+``fct+side/old`` and ``new/new`` (those evaluated) and, after fct-eval's backfilling curves, under the gallery partly
+backfilled (``new/fct+side, 10% backfilled (uncertainty)``: :func:`fct_lightning.backfill.backfilled_gallery`), each
+framed green when it is of the query's class and red when not. The queries are fixed (the first item of each of the
+first classes of the split), so grids of two runs show the same images. fct-eval writes ``<results>-grid.png`` next to
+its results; the report shows it, and W&B gets the picture and a table of the same images
+(:func:`fct_lightning.loggers.grid_table`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +57,7 @@ def collect_images(loader: Iterable, rows: set[int]) -> dict[int, Tensor]:
     return found
 
 
-def _displayable(image: Tensor) -> np.ndarray:
+def displayable(image: Tensor) -> np.ndarray:
     """``[C, H, W]`` (normalised) -> ``[H, W, 3]`` in [0, 1], each image stretched to its own range."""
     x = image.numpy()
     x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
@@ -61,39 +65,82 @@ def _displayable(image: Tensor) -> np.ndarray:
     return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x[:, :, :3]
 
 
-def draw_grid(hits: Mapping[str, Tensor], queries: Sequence[int], labels: Tensor,
-              image: Callable[[int], Tensor], path: str | Path, title: str = "",
-              class_names: Sequence[str] | None = None) -> Path:
-    """Draw the grid: for each query, one row per case of ``hits`` (``{case: [len(queries), k]}`` gallery rows)."""
+@dataclass(frozen=True)
+class Grid:
+    """What a grid shows: for each query row, one line per case of ``hits`` (``{case: [len(queries), k]}`` gallery
+    rows), with the ``images`` of every row named (``{row: [C, H, W]}``) and the split's ``labels``."""
+
+    queries: list[int]
+    hits: dict[str, Tensor]
+    labels: Tensor
+    images: dict[int, Tensor]
+    class_names: Sequence[str] | None = None
+
+    @property
+    def k(self) -> int:
+        return int(next(iter(self.hits.values())).shape[1])
+
+    def class_name(self, row: int) -> str:
+        label = int(self.labels[row])
+        return self.class_names[label] if self.class_names else str(label)
+
+    def lines(self) -> Iterator[tuple[int, str, list[int]]]:
+        """``(query row, case, its top-k gallery rows)`` in drawing order: per query, every case."""
+        for qi, q in enumerate(self.queries):
+            for case, hits in self.hits.items():
+                yield q, case, hits[qi].tolist()
+
+    def same_class(self, query: int, row: int) -> bool:
+        return int(self.labels[row]) == int(self.labels[query])
+
+
+def build_grid(embeddings: Mapping[str, Tensor], labels: Tensor, case_spaces: Mapping[str, tuple[str, str]],
+               loader: Iterable, queries: int = 6, k: int = 5, distance: str = "l2",
+               extra: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+               class_names: Sequence[str] | None = None) -> Grid | None:
+    """The grid of the :data:`GRID_CASES` among ``case_spaces`` (``{case: (query space, gallery space)}``) whose
+    spaces are in ``embeddings``, then the ``extra`` cases (``{case: (query embeddings, gallery embeddings)}``, e.g. a
+    partly backfilled gallery), leave-one-out over one split; None when there is no case to show."""
+    shown = {c: (embeddings[case_spaces[c][0]], embeddings[case_spaces[c][1]]) for c in GRID_CASES
+             if c in case_spaces and all(s in embeddings for s in case_spaces[c])}
+    shown.update(extra or {})
+    if not shown or queries < 1:
+        return None
+    labels = labels.cpu()
+    rows = grid_queries(labels, queries)
+    hits = {c: top_hits(q.cpu(), g.cpu(), rows, k, True, distance) for c, (q, g) in shown.items()}
+    needed = set(rows) | {int(r) for h in hits.values() for r in h.flatten().tolist()}
+    return Grid(rows, hits, labels, collect_images(loader, needed), class_names)
+
+
+def draw_grid(grid: Grid, path: str | Path, title: str = "") -> Path:
+    """Draw ``grid`` to the image file ``path``: a line per (query, case), the query then its top-k, each hit framed
+    green when it is of the query's class and red when not."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(hits)
-    k = next(iter(hits.values())).shape[1]
-    rows = len(queries) * len(cases)
+    k, cases = grid.k, list(grid.hits)
+    rows = len(grid.queries) * len(cases)
     height = 1.25 * rows + 0.6
     fig, axes = plt.subplots(rows, k + 1, figsize=(1.25 * (k + 1) + 1.2, height), squeeze=False)
     fig.subplots_adjust(top=1 - 0.9 / height)  # the title just above the first row, however many rows
-    name = (lambda c: class_names[c]) if class_names else str
-    for qi, q in enumerate(queries):
-        for ci, case in enumerate(cases):
-            r = qi * len(cases) + ci
-            ax = axes[r][0]
-            ax.imshow(_displayable(image(q)))
-            ax.set_ylabel(case, rotation=0, ha="right", va="center", fontsize=8)
-            if ci == 0:
-                ax.set_title(f"query: {name(int(labels[q]))}", fontsize=8)
-            for j, g in enumerate(hits[case][qi].tolist()):
-                ax = axes[r][j + 1]
-                ax.imshow(_displayable(image(g)))
-                right = int(labels[g]) == int(labels[q])
-                for side in ax.spines.values():
-                    side.set_edgecolor("tab:green" if right else "tab:red")
-                    side.set_linewidth(3)
-                if qi == 0 and ci == 0:
-                    ax.set_title(f"top-{j + 1}", fontsize=8)
+    for r, (q, case, hits) in enumerate(grid.lines()):
+        first = r % len(cases) == 0
+        ax = axes[r][0]
+        ax.imshow(displayable(grid.images[q]))
+        ax.set_ylabel(case.replace(", ", ",\n"), rotation=0, ha="right", va="center", fontsize=8)
+        if first:
+            ax.set_title(f"query: {grid.class_name(q)}", fontsize=8)
+        for j, g in enumerate(hits):
+            ax = axes[r][j + 1]
+            ax.imshow(displayable(grid.images[g]))
+            for side in ax.spines.values():
+                side.set_edgecolor("tab:green" if grid.same_class(q, g) else "tab:red")
+                side.set_linewidth(3)
+            if r == 0:
+                ax.set_title(f"top-{j + 1}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -103,20 +150,3 @@ def draw_grid(hits: Mapping[str, Tensor], queries: Sequence[int], labels: Tensor
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def retrieval_grid(embeddings: Mapping[str, Tensor], labels: Tensor, case_spaces: Mapping[str, tuple[str, str]],
-                   loader: Iterable, path: str | Path, queries: int = 6, k: int = 5, distance: str = "l2",
-                   title: str = "", class_names: Sequence[str] | None = None) -> Path | None:
-    """Write the grid of the :data:`GRID_CASES` among ``case_spaces`` (``{case: (query space, gallery space)}``)
-    whose spaces are in ``embeddings`` (leave-one-out over one split); None when none of them is."""
-    shown = {c: case_spaces[c] for c in GRID_CASES if c in case_spaces
-             and all(s in embeddings for s in case_spaces[c])}
-    if not shown or queries < 1:
-        return None
-    rows = grid_queries(labels.cpu(), queries)
-    hits = {c: top_hits(embeddings[q].cpu(), embeddings[g].cpu(), rows, k, True, distance)
-            for c, (q, g) in shown.items()}
-    needed = set(rows) | {int(r) for h in hits.values() for r in h.flatten().tolist()}
-    images = collect_images(loader, needed)
-    return draw_grid(hits, rows, labels.cpu(), images.__getitem__, path, title, class_names)

@@ -143,13 +143,35 @@ def versions_summary(results: dict[str, Any]) -> dict[str, float]:
 VERSIONS_HEATMAP = "versions/heatmap"
 #: the media key of fct-eval's retrieval grid
 GRID_MEDIA = "retrieval/grid"
+#: the key of the same grid as a W&B Table of images (one row per query and case)
+GRID_TABLE = "retrieval/grid_table"
+
+
+def grid_table(wandb: Any, grid: Any) -> Any:
+    """The retrieval grid (:class:`fct_lightning.grids.Grid`) as a ``wandb.Table``: one row per (query, case) with
+    the query image, its class, the case, its top-k images (captioned with their class and ``match``/``miss``) and the
+    number of hits of the query's class, so the W&B table can be filtered and sorted by case."""
+    import numpy as np
+
+    from fct_lightning.grids import displayable
+
+    def image(row: int, caption: str) -> Any:
+        return wandb.Image((255 * displayable(grid.images[row])).round().astype(np.uint8), caption=caption)
+
+    table = wandb.Table(columns=["query", "class", "case", *(f"top-{j + 1}" for j in range(grid.k)), "matches"])
+    for q, case, hits in grid.lines():
+        cells = [image(g, f"{grid.class_name(g)} ({'match' if grid.same_class(q, g) else 'miss'})") for g in hits]
+        table.add_data(image(q, grid.class_name(q)), grid.class_name(q), case, *cells,
+                       sum(grid.same_class(q, g) for g in hits))
+    return table
 
 
 def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval", name: str | None = None,
-                 media: dict[str, Path] | None = None) -> None:
+                 media: dict[str, Path] | None = None, grid: Any = None) -> None:
     """Results as a W&B Table plus summary metrics (:func:`eval_summary`) and the backfilling curves as history
-    (:func:`backfill_history`), in the dataset's group (offline without credentials), and ``media`` (key: image
-    file, e.g. :data:`GRID_MEDIA`). The run is named ``name`` (default ``<dataset>-<job_type>``)."""
+    (:func:`backfill_history`), in the dataset's group (offline without credentials), ``media`` (key: image
+    file, e.g. :data:`GRID_MEDIA`) and the retrieval ``grid`` as a table of images (:data:`GRID_TABLE`). The run is
+    named ``name`` (default ``<dataset>-<job_type>``)."""
     try:
         import wandb
     except ImportError:
@@ -164,6 +186,8 @@ def log_to_wandb(results: dict[str, Any], artifacts: Path, job_type: str = "eval
         run.log(row)
     run.summary.update(eval_summary(results))
     images = {key: wandb.Image(str(f)) for key, f in (media or {}).items() if Path(f).is_file()}
+    if grid is not None:
+        images[GRID_TABLE] = grid_table(wandb, grid)
     run.log({"results": table, **images})
     run.finish()
 

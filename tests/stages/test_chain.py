@@ -698,6 +698,8 @@ def test_eval_checks_its_options_before_evaluating_and_keeps_results(chain, tmp_
         (["--backfill", "nope"], "policy 'nope' is not known"),
         (["--backfill", ","], "names no policy"),
         (["--backfill_seeds", "0", "--backfill", "random"], "--backfill_seeds 0 must be at least 1"),
+        (["--grid_backfill", "0.2"], "--grid_backfill 0.2 draws a backfilled gallery of the curves: give --backfill"),
+        (["--backfill", "random", "--grid_backfill", "1.5"], r"--grid_backfill 1.5 must be a share .* in \[0, 1\]"),
         (["--split", "train", "--query_split", "test", "--gallery_split", "test"], "--split is the leave-one-out"),
         (["--device", "bogus"], "--device 'bogus' is not a device"),
         (["--artifacts", str(tmp_path / "typo")], "no case could be evaluated under --artifacts .*typo"),

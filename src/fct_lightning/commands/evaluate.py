@@ -17,15 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from fct_lightning import chain
-from fct_lightning.backfill import get_policy
+from fct_lightning.backfill import backfilled_gallery, get_policy
 from fct_lightning.commands import run_command
 from fct_lightning.data import DATAMODULES
 from fct_lightning.devices import resolve_device
 from fct_lightning.evaluation import markdown_table, run_backfill, run_eval
 from fct_lightning.evaluation_stores import PAIRING, IndexSpec, run_store_backfill, run_store_eval
-from fct_lightning.grids import retrieval_grid
+from fct_lightning.grids import GRID_CASES, Grid, build_grid, draw_grid
 from fct_lightning.loggers import GRID_MEDIA, log_to_wandb
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
@@ -50,6 +55,10 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backfill_seeds", type=int, default=3, help="seeds averaged for the random policy")
     p.add_argument("--grid", type=int, default=6, help="queries in the retrieval grid (<out>-grid.png: their top-5 "
                    "under old/old, new/old, fct+side/old, new/new); 0 = none")
+    p.add_argument("--grid_backfill", type=float, default=None, help="with --backfill: the grid also shows new "
+                   "queries against the gallery with this share backfilled (fct+side's, by the first of the "
+                   "--backfill policies that is deterministic and deployable, e.g. uncertainty; default 0.1); 0 = "
+                   "no such row")
     s = p.add_argument_group("on embedding stores (instead of checkpoints and images)")
     s.add_argument("--query_store", default=None, help="store of the queries' spaces (e.g. new, from fct-embed)")
     s.add_argument("--gallery_store", default=None, help="store of the gallery spaces (old, fct+side, ...); the "
@@ -92,6 +101,12 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     policies = _policies(args)
     if args.grid < 0:
         raise ValueError(f"--grid {args.grid}: the number of queries in the retrieval grid is 0 (none) or more")
+    if args.grid_backfill is not None and not policies:
+        raise ValueError(f"--grid_backfill {args.grid_backfill} draws a backfilled gallery of the curves: give "
+                         "--backfill POLICIES too (e.g. --backfill random,uncertainty)")
+    if args.grid_backfill is not None and not 0.0 <= args.grid_backfill <= 1.0:
+        raise ValueError(f"--grid_backfill {args.grid_backfill} must be a share of the gallery in [0, 1] (0 = no "
+                         "backfilled row in the grid)")
     results = run_eval(args.dataset, args.artifacts, cases, args.split, args.distance, args.data_root,
                        args.device, args.batch_size, args.query_split, args.gallery_split)
     if not results["cases"]:
@@ -99,6 +114,7 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
                          f"{args.dataset}): {results['missing']}; train the stages first or fix --artifacts / "
                          f"--dataset; {out} was left as it was")
     dm = results["_datamodule"]
+    galleries: dict[str, Any] = {}
     if policies:
         results.pop("_datamodule")
         if "query_split" in results["meta"] and results["_queries"] is None:
@@ -107,21 +123,45 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
         results["backfill"] = run_backfill(Path(args.artifacts), dm, results.pop("_device"), policies,
                                            args.points, args.backfill_seeds, args.distance,
                                            results.pop("_features"), results["_embeddings"][1],
-                                           results["_queries"], results["_chain"], results["_reference_correct"])
+                                           results["_queries"], results["_chain"], results["_reference_correct"],
+                                           galleries=galleries)
     # last, when every check has passed (a refused evaluation writes nothing); leave-one-out: hits over one split
+    grid = None
     if args.grid > 0 and "query_split" not in results["meta"]:
-        out.parent.mkdir(parents=True, exist_ok=True)
         embeddings, labels = results["_embeddings"]
-        grid = retrieval_grid(embeddings, labels, {c: (chain.case(c).query, chain.case(c).gallery)
-                                                   for c in results["cases"]}, dm.eval_dataloader(dm.eval_split),
-                              out.with_name(f"{out.stem}-grid.png"), args.grid, distance=args.distance,
-                              title=f"{args.dataset}: top-5 of fixed queries (green: same class)",
-                              class_names=getattr(dm, "class_names", None))
+        fraction = 0.1 if args.grid_backfill is None else args.grid_backfill
+        grid = build_grid(embeddings, labels, {c: (chain.case(c).query, chain.case(c).gallery)
+                                               for c in results["cases"]}, dm.eval_dataloader(dm.eval_split),
+                          args.grid, distance=args.distance, extra=_backfilled_case(galleries, labels, fraction),
+                          class_names=getattr(dm, "class_names", None))
         if grid is not None:
-            results["grid"] = grid.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            path = draw_grid(grid, out.with_name(f"{out.stem}-grid.png"),
+                             f"{args.dataset}: top-5 of fixed queries (green: same class)")
+            results.update(grid=path.name, grid_cases=list(grid.hits))
     for key in ("_embeddings", "_features", "_datamodule", "_device", "_queries", "_chain", "_reference_correct"):
         results.pop(key, None)
-    return _write(results, out, args, started, f"{args.dataset}-eval-{out.stem}")
+    return _write(results, out, args, started, f"{args.dataset}-eval-{out.stem}", grid)
+
+
+def _backfilled_case(galleries: dict[str, Any], labels: Tensor, fraction: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """The grid's backfilled case: ``{"new/<space>, <f>% backfilled (<policy>)": (new queries, gallery)}`` for the
+    gallery of the grid's ``fct+side/old`` (else the first with curves), along the first deterministic deployable
+    policy given (uncertainty, confident; else random with seed 0, else an oracle); empty when there is none, when
+    ``fraction`` is 0, or when its items are not the grid's."""
+    if not galleries or fraction == 0:
+        return {}
+    wanted = chain.case(GRID_CASES[2]).gallery
+    space = wanted if wanted in galleries else next(iter(galleries))
+    ctx, usable = galleries[space]
+    if not torch.equal(ctx.labels.cpu(), labels.cpu()):  # not the same items in the same order: no row
+        log.warning("grid: the %s backfilling gallery's items are not the evaluation split's; no backfilled row",
+                    space)
+        return {}
+    deployable = [p for p in usable if not get_policy(p).oracle] or usable
+    policy = next((p for p in deployable if not get_policy(p).stochastic), deployable[0])
+    name = f"new/{space}, {100 * fraction:g}% backfilled ({policy})"
+    return {name: (ctx.gallery_new, backfilled_gallery(ctx, policy, fraction))}
 
 
 def _policies(args: argparse.Namespace) -> list[str]:
@@ -139,15 +179,17 @@ def _policies(args: argparse.Namespace) -> list[str]:
     return policies
 
 
-def _write(results: dict[str, Any], out: Path, args: argparse.Namespace, started: float, name: str) -> dict[str, Any]:
-    """Write the results file, print the table, log to W&B unless ``--no_wandb``."""
+def _write(results: dict[str, Any], out: Path, args: argparse.Namespace, started: float, name: str,
+           grid: Grid | None = None) -> dict[str, Any]:
+    """Write the results file, print the table, log to W&B unless ``--no_wandb`` (with the retrieval ``grid``'s
+    images as a table when there is one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(markdown_table(results))
     print(f"\nresults written to {out} ({time.perf_counter() - started:.1f} s)")
     if not args.no_wandb:
         media = {GRID_MEDIA: out.parent / results["grid"]} if results.get("grid") else {}
-        log_to_wandb(results, Path(args.artifacts), name=name, media=media)
+        log_to_wandb(results, Path(args.artifacts), name=name, media=media, grid=grid)
     return results
 
 
