@@ -27,9 +27,11 @@ from typing import Any
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import (
     Callback,
+    EMAWeightAveraging,
     ModelCheckpoint,
     ProgressBar,
     TQDMProgressBar,
+    WeightAveraging,
 )
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
@@ -137,6 +139,8 @@ class FCTCLI(LightningCLI):
                 StageCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True,
                                 auto_insert_metric_name=False, enable_version_counter=False),
             ]
+        if getattr(self.model, "ema_decay", 0.0) > 0 and not any(isinstance(c, WeightAveraging) for c in user):
+            callbacks.append(EMAWeightAveraging(decay=self.model.ema_decay))
         if not any(isinstance(c, RetrievalEvaluation) for c in user):
             callbacks.append(RetrievalEvaluation(**self._get(self.config, "retrieval")))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in user):

@@ -22,6 +22,9 @@ from fct_lightning.stages.checkpoints import CheckpointError, check_class_names,
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
+AVERAGING_CURRENT = "current_model_state"
+"""Where Lightning's WeightAveraging callbacks (EMA, SWA) keep the training weights in a checkpoint whose
+``state_dict`` holds the averaged ones."""
 
 STAGE_CLASSES: dict[str, type[RetrievalStage]] = {}
 """Every stage's LightningModule by its ``stage`` name (filled as the classes are defined: see
@@ -51,6 +54,9 @@ class RetrievalStage(pl.LightningModule):
         momentum: SGD momentum (ignored by AdamW).
         warmup_epochs: Linear warm-up length in epochs (fractions allowed); the schedule is stepped per iteration.
         min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
+        ema_decay: Keep an exponential moving average of the weights with this decay per step (Lightning's
+            ``EMAWeightAveraging``, which fct-fit adds): validation, model selection, ``best.ckpt`` and the final
+            weights are the average's, ``last.ckpt`` keeps both to resume. 0 (default) = no average.
     """
 
     stage: ClassVar[str] = ""
@@ -81,8 +87,12 @@ class RetrievalStage(pl.LightningModule):
         momentum: float = 0.9,
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1): the weight the average keeps per step (e.g. "
+                             "0.999), or 0 for no average")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={optimizer!r} is not known; choose one of {OPTIMIZERS}.")
         if lr <= 0:
@@ -96,6 +106,7 @@ class RetrievalStage(pl.LightningModule):
         self.momentum = momentum
         self.warmup_epochs = warmup_epochs
         self.min_lr_ratio = min_lr_ratio
+        self.ema_decay = ema_decay
 
     # ----------------------------------------------------------------- evaluation interface
     @property
@@ -229,9 +240,11 @@ class RetrievalStage(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fct"] = self.fct_metadata()
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.split(".")[0] in self.frozen_prefixes]:
-            del state[key]
+        # the frozen upstream models are not saved with the stage, neither in its weights nor in the training
+        # weights that Lightning's WeightAveraging (EMA) keeps beside the averaged ones it puts in state_dict
+        for state in (checkpoint.get("state_dict", {}), checkpoint.get(AVERAGING_CURRENT, {})):
+            for key in [k for k in state if k.split(".")[0] in self.frozen_prefixes]:
+                del state[key]
 
     def frozen_inputs(self) -> dict[str, dict[str, Any]]:
         """By role, the metadata (``path``, ``digest``) of the upstream checkpoints this module loaded."""
@@ -252,7 +265,10 @@ class RetrievalStage(pl.LightningModule):
                     f"the {role} checkpoint it was trained with."
                 )
         own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.split(".")[0] in self.frozen_prefixes})
+        frozen = {k: v for k, v in own.items() if k.split(".")[0] in self.frozen_prefixes}
+        checkpoint["state_dict"].update(frozen)
+        if AVERAGING_CURRENT in checkpoint:  # resuming under WeightAveraging: it loads these weights strictly
+            checkpoint[AVERAGING_CURRENT].update(frozen)
 
     def train(self, mode: bool = True) -> RetrievalStage:
         """Lightning calls ``train()`` every epoch; frozen upstream models stay in eval mode."""
