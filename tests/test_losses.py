@@ -236,6 +236,16 @@ def test_fastfill_zero_log_var_is_half_mse(gen):
     torch.testing.assert_close(got, 0.5 * F.mse_loss(pred, target))
 
 
+def test_fastfill_summed_similarity_is_the_squared_distance(gen):
+    pred, target = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    s = torch.randn(6, generator=gen)
+    got = fastfill_loss(pred, target, s, use_discriminative=False, similarity_reduction="sum")
+    want = (0.5 * torch.exp(-s) * ((pred - target) ** 2).sum(dim=1) + 0.5 * s).mean()
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="similarity_reduction='max' is not known"):
+        fastfill_loss(pred, target, s, use_discriminative=False, similarity_reduction="max")
+
+
 def test_fastfill_errors():
     pred, target = torch.randn(3, 4), torch.randn(3, 4)
     with pytest.raises(ValueError, match="use_similarity or use_discriminative"):

@@ -303,6 +303,10 @@ def transformation_loss(pred: Tensor, target: Tensor, kind: str = "mse", reducti
     return _reduce(per_item, reduction)
 
 
+#: how FastFill's L_sim reduces the squared errors over dimensions
+SIMILARITY_REDUCTIONS = ("mean", "sum")
+
+
 def fastfill_loss(
     pred: Tensor,
     target: Tensor,
@@ -313,6 +317,7 @@ def fastfill_loss(
     smoothing: float = 0.1,
     use_similarity: bool = True,
     use_discriminative: bool = True,
+    similarity_reduction: str = "mean",
 ) -> Tensor:
     """FastFill uncertainty-weighted transformation loss.
 
@@ -321,8 +326,10 @@ def fastfill_loss(
         l(i) = 0.5 * exp(-s_i) * (L_sim(i) + L_disc(i)) + 0.5 * s_i
 
     and the loss is the mean over items. ``L_sim`` is the per-item squared error averaged over dimensions
-    (the ``F.mse_loss`` convention). ``L_disc`` is the per-item label-smoothed cross-entropy of the frozen
-    new classifier applied to ``pred`` (the caller computes ``discriminative_logits``).
+    (``similarity_reduction="mean"``, the ``F.mse_loss`` convention) or summed over them (``"sum"``: the squared
+    L2 distance ``||new - h||^2`` as the paper writes it, ``D`` times larger, so it weighs as much as ``L_disc`` in
+    what the uncertainty learns instead of ``1/D`` of it). ``L_disc`` is the per-item label-smoothed cross-entropy of
+    the frozen new classifier applied to ``pred`` (the caller computes ``discriminative_logits``).
 
     Args:
         pred: ``h(old, side)``, shape ``[B, D]``.
@@ -333,6 +340,7 @@ def fastfill_loss(
         smoothing: Label smoothing for ``L_disc``.
         use_similarity: Include ``L_sim``.
         use_discriminative: Include ``L_disc``.
+        similarity_reduction: ``"mean"`` or ``"sum"`` of ``L_sim``'s squared errors over dimensions.
 
     Returns:
         Scalar loss.
@@ -342,6 +350,9 @@ def fastfill_loss(
     """
     if not (use_similarity or use_discriminative):
         raise ValueError("fastfill_loss needs use_similarity or use_discriminative (or both) to be True")
+    if similarity_reduction not in SIMILARITY_REDUCTIONS:
+        raise ValueError(f"similarity_reduction={similarity_reduction!r} is not known; choose from "
+                         f"{SIMILARITY_REDUCTIONS}")
     _check_pair(pred, target, "pred", "target")
     b = pred.shape[0]
     if log_var.shape not in ((b,), (b, 1)):
@@ -349,7 +360,8 @@ def fastfill_loss(
     s = log_var.reshape(b).float()
     per_item = torch.zeros(b, dtype=torch.float32, device=pred.device)
     if use_similarity:
-        per_item = per_item + transformation_loss(pred, target, "mse", reduction="none")
+        sim = transformation_loss(pred, target, "mse", reduction="none")
+        per_item = per_item + (sim * pred.shape[1] if similarity_reduction == "sum" else sim)
     if use_discriminative:
         if discriminative_logits is None or labels is None:
             raise ValueError(

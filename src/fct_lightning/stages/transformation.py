@@ -31,7 +31,7 @@ from fct_lightning.data.features import (
     cache_key,
     embed_views,
 )
-from fct_lightning.losses import fastfill_loss, transformation_loss
+from fct_lightning.losses import SIMILARITY_REDUCTIONS, fastfill_loss, transformation_loss
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.base import RetrievalStage, freeze
 from fct_lightning.stages.loading import load_stage
@@ -62,6 +62,9 @@ class TransformationModel(RetrievalStage):
         cache_seed: Seed of the cached augmentations.
         uncertainty: Add FastFill's uncertainty head and train with its loss.
         fastfill_similarity: FastFill's similarity term (per-item MSE).
+        fastfill_similarity_reduction: ``mean`` (default) or ``sum`` of that term's squared errors over the
+            embedding's dimensions (``sum`` = the paper's squared L2 distance, weighed like the discriminative term);
+            see :func:`~fct_lightning.losses.fastfill_loss`.
         fastfill_discriminative: FastFill's discriminative term (the frozen new classifier on h's output).
         label_smoothing: Label smoothing of the discriminative term.
         optimizer: ``sgd`` or ``adamw`` (AdamW by default here).
@@ -94,6 +97,7 @@ class TransformationModel(RetrievalStage):
         cache_seed: int = 0,
         uncertainty: bool = False,
         fastfill_similarity: bool = True,
+        fastfill_similarity_reduction: str = "mean",
         fastfill_discriminative: bool = True,
         label_smoothing: float = 0.1,
         optimizer: str = "adamw",
@@ -120,7 +124,11 @@ class TransformationModel(RetrievalStage):
                           Path(old_checkpoint).resolve().parent.parent / "cache" if old_checkpoint else None)
         self.cache_dtype = getattr(torch, cache_dtype)
         self.uncertainty = uncertainty
+        if fastfill_similarity_reduction not in SIMILARITY_REDUCTIONS:
+            raise ValueError(f"fastfill_similarity_reduction={fastfill_similarity_reduction!r} is not known; choose "
+                             f"from {SIMILARITY_REDUCTIONS}")
         self.fastfill_terms = (fastfill_similarity, fastfill_discriminative)
+        self.similarity_reduction = fastfill_similarity_reduction
         self.label_smoothing = label_smoothing
         dataset = self.dataset
         dims: dict[str, int | None] = {"old": None, "new": None, "side_info": None}
@@ -356,7 +364,8 @@ class TransformationModel(RetrievalStage):
             logits = self.new_classifier(pred) if use_disc else None
             rows = self.new_class_to_row[labels] if use_disc else None
             loss = fastfill_loss(pred, feats["new"], log_var, discriminative_logits=logits, labels=rows,
-                                 smoothing=self.label_smoothing, use_similarity=use_sim, use_discriminative=use_disc)
+                                 smoothing=self.label_smoothing, use_similarity=use_sim, use_discriminative=use_disc,
+                                 similarity_reduction=self.similarity_reduction)
             self.log_loss("log_var", log_var.mean(), len(labels), step=False)
         else:
             loss = transformation_loss(self.h(feats["old"], side), feats["new"], self.loss_kind)
