@@ -24,6 +24,8 @@ from fct_lightning.backfill import (
     check_order,
     embed_for_backfill,
     get_policy,
+    misplaced,
+    order_diagnostics,
     register_policy,
     transform_features,
 )
@@ -204,7 +206,7 @@ def test_curves_layout_reproducible_and_random_averaged(synthetic: BackfillConte
     assert out == backfill_curves(c, ["random", "uncertainty"], seeds=(0, 1), points=6)
     json.loads(json.dumps(out))  # JSON-serialisable as is
     rnd = out["random"]
-    assert set(rnd) == {"fractions", "curves", "auc_mean", "auc_trapz", "seeds", "oracle"}
+    assert set(rnd) == {"fractions", "curves", "auc_mean", "auc_trapz", "seeds", "oracle", "first"}
     assert rnd["seeds"] == 2 and out["uncertainty"]["seeds"] == 1 and rnd["fractions"] == np.linspace(0, 1, 6).tolist()
     runs = [backfill_curve(c.gallery_new, c.labels, c.gallery_transformed, c.gallery_new, c.labels,
                            get_policy("random").order(c, s), points=6) for s in (0, 1)]
@@ -365,3 +367,29 @@ def test_every_point_is_the_mixed_gallery_evaluated_alone(synthetic: BackfillCon
 def test_backfill_masks() -> None:
     masks = backfill_masks(torch.tensor([2, 0, 1]), [0, 1, 2, 3])
     assert masks.tolist() == [[False, False, False], [False, False, True], [True, False, True], [True, True, True]]
+
+
+def test_misplaced_items_and_what_an_order_backfills_first() -> None:
+    # two classes on a line; item 2's transformed embedding lies among class 1's new embeddings
+    new = torch.tensor([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
+    transformed = new.clone()
+    transformed[2] = 5.05
+    ctx = BackfillContext(transformed, new, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert misplaced(ctx, chunk=4).tolist() == [False, False, True, False, False, False]
+    # its own new embedding is not its neighbour: alone with it, item 0 would be nearest to itself
+    assert misplaced(BackfillContext(new, new, torch.tensor([0, 1, 0, 1, 0, 1]))).tolist() == [True] * 6
+    first = order_diagnostics(ctx, torch.tensor([2, 0, 1, 3, 4, 5]), fraction=1 / 6)
+    assert first == pytest.approx({"fraction": 1 / 6, "error_ratio": 6.0, "misplaced": 1.0, "misplaced_all": 1 / 6})
+    assert order_diagnostics(ctx, torch.tensor([0, 1, 2, 3, 4, 5]), fraction=0.5)["misplaced"] == pytest.approx(1 / 3)
+
+
+def test_curves_say_what_each_policy_backfills_first(synthetic: BackfillContext) -> None:
+    out = backfill_curves(synthetic, ("random", "uncertainty", "distance"), seeds=(0, 1), points=3)
+    wrong = misplaced(synthetic)
+    assert all(out[p]["first"]["misplaced_all"] == pytest.approx(float(wrong.float().mean())) for p in out)
+    # the synthetic uncertainty is the noise scale: the most uncertain items are those h maps worst
+    assert out["uncertainty"]["first"]["error_ratio"] > 2 * out["random"]["first"]["error_ratio"]
+    assert out["distance"]["first"]["error_ratio"] >= out["uncertainty"]["first"]["error_ratio"]
+    want = np.mean([order_diagnostics(synthetic, get_policy("random").order(synthetic, s))["misplaced"]
+                    for s in (0, 1)])
+    assert out["random"]["first"]["misplaced"] == pytest.approx(want)

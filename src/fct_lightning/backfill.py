@@ -22,10 +22,14 @@ The result of :func:`backfill_curves` is JSON-serialisable and goes into fct-eva
 
     {policy: {"fractions": [...], "curves": {metric: [...]}, "auc_mean": {metric: float},
               "auc_trapz": {metric: float}, "seeds": int, "oracle": bool,
-              "flips": {"neg_flip": [...], "pos_flip": [...]}}}
+              "flips": {"neg_flip": [...], "pos_flip": [...]},
+              "first": {"fraction": 0.1, "error_ratio", "misplaced", "misplaced_all"}}}
 
 ``flips`` (when the reference system's per-query top-1 correctness is given, e.g. ``old/old``'s): at each point, the
 share of queries whose top-1 was right with the reference and is wrong now (negative), or the converse (positive).
+``first`` says what the order backfills first (:func:`order_diagnostics`): of its first 10%, h's squared error as a
+multiple of the gallery's mean, and the share of *misplaced* items (whose transformed embedding lies nearest to another
+class's new embeddings: :func:`misplaced`) beside the gallery's share; averaged over seeds.
 """
 
 from __future__ import annotations
@@ -321,6 +325,34 @@ def backfill_curve(query_new: Tensor, query_labels: Tensor, gallery_transformed:
                    exclude_self=exclude_self, distance=distance, backend=backend, chunk_size=chunk_size)[0]
 
 
+def misplaced(ctx: BackfillContext, distance: str = "l2", chunk: int = 2048) -> Tensor:
+    """Per item, True when the new-model embedding nearest to its transformed one (among the other items') is of
+    another class: a stored item that new-model queries of its own class miss and those of another class find, i.e.
+    one whose backfilling should help most. ``[N]`` bool."""
+    t, g = ctx.gallery_transformed.float(), ctx.gallery_new.float()
+    if distance == "cosine":
+        t, g = torch.nn.functional.normalize(t, dim=1), torch.nn.functional.normalize(g, dim=1)
+    nearest = torch.empty(ctx.n, dtype=torch.long, device=t.device)
+    for start in range(0, ctx.n, chunk):
+        d = torch.cdist(t[start:start + chunk], g)
+        rows = torch.arange(start, min(start + chunk, ctx.n), device=t.device)
+        d[rows - start, rows] = float("inf")  # the item's own new embedding is not its neighbour
+        nearest[start:start + chunk] = d.argmin(dim=1)
+    return ctx.labels[nearest] != ctx.labels
+
+
+def order_diagnostics(ctx: BackfillContext, order: Tensor, fraction: float = 0.1,
+                      wrong: Tensor | None = None) -> dict[str, float]:
+    """What ``order`` backfills first, against the whole gallery: of its first ``fraction`` items, the mean squared
+    error ``||new - h(old, side)||^2`` as a multiple of the gallery's mean (1 = what a random order picks), and the
+    share :func:`misplaced` (``wrong``, computed when not given) beside the gallery's share."""
+    wrong = misplaced(ctx) if wrong is None else wrong
+    first = order[:max(1, backfill_count(fraction, ctx.n))]
+    error = (ctx.gallery_new.float() - ctx.gallery_transformed.float()).pow(2).sum(dim=1)
+    return {"fraction": float(fraction), "error_ratio": float(error[first].mean() / error.mean().clamp_min(1e-12)),
+            "misplaced": float(wrong[first].float().mean()), "misplaced_all": float(wrong.float().mean())}
+
+
 def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "uncertainty", "distance"), *,
                     query_new: Tensor | None = None, query_labels: Tensor | None = None,
                     seeds: Sequence[int] = (0, 1, 2), points: int = 22, exclude_self: bool | None = None,
@@ -369,6 +401,8 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
     if reference_correct is not None and tuple(reference_correct.shape) != (len(ql),):
         raise ValueError(f"reference_correct has shape {tuple(reference_correct.shape)}; expected [{len(ql)}] (one "
                          "per query of the curves)")
+    wrong = misplaced(ctx, distance)
+    first = [order_diagnostics(ctx, o, wrong=wrong) for o in orders]
     all_runs = _curves(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, orders, points,
                        reference_correct=reference_correct, exclude_self=exclude_self, distance=distance,
                        backend=backend, chunk_size=chunk_size)
@@ -380,12 +414,15 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
         out[name] = {"fractions": fractions, "curves": curves,
                      "auc_mean": {m: auc_mean(curves[m]) for m in METRICS},
                      "auc_trapz": {m: auc_trapz(fractions, curves[m]) for m in METRICS},
-                     "seeds": len(runs), "oracle": bool(policy.oracle)}
+                     "seeds": len(runs), "oracle": bool(policy.oracle),
+                     "first": {k: float(np.mean([d[k] for d in first[start:end]])) for k in first[start]}}
         if reference_correct is not None:
             out[name]["flips"] = {k: [float(v) for v in np.mean([r["flips"][k] for r in runs], axis=0)]
                                   for k in ("neg_flip", "pos_flip")}
-        log.info("backfill %s: AUC(mean) top1=%.4f map=%.4f over %d run(s)", name, out[name]["auc_mean"]["top1"],
-                 out[name]["auc_mean"]["map"], len(runs))
+        log.info("backfill %s: AUC(mean) top1=%.4f map=%.4f over %d run(s); its first 10%%: h's error x%.2f the "
+                 "mean, %.1f%% misplaced (all: %.1f%%)", name, out[name]["auc_mean"]["top1"],
+                 out[name]["auc_mean"]["map"], len(runs), out[name]["first"]["error_ratio"],
+                 100 * out[name]["first"]["misplaced"], 100 * out[name]["first"]["misplaced_all"])
     return out
 
 
