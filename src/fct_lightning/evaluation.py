@@ -361,4 +361,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     if len(keys) > len(METRICS):
         lines.append("\nPercent; (index) = through the FAISS index, from each query's top-k hits; full-ranking mAP "
                      "needs every relevant item's rank and is exact only.")
+    first = {name: c["first"] for name, c in results.get("backfill", {}).items() if "first" in c}
+    if first:
+        share = 100 * next(iter(first.values()))["fraction"]
+        lines += ["", f"What each order backfills first (its first {share:g}%): h's squared error as a multiple of "
+                  "the gallery's mean; misplaced = nearest to another class's new embeddings.", "",
+                  "| backfill | error x mean | misplaced | misplaced, whole gallery |", "|---|---|---|---|"]
+        lines += [f"| {name} | {f['error_ratio']:.2f} | {100 * f['misplaced']:.1f} | {100 * f['misplaced_all']:.1f} |"
+                  for name, f in first.items()]
     return "\n".join(lines)

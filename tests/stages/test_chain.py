@@ -369,6 +369,11 @@ def test_fastfill_stage_and_backfill_curves(full_chain, capsys):
         # 100% backfilled is the new model on both sides
         assert abs(curve["curves"]["top1"][-1] - results["cases"]["new/new"]["top1"]) < 1e-9
     assert abs(curves["fct random"]["curves"]["map"][0] - results["cases"]["fct/old"]["map"]) < 1e-9
+    printed = capsys.readouterr().out
+    first = curves["fct+side distance"]["first"]
+    assert (f"| fct+side distance | {first['error_ratio']:.2f} | {100 * first['misplaced']:.1f} | "
+            f"{100 * first['misplaced_all']:.1f} |") in printed and "What each order backfills first" in printed
+    assert first["error_ratio"] > 1  # the oracle takes the items h maps worst first
     report_main([str(out), "--out_dir", str(chain / "report_bf"), "--no_wandb"])
     assert (chain / "report_bf" / "backfill.png").is_file()
     assert "backfill fct+side uncertainty (mean AUC)" in capsys.readouterr().out
