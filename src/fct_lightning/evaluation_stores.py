@@ -53,7 +53,13 @@ from fct_lightning.backfill import (
 )
 from fct_lightning.index import check_store, load_index, search_arrays, set_nprobe
 from fct_lightning.retrieval import summarize
-from fct_lightning.retrieval.ann import default_k, evaluate_index, metrics_from_hits
+from fct_lightning.retrieval.ann import (
+    default_k,
+    evaluate_index,
+    metrics_from_hits,
+    parse_search_parameters,
+    set_search_parameters,
+)
 from fct_lightning.retrieval.compat import flips, top1_correct
 from fct_lightning.retrieval.evaluate import evaluate_queries
 from fct_lightning.retrieval.neighbors import prepare
@@ -79,6 +85,7 @@ class IndexSpec:
         nprobe: inverted lists visited per query (IVF indexes); None keeps the index's own (FAISS's 1).
         k: hits per query; None = the largest class (less the query itself), which makes mAP@R complete.
         train_rows: training sample of a factory index that needs training (None = the whole gallery).
+        search_params: more FAISS search-time parameters, ``"efSearch=128"`` (HNSW), ... (checked at once).
     """
 
     factory: str | None = None
@@ -86,6 +93,7 @@ class IndexSpec:
     nprobe: int | None = None
     k: int | None = None
     train_rows: int | None = None
+    search_params: str | None = None
 
     def __post_init__(self) -> None:
         if (self.factory is None) == (self.path is None):
@@ -94,11 +102,13 @@ class IndexSpec:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{'index_k' if name == 'k' else name} {value!r} must be a positive integer")
+        if self.search_params is not None:
+            parse_search_parameters(self.search_params)  # a typo is an error before any work
 
     def describe(self) -> dict[str, Any]:
         """What the results' ``meta.index`` records."""
         return {"factory": self.factory, "path": None if self.path is None else str(self.path),
-                "nprobe": self.nprobe, "k": self.k, "train_rows": self.train_rows,
+                "nprobe": self.nprobe, "k": self.k, "train_rows": self.train_rows, "search_params": self.search_params,
                 "metrics": [f"index/{m}" for m in INDEX_METRICS],
                 "note": "index/ metrics come from each query's top-k hits through the index; full-ranking mAP needs "
                         "every relevant item's rank and is computed by exact search only"}
@@ -220,6 +230,8 @@ def _stored_index(spec: IndexSpec, gallery: Store) -> tuple[Any, dict[str, Any]]
     check_store(record, gallery, spec.path)
     if spec.nprobe is not None:
         set_nprobe(index, spec.nprobe)
+    if spec.search_params:
+        set_search_parameters(index, spec.search_params)
     return index, record
 
 
@@ -246,7 +258,8 @@ def factory_metrics(spec: IndexSpec, query: Tensor, query_labels: Tensor, galler
                     exclude_self: bool, distance: str) -> dict[str, float]:
     """top-1/top-5/mAP@R through an in-memory index ``spec.factory`` of ``gallery``."""
     return evaluate_index(query, query_labels, gallery, gallery_labels, spec.factory, k=spec.k, distance=distance,
-                          exclude_self=exclude_self, nprobe=spec.nprobe, train_rows=spec.train_rows)
+                          exclude_self=exclude_self, nprobe=spec.nprobe, train_rows=spec.train_rows,
+                          search_params=spec.search_params)
 
 
 # ----------------------------------------------------------------------------- evaluation

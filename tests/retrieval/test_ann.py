@@ -108,6 +108,41 @@ def test_ivf_is_consistent_with_flat() -> None:
     assert sampled == every_list  # nprobe = nlist: whatever the training sample, every item is scanned
 
 
+def test_hnsw_search_parameters_reach_faiss_and_widen_the_search() -> None:
+    import faiss
+
+    x, y, q = _clustered(2000, 16, 10)
+    _, flat = ann.search(ann.build_index(x, "Flat"), q, 10)
+
+    def recall(index) -> float:
+        _, got = ann.search(index, q, 10)
+        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, flat, strict=True)) / flat.numel()
+
+    narrow = ann.build_index(x, "HNSW4", search_params="efSearch=1")
+    wide = ann.build_index(x, "HNSW4", search_params="efSearch=256")
+    assert faiss.downcast_index(narrow).hnsw.efSearch == 1 and faiss.downcast_index(wide).hnsw.efSearch == 256
+    assert recall(narrow) < recall(wide) and recall(wide) > 0.95
+    ann.set_search_parameters(narrow, {"efSearch": 256})
+    assert recall(narrow) == recall(wide)
+    # several parameters at once, one of them on the IVF's HNSW quantizer
+    nested = ann.build_index(x, "IVF8_HNSW4,Flat", search_params="nprobe=8, quantizer_efSearch=40")
+    ivf = faiss.extract_index_ivf(nested)
+    assert ivf.nprobe == 8 and faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 40
+    wide_metrics = ann.evaluate_index(q, y, x, y, factory="HNSW4", search_params="efSearch=256", exclude_self=True)
+    assert wide_metrics != ann.evaluate_index(q, y, x, y, factory="HNSW4", search_params="efSearch=1",
+                                              exclude_self=True)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ("efSearch", "'efSearch' is not NAME=NUMBER"), ("efSearch=many", "'efSearch=many' is not NAME=NUMBER"),
+    ("nprobe=4,", "'' is not NAME=NUMBER"), ("nprobe=4", "nprobe=4 does not apply to this IndexHNSWFlat index"),
+])
+def test_bad_search_parameters_say_what_to_give(params, message) -> None:
+    x, _, _ = _clustered(200, 8, 3)
+    with pytest.raises(ValueError, match=message):
+        ann.build_index(x, "HNSW4", search_params=params)
+
+
 def test_bad_options_name_the_argument() -> None:
     x, y, q = _clustered(50, 8, 3)
     with pytest.raises(ValueError, match="index='NoSuchIndex' is not a FAISS factory"):

@@ -72,6 +72,8 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     s.add_argument("--index_path", default=None, help="also evaluate through this fct-index folder (the cases "
                    "whose gallery is its space); refused when that space was rewritten since")
     s.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default FAISS's 1)")
+    s.add_argument("--search_params", default=None, help="more FAISS search parameters of the index, NAME=VALUE,...: "
+                   "efSearch (HNSW, default 16), quantizer_efSearch, ht")
     s.add_argument("--index_k", type=int, default=None, help="hits per query through the index (default: the "
                    "largest class, so mAP@R is complete)")
     s.add_argument("--train_rows", type=int, default=None, help="training sample of a --index that needs training "
@@ -80,6 +82,7 @@ def evaluate_command(argv: list[str] | None = None) -> dict[str, Any]:
     if args.query_store is not None or args.gallery_store is not None:
         return _on_stores(args)
     index_options = {"--index": args.index, "--index_path": args.index_path, "--nprobe": args.nprobe,
+                     "--search_params": args.search_params,
                      "--index_k": args.index_k, "--train_rows": args.train_rows, "--space": args.space or None,
                      "--pairing": None if args.pairing == "auto" else args.pairing}
     given = [k for k, v in index_options.items() if v is not None]
@@ -220,10 +223,11 @@ def _on_stores(args: argparse.Namespace) -> dict[str, Any]:
         if args.index is not None and args.index_path is not None:
             raise ValueError("give --index FACTORY (built in memory) or --index_path INDEX (an fct-index folder), "
                              "not both")
-        index = IndexSpec(args.index, args.index_path, args.nprobe, args.index_k, args.train_rows)
+        index = IndexSpec(args.index, args.index_path, args.nprobe, args.index_k, args.train_rows, args.search_params)
     else:
         given = [k for k, v in (("--nprobe", args.nprobe), ("--index_k", args.index_k),
-                                ("--train_rows", args.train_rows)) if v is not None]
+                                ("--train_rows", args.train_rows), ("--search_params", args.search_params))
+                 if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} set the index search: give --index FACTORY or --index_path INDEX")
     policies = _policies(args)

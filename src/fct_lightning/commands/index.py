@@ -54,6 +54,8 @@ def search_command(argv: list[str] | None = None) -> int:
     p.add_argument("--space", required=True, help="the queries' space, e.g. new")
     p.add_argument("-k", "--k", type=int, default=100, help="hits per query")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: FAISS's 1)")
+    p.add_argument("--search_params", default=None, help="more FAISS search parameters, NAME=VALUE,...: efSearch "
+                   "(HNSW, default 16), quantizer_efSearch (IVF on an HNSW quantizer), ht (polysemous PQ)")
     p.add_argument("--out", required=True, help="the hits parquet file")
     p.add_argument("--batch", type=int, default=SEARCH_BATCH, help="queries searched at a time")
     p.add_argument("--device", default="auto", choices=DEVICES,
@@ -62,7 +64,7 @@ def search_command(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     done = search(args.index, args.store, args.queries, args.space, args.k, args.out, args.nprobe, args.batch,
-                  args.device, args.overwrite)
+                  args.device, args.overwrite, args.search_params)
     print(f"{done['out']}: {done['hits']:,} hits for {done['queries']:,} queries in {done['seconds']:.1f} s")
     return 0
 

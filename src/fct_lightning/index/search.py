@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from fct_lightning.index.build import ivf_of, to_gpu
 from fct_lightning.index.files import check_store, load_index, use_gpu
+from fct_lightning.retrieval.ann import parse_search_parameters, set_search_parameters
 from fct_lightning.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class RowIds:
 
 def search(index_path: str | Path, store: Store | str | Path, queries_store: Store | str | Path, query_space: str,
            k: int, out: str | Path, nprobe: int | None = None, batch: int = BATCH, device: str = "auto",
-           overwrite: bool = False) -> dict[str, Any]:
+           overwrite: bool = False, search_params: str | None = None) -> dict[str, Any]:
     """Search the index at ``index_path`` with every row of ``queries_store``'s ``query_space``; write the hits.
 
     Args:
@@ -128,12 +129,16 @@ def search(index_path: str | Path, store: Store | str | Path, queries_store: Sto
         batch: queries searched at a time.
         device: ``auto`` (the GPU when FAISS has one and the index is in memory), ``cpu`` or ``cuda``.
         overwrite: replace an existing ``out``.
+        search_params: more FAISS search-time parameters, ``"efSearch=128"`` (HNSW), ... (set after the index
+            moved to the GPU, where it does).
 
     Returns:
         ``{"queries", "hits", "seconds", "out"}``.
     """
     started = time.perf_counter()
     k, batch, out = _positive(k, "k"), _positive(batch, "batch"), Path(out)
+    if search_params is not None:
+        parse_search_parameters(search_params)  # a typo is an error before the index is read
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     store = store if isinstance(store, Store) else open_store(store)
@@ -149,6 +154,8 @@ def search(index_path: str | Path, store: Store | str | Path, queries_store: Sto
         set_nprobe(index, nprobe)
     if use_gpu(device) and not record.get("ondisk") and k <= GPU_MAX_K and (nprobe or 0) <= GPU_MAX_K:
         index = to_gpu(index) or index
+    if search_params:
+        set_search_parameters(index, search_params)
     ids, written = RowIds(store), 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -69,7 +69,7 @@ def is_flat(index: Any) -> bool:
 
 
 def build_index(gallery: Tensor, factory: str = "Flat", *, nprobe: int | None = None, train_rows: int | None = None,
-                seed: int = 0, gpu: bool = False) -> Any:
+                seed: int = 0, gpu: bool = False, search_params: str | None = None) -> Any:
     """A trained FAISS index (squared L2) holding ``gallery``'s rows with ids ``0..G-1``.
 
     Args:
@@ -81,6 +81,7 @@ def build_index(gallery: Tensor, factory: str = "Flat", *, nprobe: int | None = 
         seed: Seed of the training sample.
         gpu: Put the index on the GPU (FAISS with GPU support only); an index type FAISS cannot move there
             stays on the CPU, with a warning.
+        search_params: More search-time parameters, ``"efSearch=128"`` (:func:`set_search_parameters`).
 
     Raises:
         ValueError: On a factory string FAISS rejects, too few training rows, or ``nprobe`` on a non-IVF index.
@@ -109,7 +110,41 @@ def build_index(gallery: Tensor, factory: str = "Flat", *, nprobe: int | None = 
             space.set_index_parameter(index, "nprobe", int(nprobe))
         except RuntimeError as err:
             raise ValueError(f"nprobe={nprobe} needs an IVF index, got index={factory!r}; leave nprobe unset.") from err
+    if search_params:
+        set_search_parameters(index, search_params)
     return index
+
+
+def parse_search_parameters(text: str) -> dict[str, float]:
+    """``"efSearch=128,nprobe=16"`` -> ``{"efSearch": 128.0, "nprobe": 16.0}`` (FAISS's ParameterSpace syntax)."""
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in text.split(",")):
+        name, eq, value = (part.strip() for part in item.partition("="))
+        try:
+            out[name] = float(value)
+        except ValueError:
+            eq = ""
+        if not (name and eq):
+            raise ValueError(f"search parameters {text!r}: {item!r} is not NAME=NUMBER; give e.g. 'efSearch=128' "
+                             "(HNSW), 'nprobe=16' (IVF) or 'nprobe=16,quantizer_efSearch=64', comma-separated")
+    return out
+
+
+def set_search_parameters(index: Any, params: str | dict[str, float]) -> None:
+    """Set FAISS search-time parameters on ``index`` (CPU or GPU, also inside id maps and pre-transforms), by
+    FAISS's ParameterSpace: ``efSearch`` (HNSW), ``nprobe`` (IVF), ``quantizer_efSearch`` (IVF on an HNSW
+    quantizer), ``ht`` (polysemous PQ), ... given as ``"name=value,..."`` or a dict."""
+    faiss = faiss_module()
+    values = parse_search_parameters(params) if isinstance(params, str) else dict(params)
+    space = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
+    for name, value in values.items():
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError as err:
+            kind = type(faiss.downcast_index(index)).__name__
+            raise ValueError(f"the search parameter {name}={value:g} does not apply to this {kind} index "
+                             f"({str(err).rsplit(':', 1)[-1].strip()}): HNSW indexes take efSearch, IVF ones nprobe "
+                             "(and quantizer_efSearch on an HNSW quantizer)") from err
 
 
 def _on_gpu(index: Any) -> bool:
@@ -316,7 +351,8 @@ def default_k(gallery_labels: Tensor, ks: Sequence[int], exclude_self: bool) -> 
 def evaluate_index(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray, gallery: Tensor | np.ndarray,
                    gallery_labels: Tensor | np.ndarray, factory: str = "Flat", k: int | None = None,
                    distance: str = "l2", exclude_self: bool = False, nprobe: int | None = None,
-                   ks: Sequence[int] = (1, 5), train_rows: int | None = None, seed: int = 0) -> dict[str, float]:
+                   ks: Sequence[int] = (1, 5), train_rows: int | None = None, seed: int = 0,
+                   search_params: str | None = None) -> dict[str, float]:
     """CMC top-k and mAP@R of the queries searched in a FAISS index of the gallery.
 
     Args:
@@ -334,6 +370,7 @@ def evaluate_index(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray
         ks: CMC cut-offs.
         train_rows: Training sample size for indexes that need training (None: the whole gallery).
         seed: Seed of the training sample.
+        search_params: More search-time parameters, e.g. ``"efSearch=128"`` (:func:`set_search_parameters`).
 
     Returns:
         ``{"top1": ..., "top5": ..., "map@r": ...}`` (one ``top{k}`` per cut-off), python floats in [0, 1].
@@ -355,7 +392,8 @@ def evaluate_index(query: Tensor | np.ndarray, query_labels: Tensor | np.ndarray
     q, g = prepare(q, distance), prepare(g, distance)
     margin = max(8, k // 8)  # extra hits of a flat index, so near ties at the k-th place are seen (module doc)
     gpu = q.device.type == "cuda" and faiss_num_gpus() > 0 and k + 1 + margin <= _GPU_MAX_K
-    index = build_index(g, factory, nprobe=nprobe, train_rows=train_rows, seed=seed, gpu=gpu)
+    index = build_index(g, factory, nprobe=nprobe, train_rows=train_rows, seed=seed, gpu=gpu,
+                        search_params=search_params)
     flat = is_flat(index)
     wanted = min(g.shape[0], k + int(exclude_self) + (margin if flat else 0))
     dists, ids = search(index, q, wanted)
