@@ -78,7 +78,7 @@ def chain(pretrained, tmp_path_factory):
               "--model.embedding_dim", str(DIM), "--data.views", "1"]
     fit(["--stage", "side_info", "--artifacts", str(art), *TINY, *frozen, "--model.reduce", "pca"])
     fit(["--stage", "side_info", "--artifacts", str(art / "random"), *TINY, *frozen, "--model.reduce", "random",
-         "--model.seed", "5"])
+         "--model.projection_seed", "5"])
     return art
 
 
@@ -116,6 +116,17 @@ def test_frozen_random_checkpoint(chain, pretrained):
     module, meta = load_stage(chain / "random" / "digits" / "side_info" / "best.ckpt", "side_info", ("side_info",))
     assert meta["reduce"] == "random" and meta["explained_variance"] is None
     torch.testing.assert_close(module.net.embed.weight, random_projection(2 * WIDTH, DIM, 5).float())
+    assert module.projection_seed == 5
+
+
+def test_a_checkpoint_of_the_old_seed_name_loads(chain, tmp_path):
+    ckpt = torch.load(chain / "random" / "digits" / "side_info" / "best.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["seed"] = ckpt["hyper_parameters"].pop("projection_seed")  # as written before the rename
+    old = tmp_path / "side_info" / "best.ckpt"
+    old.parent.mkdir()
+    torch.save(ckpt, old)
+    module, _ = load_stage(old, "side_info", ("side_info",))
+    assert module.projection_seed == 5
     assert not module.net.embed.bias.any()
 
 

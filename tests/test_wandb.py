@@ -74,3 +74,16 @@ def test_run_names_tell_variants_and_seeds_apart(monkeypatch, tmp_path):
     names = {default_logger("digits", "transformation", tmp_path, 0, v)._wandb_init["name"]
              for v in ("transformation", "transformation_noside", "fastfill", "fastfill_noside")}
     assert len(names) == 4 and "digits-fastfill_noside-seed0" in names
+
+
+def test_a_seeded_run_logs_the_side_info_stage(monkeypatch, tmp_path):
+    """--seed 1 sets data.seed 1; the side-info model's projection seed once shared that name, and Lightning refused
+    to log two hyperparameters ``seed`` of different values (every side_info run of `make <dataset> SEED=1`)."""
+    from fct_lightning.commands.fit import fit
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cli = fit(["--stage", "side_info", "--seed", "1", "--artifacts", str(tmp_path), "--model.width", "4",
+               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+               "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.logger is not None and cli.datamodule.hparams["seed"] == 1
+    assert (tmp_path / "digits" / "side_info" / "best.ckpt").is_file()

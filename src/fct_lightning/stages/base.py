@@ -62,6 +62,8 @@ class RetrievalStage(pl.LightningModule):
     stage: ClassVar[str] = ""
     #: Submodules holding frozen upstream models: left out of checkpoints (their own checkpoints hold them).
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: Constructor arguments renamed since checkpoints were written: ``{old name: new name}`` (applied on loading).
+    renamed_hparams: ClassVar[dict[str, str]] = {}
     #: On an accelerator, per-step sanity checks (finite loss, labels in range) are recorded on the device and
     #: read back every this many training steps, before every validation and at every epoch end. Reading a
     #: value back makes the host wait for the device; doing it every step would stop the host from queueing

@@ -34,7 +34,8 @@ def load_stage(path: str | Path, role: str, stages: tuple[str, ...],
     check_meta(meta, path, role, stages, dataset)
     cls = STAGE_CLASSES[meta["stage"]]
     try:
-        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        hparams = {cls.renamed_hparams.get(k, k): v for k, v in ckpt.get("hyper_parameters", {}).items()
+                   if not k.startswith("_")}
         relocate_inputs(hparams, meta, Path(path))
         module = cls(**hparams)
         module.on_load_checkpoint(ckpt)

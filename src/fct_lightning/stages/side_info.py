@@ -15,8 +15,8 @@ embeddings with no new code path):
 * ``reduce="pca"``: principal components of the trunk features of the training images (evaluation view, the
   stage's classes), from the exact float64 covariance (eigendecomposition; each component's largest entry made
   positive, so the map is a function of the data); ``z = (f - mean) @ components.T``.
-* ``reduce="random"``: a Gaussian random projection seeded by ``seed`` (entries ``N(0, 1 / embedding_dim)``, so
-  squared norms are kept in expectation), no data needed.
+* ``reduce="random"``: a Gaussian random projection seeded by ``projection_seed`` (entries
+  ``N(0, 1 / embedding_dim)``, so squared norms are kept in expectation), no data needed.
 
 The run is one epoch of no-op steps (a learning rate of 0, nothing trainable) so that Lightning validates and writes
 ``best.ckpt``; ``side/side`` is logged as for SimCLR. The trade-off against SimCLR: no training (minutes instead of
@@ -27,7 +27,7 @@ while the images are at hand (at old-model time, for every gallery item).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +63,15 @@ class SideInfoModel(ImageModelStage):
             features reduced by ``reduce``; the trunk is frozen whatever ``freeze_backbone`` says, ``head`` must be
             ``linear``, the SimCLR options are unused).
         reduce: ``frozen`` only: ``pca`` (fitted on the training images' features) or ``random`` (seeded).
-        seed: ``frozen`` with ``reduce="random"``: the projection's seed.
+        projection_seed: ``frozen`` with ``reduce="random"``: the projection's seed (named apart from the
+            datamodule's ``seed``: Lightning logs both modules' hyperparameters together and refuses one name with two
+            values, which ``--seed N`` gave; checkpoints of the older name ``seed`` load as this).
         **kwargs: The dataset name and optimiser settings of
             :class:`~fct_lightning.stages.base.RetrievalStage`.
     """
 
     stage = "side_info"
+    renamed_hparams: ClassVar[dict[str, str]] = {"seed": "projection_seed"}
 
     def __init__(
         self,
@@ -88,7 +91,7 @@ class SideInfoModel(ImageModelStage):
         backbone_lr_scale: float = 1.0,
         side_source: str = "simclr",
         reduce: str = "pca",
-        seed: int = 0,
+        projection_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -106,7 +109,7 @@ class SideInfoModel(ImageModelStage):
         self.temperature = temperature
         self.net = EmbeddingNet(backbone, embedding_dim, in_channels, cifar_stem, width=width, head=head,
                                 weights=weights, pretrained=pretrained, load_weights=False)
-        self.side_source, self.reduce, self.seed = side_source, reduce, int(seed)
+        self.side_source, self.reduce, self.projection_seed = side_source, reduce, int(projection_seed)
         self.frozen = side_source == "frozen"
         if self.frozen:
             self.projection: nn.Module | None = None
@@ -137,7 +140,8 @@ class SideInfoModel(ImageModelStage):
             return
         embed, feat = self.net.embed, self.net.feature_dim
         if self.reduce == "random":
-            weight, bias, explained = random_projection(feat, self.embedding_dim, self.seed), None, float("nan")
+            weight = random_projection(feat, self.embedding_dim, self.projection_seed)
+            bias, explained = None, float("nan")
         else:
             n, total, gram = 0, torch.zeros(feat, dtype=torch.float64, device=self.device), None
             loader = self.trainer.datamodule.eval_dataloader("train", classes=self.classes, all_ranks=True)
