@@ -227,7 +227,7 @@ class RetrievalStage(pl.LightningModule):
         names = getattr(dm, "class_names", None)
         return None if names is None else [str(n) for n in names]
 
-    def check_frozen_classes(self, stage: str | None = "fit") -> None:
+    def check_frozen_inputs(self, stage: str | None = "fit") -> None:
         """Each frozen upstream model must have been trained on this run's class list (see
         :func:`~fct_lightning.stages.checkpoints.check_class_names`) and, when this run trains (``stage="fit"``),
         with its held-out validation share (:func:`~fct_lightning.stages.checkpoints.check_holdout`); validating

@@ -79,7 +79,7 @@ class BCTModel(EmbeddingModel):
             self.old_net = freeze(old.net).to(self.device)
             self.old_classifier = freeze(old.classifier)
             self._old_classes = old.classes
-        self.check_frozen_classes(stage)
+        self.check_frozen_inputs(stage)
 
     def fct_metadata(self) -> dict[str, Any]:
         meta = {**super().fct_metadata(), "old_digest": self.old_meta.get("digest")}

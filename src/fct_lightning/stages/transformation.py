@@ -278,7 +278,7 @@ class TransformationModel(RetrievalStage):
         (to count the steps of the learning-rate schedule) and keeps that first loader: swapping it later
         would leave h training on images through the frozen models, i.e. on the fly.
         """
-        self.check_frozen_classes(stage)
+        self.check_frozen_inputs(stage)
         if self.stored is not None:
             self._setup_stored(stage)
             return
