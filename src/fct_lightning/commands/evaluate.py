@@ -5,7 +5,7 @@ Each *space* is one way to embed an image (``old``, ``new``, ``side``, ``bct``, 
 evaluation split, or from a query split into a gallery split (``--query_split``, ``--gallery_split``); both come
 from the chain's registry (:mod:`fct_lightning.chain`). Images are decoded and embedded once for all spaces (GPU when
 there is one). Results JSON: ``{"cases": {case: {top1, top5, map, "map@r"}}, "missing": {case: why}, "meta": {...},
-"backfill": {...}}``.
+"backfill": {...}, "grid": "<out>-grid.png", "grid_cases": [case, ...]}``.
 """
 
 from __future__ import annotations
