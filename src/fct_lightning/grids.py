@@ -145,7 +145,7 @@ def draw_grid(grid: Grid, path: str | Path, title: str = "") -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")  # above the top-k titles, any height
     path = Path(path)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
