@@ -341,14 +341,20 @@ def misplaced(ctx: BackfillContext, distance: str = "l2", chunk: int = 2048) -> 
     return ctx.labels[nearest] != ctx.labels
 
 
-def order_diagnostics(ctx: BackfillContext, order: Tensor, fraction: float = 0.1,
-                      wrong: Tensor | None = None) -> dict[str, float]:
+def transform_error(ctx: BackfillContext) -> Tensor:
+    """Per item, h's squared error ``||new - h(old, side)||^2``, ``[N]``."""
+    return (ctx.gallery_new.float() - ctx.gallery_transformed.float()).pow(2).sum(dim=1)
+
+
+def order_diagnostics(ctx: BackfillContext, order: Tensor, fraction: float = 0.1, wrong: Tensor | None = None,
+                      error: Tensor | None = None) -> dict[str, float]:
     """What ``order`` backfills first, against the whole gallery: of its first ``fraction`` items, the mean squared
     error ``||new - h(old, side)||^2`` as a multiple of the gallery's mean (1 = what a random order picks), and the
-    share :func:`misplaced` (``wrong``, computed when not given) beside the gallery's share."""
+    share :func:`misplaced` beside the gallery's share. ``wrong`` (:func:`misplaced`) and ``error``
+    (:func:`transform_error`) are computed when not given; give them to judge several orders of one gallery."""
     wrong = misplaced(ctx) if wrong is None else wrong
+    error = transform_error(ctx) if error is None else error
     first = order[:max(1, backfill_count(fraction, ctx.n))]
-    error = (ctx.gallery_new.float() - ctx.gallery_transformed.float()).pow(2).sum(dim=1)
     return {"fraction": float(fraction), "error_ratio": float(error[first].mean() / error.mean().clamp_min(1e-12)),
             "misplaced": float(wrong[first].float().mean()), "misplaced_all": float(wrong.float().mean())}
 
@@ -401,8 +407,8 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
     if reference_correct is not None and tuple(reference_correct.shape) != (len(ql),):
         raise ValueError(f"reference_correct has shape {tuple(reference_correct.shape)}; expected [{len(ql)}] (one "
                          "per query of the curves)")
-    wrong = misplaced(ctx, distance)
-    first = [order_diagnostics(ctx, o, wrong=wrong) for o in orders]
+    wrong, error = misplaced(ctx, distance), transform_error(ctx)  # per item, once for every order
+    first = [order_diagnostics(ctx, o, wrong=wrong, error=error) for o in orders]
     all_runs = _curves(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, orders, points,
                        reference_correct=reference_correct, exclude_self=exclude_self, distance=distance,
                        backend=backend, chunk_size=chunk_size)

@@ -27,7 +27,7 @@ from fct_lightning.data import DATAMODULES
 from fct_lightning.devices import resolve_device
 from fct_lightning.evaluation import markdown_table, run_backfill, run_eval
 from fct_lightning.evaluation_stores import PAIRING, IndexSpec, run_store_backfill, run_store_eval
-from fct_lightning.grids import GRID_CASES, Grid, build_grid, draw_grid
+from fct_lightning.grids import Grid, build_grid, draw_grid
 from fct_lightning.loggers import GRID_MEDIA, log_to_wandb
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _backfilled_case(galleries: dict[str, Any], labels: Tensor, fraction: float)
     ``fraction`` is 0, or when its items are not the grid's."""
     if not galleries or fraction == 0:
         return {}
-    wanted = chain.case(GRID_CASES[2]).gallery
+    wanted = chain.case("fct+side/old").gallery
     space = wanted if wanted in galleries else next(iter(galleries))
     ctx, usable = galleries[space]
     if not torch.equal(ctx.labels.cpu(), labels.cpu()):  # not the same items in the same order: no row
