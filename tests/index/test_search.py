@@ -72,7 +72,7 @@ def test_stale_space_is_refused(gallery, queries, tmp_path):
     ({"query_space": "small"}, "are 8-d but the index .* holds 16-d rows"),
     ({"query_space": "nope"}, "has no space 'nope'"),
     ({"k": 0}, "k 0 must be a positive integer"),
-    ({"nprobe": 4}, "nprobe applies to IVF indexes only"),
+    ({"nprobe": 4}, "nprobe=4 needs an IVF index"),
     ({"batch": -1}, "batch -1 must be"),
 ])
 def test_bad_input(gallery, queries, tmp_path, kwargs, match):

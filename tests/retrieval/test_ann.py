@@ -3,6 +3,7 @@ consistent, metrics_from_hits on hand-computed cases."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,21 @@ def test_metrics_from_hits_self_index_and_distances() -> None:
         ann.metrics_from_hits(torch.tensor([[7]]), None, torch.tensor([0]), gl, ks=(1,))
     with pytest.raises(ValueError, match="needs at least 5 hits per query"):
         ann.metrics_from_hits(ids, None, torch.tensor([0]), gl)
+
+
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "PCA8,IVF4,Flat", "IDMap"])
+def test_set_nprobe_reaches_the_inverted_lists_inside_wrappers(factory) -> None:
+    faiss = pytest.importorskip("faiss")
+    x, _, _ = _clustered(400, 16, 4)
+    if factory == "IDMap":
+        index = faiss.IndexIDMap(faiss.index_factory(16, "IVF4,Flat"))
+        index.train(x.numpy())
+        index.add_with_ids(x.numpy(), np.arange(400, dtype=np.int64) * 7)
+    else:
+        index = ann.build_index(x, factory)
+    ann.set_nprobe(index, 3)
+    assert faiss.extract_index_ivf(index).nprobe == 3
+    with pytest.raises(ValueError, match="nprobe 0 must be a positive integer"):
+        ann.set_nprobe(index, 0)
+    with pytest.raises(ValueError, match="nprobe=2 needs an IVF index; this one is a IndexFlat"):
+        ann.set_nprobe(ann.build_index(x, "Flat"), 2)

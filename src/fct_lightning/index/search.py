@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fct_lightning.index.build import ivf_of, to_gpu
+from fct_lightning.index.build import to_gpu
 from fct_lightning.index.files import check_store, load_index, use_gpu
-from fct_lightning.retrieval.ann import parse_search_parameters, set_search_parameters
+from fct_lightning.retrieval.ann import parse_search_parameters, set_nprobe, set_search_parameters
 from fct_lightning.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,6 @@ def _positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} {value!r} must be a positive integer")
     return int(value)
-
-
-def set_nprobe(index: Any, nprobe: int) -> None:
-    """Make the IVF ``index`` (also inside pre-transforms and id maps, or on the GPU) probe ``nprobe`` lists."""
-    nprobe = _positive(nprobe, "nprobe")
-    ivf = ivf_of(index)
-    if ivf is None and hasattr(index, "nprobe"):
-        ivf = index
-    if ivf is None:
-        raise ValueError(f"nprobe applies to IVF indexes only; this index is a {type(index).__name__}: leave "
-                         "--nprobe out")
-    ivf.nprobe = nprobe
 
 
 def search_arrays(index: Any, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -84,7 +84,8 @@ def build_index(gallery: Tensor, factory: str = "Flat", *, nprobe: int | None = 
         search_params: More search-time parameters, ``"efSearch=128"`` (:func:`set_search_parameters`).
 
     Raises:
-        ValueError: On a factory string FAISS rejects, too few training rows, or ``nprobe`` on a non-IVF index.
+        ValueError: On a factory string FAISS rejects, too few training rows, or ``nprobe`` on a non-IVF index
+            (:func:`set_nprobe`).
     """
     faiss = faiss_module()
     xb = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)
@@ -105,11 +106,7 @@ def build_index(gallery: Tensor, factory: str = "Flat", *, nprobe: int | None = 
                              "lists or centroids (e.g. 'IVF16,Flat'), or more rows.") from err
     index.add(xb)
     if nprobe is not None:
-        space = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
-        try:
-            space.set_index_parameter(index, "nprobe", int(nprobe))
-        except RuntimeError as err:
-            raise ValueError(f"nprobe={nprobe} needs an IVF index, got index={factory!r}; leave nprobe unset.") from err
+        set_nprobe(index, nprobe)
     if search_params:
         set_search_parameters(index, search_params)
     return index
@@ -145,6 +142,25 @@ def set_search_parameters(index: Any, params: str | dict[str, float]) -> None:
             raise ValueError(f"the search parameter {name}={value:g} does not apply to this {kind} index "
                              f"({str(err).rsplit(':', 1)[-1].strip()}): HNSW indexes take efSearch, IVF ones nprobe "
                              "(and quantizer_efSearch on an HNSW quantizer)") from err
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    """Make the IVF ``index`` (also inside pre-transforms and id maps, or on the GPU) visit ``nprobe`` lists
+    per query.
+
+    Raises:
+        ValueError: On a non-positive ``nprobe`` or an index without inverted lists.
+    """
+    if isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or nprobe < 1:
+        raise ValueError(f"nprobe {nprobe!r} must be a positive integer")
+    faiss = faiss_module()
+    space = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
+    try:
+        space.set_index_parameter(index, "nprobe", float(nprobe))
+    except RuntimeError as err:
+        kind = type(faiss.downcast_index(index)).__name__
+        raise ValueError(f"nprobe={nprobe} needs an IVF index; this one is a {kind}: leave --nprobe out "
+                         "(HNSW indexes take --search_params efSearch=N)") from err
 
 
 def _on_gpu(index: Any) -> bool:
