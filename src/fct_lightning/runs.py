@@ -9,16 +9,28 @@ checkpoints aside (:func:`aside`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, runs into one folder are not guarded
+    fcntl = None
 
 import yaml
 
 DONE_FILE = "done.json"
 """Written into a stage's folder when its run has completed (``best.ckpt`` alone does not tell a finished stage from an
 interrupted one); the Makefile's targets."""
+
+
+LOCK_FILE = ".fct-fit.lock"
+"""The lock a run holds on its folder while it decides how to start and trains (:func:`run_lock`)."""
 
 
 def stage_dir(artifacts: str | Path, dataset: str, variant: str) -> Path:
@@ -83,6 +95,52 @@ def replaced_by_fresh_run(out: Path, stage: str, overwrite: bool, start: str | N
             "replace them with --overwrite (the old files are kept as *.replaced.ckpt; stages trained from them "
             "must then be re-trained, and fct-eval refuses them until they are).")
     return found
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, stage: str) -> Iterator[None]:
+    """Hold ``out``'s run lock for the ``with`` block: a second run into the same folder (a command started twice,
+    or again while a killed parent's child still trains) is refused instead of writing the same checkpoints.
+
+    The lock is an advisory ``flock`` on ``out/.fct-fit.lock``: the operating system drops it when its process
+    ends, ``kill -9`` included, so a stopped run never leaves a stale lock. Only the first process of a distributed
+    run takes it (its other ranks train into the same folder with it).
+
+    Raises:
+        SystemExit: When another process holds the lock, with its pid and what to do.
+    """
+    first = os.environ.get("RANK", os.environ.get("LOCAL_RANK", os.environ.get("SLURM_PROCID", "0"))) == "0" \
+        and os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) == "0"
+    if fcntl is None or not first:
+        yield
+        return
+    made = [d for d in (out, *out.parents) if not d.exists()]  # removed again when the run writes nothing
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise SystemExit(
+                f"fct-fit: another process (pid {holder}) is training the {stage} stage into {out}; two runs would "
+                "write the same checkpoints. Wait for it to finish (the same command then skips or resumes the "
+                f"run), or stop it (kill {holder}) and start again; to train both, give this one another "
+                "--artifacts DIR.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            if [p.name for p in out.iterdir()] == [LOCK_FILE]:  # refused before writing: leave no folder behind
+                path.unlink()
+                for d in made:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_done(out: Path, record: dict[str, Any]) -> None:

@@ -714,3 +714,23 @@ def test_eval_checks_its_options_before_evaluating_and_keeps_results(chain, tmp_
         assert out.read_text() == '{"kept": true}'
     with pytest.raises(SystemExit, match="must be a .json file path .*a folder"):
         eval_main([*base, "--out", str(tmp_path)])
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_changes_nothing(tmp_path):
+    """Two fct-fit runs into one folder (a command started twice, or again while a killed fct-versions' child still
+    trained) both wrote best.ckpt and last.ckpt; the second now stops before it decides anything."""
+    import fcntl
+
+    from fct_lightning.runs import LOCK_FILE
+
+    folder = tmp_path / "digits" / "old"
+    folder.mkdir(parents=True)
+    with open(folder / LOCK_FILE, "a+") as holder:  # another process's lock: flock is per open file, so it conflicts
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242")
+        holder.flush()
+        with pytest.raises(SystemExit, match=r"another process \(pid 4242\) is training the old stage into"):
+            run("old", tmp_path, *SMALL_NET)
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+    run("old", tmp_path, *SMALL_NET)  # released (as the OS does when its holder dies): the run trains
+    assert (folder / "best.ckpt").is_file() and (folder / "done.json").is_file()

@@ -49,6 +49,7 @@ from fct_lightning.runs import (
     DONE_FILE,
     aside,
     replaced_by_fresh_run,
+    run_lock,
     stage_dir,
     start_mode,
     write_done,
@@ -339,6 +340,12 @@ def fit(argv: list[str] | None = None) -> FCTCLI:
     if any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers):  # also one chosen with --trainer.logger
         ensure_wandb_mode()  # before the first wandb.init: offline without credentials, never a prompt or a failure
     _check_validation_runs(cli.trainer)
+    with run_lock(cli.out_dir, cli.stage):  # how to start is decided, and the run trains, by one process at a time
+        return _fit(cli, ckpt)
+
+
+def _fit(cli: FCTCLI, ckpt: str | None) -> FCTCLI:
+    """:func:`fit` once the CLI is built and the run folder locked."""
     if cli.resume == "auto":
         ckpt = _auto_start(cli)
         if ckpt == "skip":
