@@ -33,8 +33,11 @@ def _stop_with_parent(parent: int) -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
 
+    # looked up here, in the parent: dlopen after fork in a process with threads (torch's) can deadlock the child
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
     def hook() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent ended before the hook ran
             os._exit(1)
 
