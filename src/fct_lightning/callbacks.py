@@ -9,7 +9,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 
 class StageCheckpoint(ModelCheckpoint):
@@ -39,6 +41,79 @@ class StageCheckpoint(ModelCheckpoint):
                 k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")})
             state_dict["best_k_models"] = {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}
         super().load_state_dict(state_dict)
+
+
+class StageEMA(EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging`` (validation, selection, checkpoints and resume unchanged) that averages
+    only what trains, on the model's device.
+
+    Lightning's averages every parameter and buffer with ``decay * avg + (1 - decay) * current``, which fails a
+    stage with frozen inputs in three ways: the frozen old, side-info and new models are averaged every step
+    (most of the work for a small h), that formula does not keep a constant constant (after 10 steps at decay
+    0.999 a sixth of a frozen weight's entries differ in their last bits, and those drifted frozen models are
+    swapped in for validation and copied back at the end), and integer buffers such as BatchNorm's
+    ``num_batches_tracked`` are truncated back to their first value. It also builds the average in the ``setup``
+    hook, before the strategy moves the model to the GPU, so on a GPU every step copied all weights to the host.
+
+    Here the floating parameters that require gradients, and the floating buffers of the modules that own them
+    (BatchNorm statistics of trained layers), move by ``lerp`` towards the current values; everything else (frozen
+    models, integer buffers, state such as a fitted reduction) is copied, so the average holds the frozen models
+    exactly as they are. The average moves to the model's device when fitting starts (unless ``device`` is given).
+    """
+
+    def __init__(self, decay: float = 0.999, device: torch.device | str | int | None = None, **kwargs: Any) -> None:
+        super().__init__(device=device, use_buffers=True, decay=decay, **kwargs)
+        self.decay = decay
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # Lightning's setup, with the average below (the stages' configure_model is idempotent)
+            pl_module.configure_model()
+            self._average_model = _TrainedAverage(pl_module, self._device or pl_module.device, self.decay)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self._average_model, _TrainedAverage) and self._device is None:
+            self._average_model.to(pl_module.device)
+            self._average_model.pairs = None
+
+
+class _TrainedAverage(AveragedModel):
+    """An ``AveragedModel`` whose update lerps the trained tensors and copies the others (see :class:`StageEMA`)."""
+
+    def __init__(self, model: nn.Module, device: torch.device | int, decay: float) -> None:
+        super().__init__(model, device=device, use_buffers=True)
+        self.decay = decay
+        self.pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+
+    def _pair(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``(averaged, current)`` tensors to lerp, then ``(averaged, current)`` tensors to copy."""
+        mine = dict(self.module.named_modules())
+        lerp: tuple[list[Tensor], list[Tensor]] = ([], [])
+        copy: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for name, module in model.named_modules():
+            params = list(module.named_parameters(recurse=False))
+            trained = any(p.requires_grad for _, p in params)
+            buffers = [(k, b, trained) for k, b in module.named_buffers(recurse=False) if b is not None]
+            for key, t, moves in [(k, p, p.requires_grad) for k, p in params] + buffers:
+                average = getattr(mine[name], key).detach()
+                target = lerp if moves and t.is_floating_point() else copy
+                target[0].append(average)
+                target[1].append(t.detach())
+        return lerp[0], lerp[1], copy[0], copy[1]
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.pairs is None:
+            self.pairs = self._pair(model)
+        lerp_a, lerp_m, copy_a, copy_m = self.pairs
+        if int(self.n_averaged) == 0:
+            copy_a, copy_m = lerp_a + copy_a, lerp_m + copy_m
+        elif lerp_a:  # the current tensors come over first when the average is kept on another device
+            current = lerp_m if lerp_a[0].device == lerp_m[0].device else [
+                m.to(a.device) for a, m in zip(lerp_a, lerp_m, strict=True)]
+            torch._foreach_lerp_(lerp_a, current, 1.0 - self.decay)
+        for a, m in zip(copy_a, copy_m, strict=True):
+            a.copy_(m)
+        self.n_averaged += 1
 
 
 class ChannelsLast(pl.Callback):

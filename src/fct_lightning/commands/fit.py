@@ -27,7 +27,6 @@ from typing import Any
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import (
     Callback,
-    EMAWeightAveraging,
     ModelCheckpoint,
     ProgressBar,
     TQDMProgressBar,
@@ -39,7 +38,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fct_lightning import chain
-from fct_lightning.callbacks import StageCheckpoint
+from fct_lightning.callbacks import StageCheckpoint, StageEMA
 from fct_lightning.commands import run_command
 from fct_lightning.data import DATAMODULES
 from fct_lightning.data.embeddings import EmbeddingsDataModule
@@ -141,7 +140,7 @@ class FCTCLI(LightningCLI):
                                 auto_insert_metric_name=False, enable_version_counter=False),
             ]
         if getattr(self.model, "ema_decay", 0.0) > 0 and not any(isinstance(c, WeightAveraging) for c in user):
-            callbacks.append(EMAWeightAveraging(decay=self.model.ema_decay))
+            callbacks.append(StageEMA(decay=self.model.ema_decay))
         if not any(isinstance(c, RetrievalEvaluation) for c in user):
             callbacks.append(RetrievalEvaluation(**self._get(self.config, "retrieval")))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in user):

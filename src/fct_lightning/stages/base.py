@@ -54,9 +54,10 @@ class RetrievalStage(pl.LightningModule):
         momentum: SGD momentum (ignored by AdamW).
         warmup_epochs: Linear warm-up length in epochs (fractions allowed); the schedule is stepped per iteration.
         min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
-        ema_decay: Keep an exponential moving average of the weights with this decay per step (Lightning's
-            ``EMAWeightAveraging``, which fct-fit adds): validation, model selection, ``best.ckpt`` and the final
-            weights are the average's, ``last.ckpt`` keeps both to resume. 0 (default) = no average.
+        ema_decay: Keep an exponential moving average of the trained weights with this decay per step
+            (:class:`~fct_lightning.callbacks.StageEMA`, which fct-fit adds): validation, model selection,
+            ``best.ckpt`` and the final weights are the average's, ``last.ckpt`` keeps both to resume. 0 (default)
+            = no average.
     """
 
     stage: ClassVar[str] = ""
