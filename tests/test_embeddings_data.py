@@ -233,3 +233,16 @@ def test_checkpoints_that_did_not_embed_the_stores_are_refused(chain, tmp_path):
     _refused(tmp_path, ["--data.train", str(same_dims), "--data.val", str(same_dims), "--data.dataset", "digits",
                         f"--model.old_checkpoint={digits / 'old' / 'best.ckpt'}"],
              "was embedded with the checkpoint of content ckpt-old")
+
+
+def test_fct_fit_from_stores_runs_with_a_logger(stores, tmp_path):
+    # a logger merges the datamodule's hparams with h's: the datamodule recorded dataset=None (the name is read
+    # from the stores) against h's "synthetic", and Lightning stopped with "Error while merging hparams"
+    train, val = stores
+    art = tmp_path / "art"
+    fit(["--stage", "transformation", "--data", "embeddings", "--data.train", str(train), "--data.val", str(val),
+         "--artifacts", str(art), *TINY[:4], *SMALL_H, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+         str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false"])
+    assert (art / "synthetic" / "transformation" / "best.ckpt").is_file()
+    (hparams,) = (tmp_path / "logs").rglob("hparams.yaml")
+    assert "dataset: synthetic" in hparams.read_text()

@@ -193,6 +193,8 @@ class EmbeddingsDataModule(pl.LightningDataModule):
         train_items = _store_items(train, "--data.train")
         self._init(train_items, _store_items(val, "--data.val"), dataset, batch_size, eval_batch_size, seed,
                    max_memory_gb)
+        # record the name read from the stores, not None: loggers check these hparams against h's, which hold it
+        self.save_hyperparameters({"dataset": self.name})
 
     @classmethod
     def from_arrays(cls, train: Mapping[str, Any], val: Mapping[str, Any] | None = None, train_labels: Any = None,
