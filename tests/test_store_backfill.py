@@ -108,8 +108,8 @@ def _run(*args: str) -> Path:
 def test_a_round_changes_exactly_the_chosen_rows(chain, store, new_rows):
     from embedding_reader import EmbeddingReader
 
-    from fct_lightning.gallery.store_backfill import backfill_store, read_source
-    from fct_lightning.store import open_store, verify_store
+    from fct_lightning.gallery.store_backfill import backfill_store
+    from fct_lightning.store import open_store, read_source, verify_store
 
     before = _tree(store, "fct+side")
     entry = json.loads((store / "manifest.json").read_text())["spaces"]["fct+side"]
@@ -154,8 +154,8 @@ def test_a_round_changes_exactly_the_chosen_rows(chain, store, new_rows):
 
 
 def test_round_two_adds_rows_and_never_re_chooses(chain, store):
-    from fct_lightning.gallery.store_backfill import backfill_order, read_source
-    from fct_lightning.store import open_store
+    from fct_lightning.gallery.store_backfill import backfill_order
+    from fct_lightning.store import open_store, read_source
 
     _run(*_args(chain, store, "--policy", "random", "--fraction", "0.1", "--seed", "3"))
     out = _run(*_args(chain, store, "--policy", "random", "--fraction", "0.2", "--seed", "3", "--space",
@@ -215,8 +215,7 @@ def test_uncertainty_is_computed_with_h_when_its_space_is_missing(chain, store):
 
 
 def test_list_policy(chain, store, tmp_path):
-    from fct_lightning.gallery.store_backfill import read_source
-    from fct_lightning.store import open_store
+    from fct_lightning.store import open_store, read_source
 
     listed = tmp_path / "ids.txt"
     listed.write_text("test/7\ntest/300\ntest/3\ntest/539\n")
@@ -311,7 +310,8 @@ def test_killed_mid_shard_and_run_again_gives_the_same_bytes(chain, pristine, st
 def test_a_live_index_follows_the_round(chain, store):
     import faiss
 
-    from fct_lightning.gallery.store_backfill import backfill_store, rows_of_rounds, search_with_delta, update_index
+    from fct_lightning.gallery.store_backfill import backfill_store
+    from fct_lightning.index import rows_of_rounds, search_with_delta, update_index
     from fct_lightning.store import open_store
 
     before = _rows(store, "fct+side")

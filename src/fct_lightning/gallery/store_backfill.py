@@ -27,10 +27,9 @@ Resuming: that provenance is the job's identity; the same command run again (aft
 that are complete and verified and redoes the rest with the same batches, so the result is byte-identical. Jobs
 split by shards like fct-transform (``shard="i/n"``, or RANK/WORLD_SIZE); each computes the same choice.
 
-Live index (ids = global store rows): after a round, :func:`update_index` replaces the round's rows in place
-(``remove_ids`` then ``add_with_ids``; IndexIDMap2, or IVF with a direct map). On-disk indexes take no adds (FAISS
-issues #1258, #2109): keep a small delta index of the backfilled rows and merge at search time
-(:func:`search_with_delta`), rebuilding the main index now and then.
+Live index (ids = global store rows): after a round, :func:`fct_lightning.index.update_index` replaces the round's
+rows in place; an on-disk index is searched with a delta index of the backfilled rows
+(:func:`fct_lightning.index.search_with_delta`). See :mod:`fct_lightning.index.live`.
 """
 
 from __future__ import annotations
@@ -55,14 +54,21 @@ from fct_lightning.gallery.store_embed import load_models
 from fct_lightning.gallery.store_transform import check_input, shard_blocks
 from fct_lightning.models.transformation import Transformation
 from fct_lightning.stages.loading import load_h
-from fct_lightning.store import SpaceSpec, SpaceWriter, Store, StoreError, check_space_name, read_ids
+from fct_lightning.store import (
+    SOURCE,
+    SpaceSpec,
+    SpaceWriter,
+    Store,
+    StoreError,
+    check_space_name,
+    read_ids,
+    read_source,
+)
 
 log = logging.getLogger(__name__)
 # the deployable orders of FastFill's head (uncertainty: most uncertain first, confident: least), from the registry
 UNCERTAINTY_POLICIES = tuple(n for n, c in ORDERS.items() if issubclass(c, UncertaintyPolicy))
 POLICIES = (*UNCERTAINTY_POLICIES, "random", "list")
-SOURCE = "source"
-"""The row column of a backfilled space: 0 = h's transformed vector, k >= 1 = new-model embedding of round k."""
 
 
 @dataclass
@@ -81,16 +87,6 @@ class StoreBackfill:
     embedded: int
     seconds: float
     published: bool
-
-
-def read_source(store: Store, space: str) -> np.ndarray:
-    """Per row of ``space``, which model made it (int16 ``[N]``): 0 = h's transformed vector (every row of a space
-    without the ``source`` column), ``k >= 1`` = the new model's embedding, written in backfill round ``k``."""
-    info = store.space(space)
-    if SOURCE not in info.columns:
-        return np.zeros(store.rows, np.int16)
-    return np.concatenate([store.row_columns(space, i, [SOURCE]).column(SOURCE).to_numpy().astype(np.int16)
-                           for i in range(len(store.shards))])
 
 
 def backfill_order(policy: str, n: int, seed: int = 0, uncertainty: np.ndarray | None = None) -> np.ndarray:
@@ -395,68 +391,5 @@ def backfill_store(store: str | Path, h_checkpoint: str | Path, new_checkpoint: 
                          written, embedded, seconds, published)
 
 
-# ----------------------------------------------------------------------------- live indexes
-def rows_of_rounds(store: Store, space: str, rounds: list[int] | None = None) -> np.ndarray:
-    """The rows (sorted, int64) that backfill ``rounds`` wrote in ``space`` (default: the space's own round)."""
-    info = store.space(space)
-    if SOURCE not in info.columns:
-        raise StoreError(f"space {space!r} of {store.path} is not a backfilled space (it has no {SOURCE!r} column)")
-    rounds = [int(info.provenance["round"])] if rounds is None else list(rounds)
-    return np.flatnonzero(np.isin(read_source(store, space), rounds)).astype(np.int64)
-
-
-def update_index(index: Any, store: str | Path | Store, space: str, rounds: list[int] | None = None) -> int:
-    """Replace, in a live FAISS ``index`` whose ids are the store's global rows, the vectors of the rows backfill
-    ``rounds`` wrote (default: the space's own round) by their new-model embeddings from ``space``:
-    ``remove_ids`` then ``add_with_ids``. The index must support both (``IndexIDMap2``, or IVF with
-    ``make_direct_map`` / ``IDMap2`` around it). Returns the number of rows replaced; a row missing from the index
-    is an error (it was not built on this store's rows)."""
-    st = store if isinstance(store, Store) else Store(store)
-    rows = rows_of_rounds(st, space, rounds)
-    if not len(rows):
-        return 0
-    vectors = np.concatenate([np.asarray(st.array(space, i)[rows[(rows >= s.start) & (rows < s.stop)] - s.start],
-                                         np.float32) for i, s in enumerate(st.shards)])
-    removed = index.remove_ids(rows)
-    if removed != len(rows):
-        raise ValueError(f"the index held {removed} of the {len(rows)} backfilled rows; it must be built with the "
-                         f"store's global rows as ids (add_with_ids), on space {st.space(space).provenance['input']!r}")
-    index.add_with_ids(np.ascontiguousarray(vectors), rows)
-    return len(rows)
-
-
-def search_with_delta(main: Any, delta: Any, replaced: np.ndarray, queries: np.ndarray,
-                      k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Search an index that takes no adds (e.g. an on-disk IVF) together with a small ``delta`` index of the rows
-    backfilling replaced (ids = global rows, vectors from the backfilled space): the main index's hits on
-    ``replaced`` rows are dropped (an ID selector), and the two result lists merged by distance.
-
-    Returns ``(distances [Q, k], ids [Q, k])`` as ``index.search`` does (smallest first for L2, largest for inner
-    product; -1 where fewer than ``k`` exist).
-    """
-    import faiss
-
-    queries = np.ascontiguousarray(queries, np.float32)
-    keep = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(replaced, np.int64)))
-    params = faiss.SearchParametersIVF(sel=keep, nprobe=faiss.extract_index_ivf(main).nprobe) if _is_ivf(main) \
-        else faiss.SearchParameters(sel=keep)
-    d1, i1 = main.search(queries, k, params=params)
-    d2, i2 = delta.search(queries, k)
-    dist, ids = np.concatenate([d1, d2], axis=1), np.concatenate([i1, i2], axis=1)
-    ascending = main.metric_type == faiss.METRIC_L2
-    order = np.argsort(dist if ascending else -dist, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
-
-
-def _is_ivf(index: Any) -> bool:
-    import faiss
-
-    try:
-        faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return False
-    return True
-
-
-__all__ = ["SOURCE", "StoreBackfill", "backfill_order", "backfill_store", "check_from_space", "choose_rows",
-           "list_rows", "read_source", "rows_of_rounds", "search_with_delta", "uncertainty_of", "update_index"]
+__all__ = ["StoreBackfill", "backfill_order", "backfill_store", "check_from_space", "choose_rows", "list_rows",
+           "uncertainty_of"]

@@ -36,6 +36,7 @@ from fct_lightning.store.format import (
     DEFAULT_SHARD_ROWS,
     DTYPES,
     FORMAT,
+    SOURCE,
     VERSION,
     Shard,
     Space,
@@ -45,12 +46,13 @@ from fct_lightning.store.format import (
     check_space_name,
 )
 from fct_lightning.store.imports import ArraySource, import_arrays, read_ids
-from fct_lightning.store.store import Store, open_store
+from fct_lightning.store.store import Store, open_store, read_source
 from fct_lightning.store.verify import verify_store
 from fct_lightning.store.write import SpaceWriter, finalize_space, write_space
 
 __all__ = [
-    "DEFAULT_SHARD_ROWS", "DTYPES", "FORMAT", "VERSION", "ArraySource", "Shard", "Space", "SpaceSpec", "SpaceWriter",
-    "Store", "StoreError", "StoreLocked", "check_space_name", "create_store", "finalize_space", "first_difference",
-    "import_arrays", "open_store", "read_ids", "same_items", "verify_store", "write_space",
+    "DEFAULT_SHARD_ROWS", "DTYPES", "FORMAT", "SOURCE", "VERSION", "ArraySource", "Shard", "Space", "SpaceSpec",
+    "SpaceWriter", "Store", "StoreError", "StoreLocked", "check_space_name", "create_store", "finalize_space",
+    "first_difference", "import_arrays", "open_store", "read_ids", "read_source", "same_items", "verify_store",
+    "write_space",
 ]

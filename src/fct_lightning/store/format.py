@@ -36,6 +36,9 @@ SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
 COLUMNS_SUFFIX = ".columns"
 COLUMN_TYPES = ("int8", "int16", "int32", "int64", "float32", "float64", "string")
 COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+SOURCE = "source"
+"""The row column of a backfilled space (int16): 0 = h's transformed vector, k >= 1 = new-model embedding of round
+k (``fct-backfill --store`` writes it)."""
 
 
 class StoreError(ValueError):

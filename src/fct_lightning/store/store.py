@@ -17,6 +17,7 @@ from fct_lightning.store.format import (
     COLUMNS_SUFFIX,
     MANIFEST,
     META,
+    SOURCE,
     Shard,
     Space,
     StoreError,
@@ -181,6 +182,15 @@ class Store:
 def open_store(path: str | Path) -> Store:
     """The store at ``path``, its manifest read and checked (see :class:`Store`)."""
     return Store(path)
+
+
+def read_source(store: Store, space: str) -> np.ndarray:
+    """Per row of ``space``, which model made it (int16 ``[N]``): 0 = h's transformed vector (every row of a space
+    without the ``source`` column), ``k >= 1`` = the new model's embedding, written in backfill round ``k``."""
+    if SOURCE not in store.space(space).columns:
+        return np.zeros(store.rows, np.int16)
+    return np.concatenate([store.row_columns(space, i, [SOURCE]).column(SOURCE).to_numpy().astype(np.int16)
+                           for i in range(len(store.shards))])
 
 
 def manifest_lock(path: Path) -> FileLock:
