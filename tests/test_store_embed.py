@@ -256,3 +256,19 @@ def test_views_must_agree():
     common_view({"a.ckpt": a, "b.ckpt": a})
     with pytest.raises(ValueError, match="a.ckpt: folder images at 16 px; b.ckpt: folder images at 32 px"):
         common_view({"a.ckpt": a, "b.ckpt": ({"family": "folder", "image_size": 32}, "folder images at 32 px")})
+
+
+def test_the_held_out_split_of_the_checkpoints_run_is_embedded(digits, tmp_path):
+    # fct-embed rebuilt the datamodule without the run's val_fraction: 'holdout' was "not a split of digits" and
+    # 'train' embedded every training image, the held-out ones too, so h from stores could not be validated on
+    # the items the image stages selected their checkpoints on
+    from fct_lightning.data import DATAMODULES
+
+    dm = DATAMODULES["digits"](val_fraction=0.1)  # configs/digits/data.yaml's, with which the fixture trained
+    for split in ("holdout", "train"):
+        embed_store([digits[0]], tmp_path / split, split=split, shard_rows=200)
+        st = open_store(tmp_path / split)
+        assert st.rows == len(dm.dataset(split).targets)
+        assert st.space("old").provenance["source"]["val_fraction"] == 0.1
+        labels = np.concatenate([st.labels(i) for i in range(len(st.shards))])
+        assert np.array_equal(labels, np.asarray(dm.dataset(split).targets))

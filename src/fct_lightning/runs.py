@@ -149,8 +149,10 @@ def write_done(out: Path, record: dict[str, Any]) -> None:
 
 
 # what evaluation and embedding take over from training's data settings: where the data is, which split and folders,
-# the image size, and how fast to load (not the training batch, classes, views or augmentation)
-EVAL_DATA_KEYS = ("root", "image_size", "eval_split", "eval_batch_size", "train_dir", "eval_dir", "num_workers")
+# the share of training images held out (so "train" and "holdout" are the run's), the image size, and how fast to
+# load (not the training batch, classes, views or augmentation)
+EVAL_DATA_KEYS = ("root", "image_size", "eval_split", "eval_batch_size", "train_dir", "eval_dir", "val_fraction",
+                  "num_workers")
 
 
 def eval_data_settings(data: dict[str, Any] | None) -> dict[str, Any]:

@@ -307,7 +307,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     def source(self, split: str) -> Dataset:
         """The (cached) source dataset of ``split`` (with ``val_fraction``, ``train`` without the ``holdout``
         items)."""
-        self._check_split(split)
+        self.check_split(split)
         if split not in self._sources:
             if self._held_out(split):
                 train, held = split_holdout(self._raw_source("train"), self.val_fraction, TensorImages)
@@ -373,7 +373,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         seed: int | None = None,
     ) -> RetrievalDataset:
         """A :class:`RetrievalDataset` of ``split`` (see :meth:`eval_dataloader` for the arguments)."""
-        self._check_split(split)
+        self.check_split(split)
         _check_int("views", views, 1, "1 for single images, 2 (or more) for contrastive views")
         ids = None if classes is None else check_class_list(classes, self.num_classes, "classes")
         transform = self.transform(augment, views) if augment else self.transform(False, 1)
@@ -468,7 +468,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _memory_loader(self, split: str, classes: list[int] | None, augment: bool, views: int,
                        shuffle: bool, batch_size: int, seed: int | None, whole: bool = False) -> Any:
-        self._check_split(split)
+        self.check_split(split)
         ids = None if classes is None else check_class_list(classes, self.num_classes, "classes")
         src = self.source(split)
         if not isinstance(src, TensorImages):
@@ -482,7 +482,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             **({"rank": 0, "world_size": 1} if whole else {}),
         )
 
-    def _check_split(self, split: str) -> None:
+    def check_split(self, split: str) -> None:
+        """Raise ValueError naming the allowed splits unless ``split`` is one (``holdout`` with ``val_fraction``)."""
         if split == HOLDOUT and self.val_fraction:
             return
         if split not in self.splits:

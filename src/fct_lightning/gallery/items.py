@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fct_lightning.data import DATAMODULES
+from fct_lightning.data.holdout import HOLDOUT
 from fct_lightning.gallery.embed import NATIVE_SIZE, image_view, list_images
 from fct_lightning.store import Shard, Store
 
@@ -137,10 +138,12 @@ class SplitItems:
     def __init__(self, dataset: str, settings: dict[str, Any], split: str | None) -> None:
         self.dm, self.settings = DATAMODULES[dataset](**settings), settings
         self.split = split or self.dm.eval_split
-        if self.split not in self.dm.splits:
-            raise ValueError(f"split={self.split!r} is not a split of {dataset}; allowed: {self.dm.splits}")
+        self.dm.check_split(self.split)
         root = {} if self.dm.family == "digits" else {"root": str(Path(self.dm.root).resolve())}  # built in: no root
-        self.view = {"dataset": dataset, "split": self.split, **root, "image_size": self.dm.image_size,
+        # with a held-out share, "train" and "holdout" are that division of the training images (the run's items)
+        held = {"val_fraction": self.dm.val_fraction} if self.dm.val_fraction and self.split in ("train", HOLDOUT) \
+            else {}
+        self.view = {"dataset": dataset, "split": self.split, **root, "image_size": self.dm.image_size, **held,
                      **{k: settings[k] for k in ("train_dir", "eval_dir") if settings.get(k) is not None}}
         self.source = dict(self.view)
         self.labels: np.ndarray | None = None
