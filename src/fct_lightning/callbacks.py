@@ -83,6 +83,7 @@ class _TrainedAverage(AveragedModel):
         super().__init__(model, device=device, use_buffers=True)
         self.decay = decay
         self.pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self.started, self.same_device = False, True
 
     def _pair(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """``(averaged, current)`` tensors to lerp, then ``(averaged, current)`` tensors to copy."""
@@ -102,18 +103,21 @@ class _TrainedAverage(AveragedModel):
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        if self.pairs is None:
-            self.pairs = self._pair(model)
+        if self.pairs is None:  # once per fit (one host sync to read the restored count, not one per step)
+            self.pairs, self.started = self._pair(model), bool(self.n_averaged > 0)
+            self.same_device = self.n_averaged.device == next(iter(model.parameters())).device
         lerp_a, lerp_m, copy_a, copy_m = self.pairs
-        if int(self.n_averaged) == 0:
+        if not self.same_device:  # the current tensors come over first when the average is kept elsewhere
+            lerp_m, copy_m = [m.to(a.device) for a, m in zip(lerp_a, lerp_m, strict=True)], [
+                m.to(a.device) for a, m in zip(copy_a, copy_m, strict=True)]
+        if not self.started:
             copy_a, copy_m = lerp_a + copy_a, lerp_m + copy_m
-        elif lerp_a:  # the current tensors come over first when the average is kept on another device
-            current = lerp_m if lerp_a[0].device == lerp_m[0].device else [
-                m.to(a.device) for a, m in zip(lerp_a, lerp_m, strict=True)]
-            torch._foreach_lerp_(lerp_a, current, 1.0 - self.decay)
-        for a, m in zip(copy_a, copy_m, strict=True):
-            a.copy_(m)
+        elif lerp_a:
+            torch._foreach_lerp_(lerp_a, lerp_m, 1.0 - self.decay)
+        if copy_a:
+            torch._foreach_copy_(copy_a, copy_m)
         self.n_averaged += 1
+        self.started = True
 
 
 class ChannelsLast(pl.Callback):
