@@ -296,7 +296,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         """The split the val loader serves: ``holdout`` with ``val_fraction``, else ``eval_split``."""
         return HOLDOUT if self.val_fraction else self.eval_split
 
-    def _held_out(self, split: str) -> bool:
+    def held_out(self, split: str) -> bool:
+        """Whether ``split`` is one side of the division by ``val_fraction`` (``train`` without, or ``holdout``)."""
         return bool(self.val_fraction) and split in ("train", HOLDOUT)
 
     def _raw_source(self, split: str) -> Dataset:
@@ -309,7 +310,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         items)."""
         self.check_split(split)
         if split not in self._sources:
-            if self._held_out(split):
+            if self.held_out(split):
                 train, held = split_holdout(self._raw_source("train"), self.val_fraction, TensorImages)
                 if len(held) == 0:
                     raise ValueError(
@@ -329,7 +330,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         None for a split that is not read from image files (built-in arrays, pickles: fixed content). With
         ``val_fraction``, ``train`` and ``holdout`` also name the division (another fraction, another key)."""
         self.source(split)
-        if self._held_out(split):
+        if self.held_out(split):
             return f"{self._files_key('train')}|{split} of val_fraction={self.val_fraction}"
         return self._files_key(split)
 

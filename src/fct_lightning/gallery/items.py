@@ -21,7 +21,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fct_lightning.data import DATAMODULES
-from fct_lightning.data.holdout import HOLDOUT
 from fct_lightning.gallery.embed import NATIVE_SIZE, image_view, list_images
 from fct_lightning.store import Shard, Store
 
@@ -141,8 +140,7 @@ class SplitItems:
         self.dm.check_split(self.split)
         root = {} if self.dm.family == "digits" else {"root": str(Path(self.dm.root).resolve())}  # built in: no root
         # with a held-out share, "train" and "holdout" are that division of the training images (the run's items)
-        held = {"val_fraction": self.dm.val_fraction} if self.dm.val_fraction and self.split in ("train", HOLDOUT) \
-            else {}
+        held = {"val_fraction": self.dm.val_fraction} if self.dm.held_out(self.split) else {}
         self.view = {"dataset": dataset, "split": self.split, **root, "image_size": self.dm.image_size, **held,
                      **{k: settings[k] for k in ("train_dir", "eval_dir") if settings.get(k) is not None}}
         self.source = dict(self.view)
