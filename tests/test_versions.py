@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,31 +224,3 @@ def test_a_failing_run_stops_the_plan_with_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="training old failed .*run the same command again"):
         run_steps(steps, runner=lambda argv: 2, log=lambda _: None)
     assert fit_in_subprocess(["--stage", "no_such_stage"]) != 0  # argparse: exit status 2
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_killed_fct_versions_takes_its_training_child_with_it(tmp_path):
-    """kill -9 of fct-versions left its fct-fit child training; the same command started again then trained the
-    same run from a second process."""
-    pid_file = tmp_path / "child.pid"
-    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    parent = subprocess.Popen([sys.executable, "-c", "import sys; from fct_lightning.commands.versions import "
-                               f"child_process; child_process([sys.executable, '-c', {child!r}])"])
-    deadline = time.monotonic() + 60
-    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pid = int(pid_file.read_text())
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    deadline = time.monotonic() + 20
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")

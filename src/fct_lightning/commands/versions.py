@@ -11,48 +11,22 @@ Stopped at any point, the same command goes on from the finished runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from fct_lightning.commands import run_command
+from fct_lightning.commands.processes import child_process
 from fct_lightning.loggers import log_versions_to_wandb
 from fct_lightning.versions import evaluate_versions, load_plan, plan_steps, run_steps, versions_dir
 from fct_lightning.versions.report import write_versions_report
 
 
-def _stop_with_parent(parent: int) -> Callable[[], None] | None:
-    """On Linux, a child's pre-exec hook that has it sent SIGTERM when ``parent`` ends (kill -9 included);
-    elsewhere None (the child then trains on, and a second fct-fit into its folder is refused by its run lock)."""
-    if not sys.platform.startswith("linux"):
-        return None
-
-    # looked up here, in the parent: dlopen after fork in a process with threads (torch's) can deadlock the child
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def hook() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent ended before the hook ran
-            os._exit(1)
-
-    return hook
-
-
-def child_process(cmd: Sequence[str]) -> int:
-    """Run ``cmd`` as a child that is stopped with this process (:func:`_stop_with_parent`); its exit status."""
-    return subprocess.run(list(cmd), check=False, preexec_fn=_stop_with_parent(os.getpid())).returncode
-
-
 def fit_in_subprocess(argv: Sequence[str]) -> int:
-    """Run ``fct-fit argv`` as its own process (as make does), stopped if fct-versions is (a killed fct-versions
-    would otherwise leave it training while the same command, started again, trains the same run); returns its
-    exit status."""
+    """Run ``fct-fit argv`` as its own process (as make does), stopped if fct-versions is (see
+    :mod:`fct_lightning.commands.processes`); returns its exit status."""
     return child_process([sys.executable, "-m", "fct_lightning.commands.fit", *argv])
 
 
