@@ -41,9 +41,6 @@ class OrthogonalModel(TransformationModel):
     """F and a near-orthogonal B on frozen old, side-info and new models (stage ``orthogonal``).
 
     Args:
-        old_checkpoint: The old model's checkpoint.
-        new_checkpoint: The new model's checkpoint.
-        side_info_checkpoint: The side-info model's checkpoint (with ``use_side_info``).
         use_side_info: F maps ``[old, side]`` (True) or ``old`` alone (default; B never takes side-info: a query has
             none of the gallery's stored side-info).
         forward_kind: F's layout: ``mlp`` (the FCT h's, sized by ``mixer_width``, ``mixer_depth``,
@@ -63,25 +60,16 @@ class OrthogonalModel(TransformationModel):
         mixer_depth: ``mlp`` F: number of hidden mixer layers.
         branch_width_factor: ``mlp`` F: hidden width of the branches as a multiple of their input size.
         bn_eval_after: ``mlp`` F: fraction of the epochs after which its BatchNorm layers switch to eval mode.
-        cached: Train on cached features (default) instead of recomputing the frozen models every step.
-        cache_views: Augmented views per training image in the cache (the transformation's value shares it).
-        cache_dir: Where caches live (default ``artifacts/<dataset>/cache``).
-        cache_dtype: Storage dtype of cached features.
-        cache_seed: Seed of the cached augmentations.
-        optimizer: ``sgd`` or ``adamw``.
-        lr: Peak learning rate.
-        stored: Train from stored embeddings (see the transformation stage; linked by the CLI).
-        **kwargs: The dataset name and the other optimiser settings of
-            :class:`~fct_lightning.stages.base.RetrievalStage`.
+        **kwargs: What the transformation stage takes, declared there
+            (:class:`~fct_lightning.stages.transformation.TransformationModel`): the frozen models' checkpoints, the
+            feature cache (``cached``, ``cache_views``, shared with the transformation's when the settings agree,
+            ...), ``stored``, the optimiser (AdamW, lr 1e-3 by default) and the dataset name.
     """
 
     stage = "orthogonal"
 
     def __init__(
         self,
-        old_checkpoint: str | None = None,
-        new_checkpoint: str | None = None,
-        side_info_checkpoint: str | None = None,
         use_side_info: bool = False,
         forward_kind: str = "mlp",
         orth_weight: float = 1.0,
@@ -93,14 +81,6 @@ class OrthogonalModel(TransformationModel):
         mixer_depth: int = 2,
         branch_width_factor: int = 2,
         bn_eval_after: float = 0.5,
-        cached: bool = True,
-        cache_views: int = 10,
-        cache_dir: str | None = None,
-        cache_dtype: str = "float16",
-        cache_seed: int = 0,
-        optimizer: str = "adamw",
-        lr: float = 1e-3,
-        stored: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         if forward_kind not in FORWARD_KINDS:
@@ -114,11 +94,8 @@ class OrthogonalModel(TransformationModel):
             if not value >= 0:
                 raise ValueError(f"{name}={value!r} must be >= 0")
         # the parent's throwaway h is 1 wide: the adapters replace it at once
-        super().__init__(old_checkpoint, new_checkpoint, side_info_checkpoint, use_side_info=use_side_info,
-                         mixer_width=1, mixer_depth=1, branch_width_factor=1, bn_eval_after=bn_eval_after,
-                         cached=cached, cache_views=cache_views, cache_dir=cache_dir, cache_dtype=cache_dtype,
-                         cache_seed=cache_seed, uncertainty=False, optimizer=optimizer, lr=lr, stored=stored,
-                         **kwargs)
+        super().__init__(use_side_info=use_side_info, mixer_width=1, mixer_depth=1, branch_width_factor=1,
+                         bn_eval_after=bn_eval_after, uncertainty=False, **kwargs)
         self.save_hyperparameters()  # this class's arguments (not the throwaway h's the parent recorded)
         self.forward_kind, self.orth_weight, self.back_weight = forward_kind, orth_weight, back_weight
         self.backward_init = backward_init
