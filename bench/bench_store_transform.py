@@ -5,13 +5,17 @@ from overlapping reading, compute and writing, peak memory, bf16 and int8; and t
     python bench/bench_store_transform.py run --store /tmp/bench-store             # the speed figures, one process
     python bench/bench_store_transform.py rss --store /tmp/bench-store --shards 1 2  # the command's own peak RSS
     python bench/bench_store_transform.py accuracy --artifacts artifacts           # fp32 / int8 / bf16 on digits
+    python bench/bench_store_transform.py device --store /tmp/s --rows 4000000 --batch_size 65536   # on a GPU
 
 ``generate`` writes a synthetic store with the store API (resumable); ``run`` measures, in one process: the fp32
 matmul roofline (a large ``torch.mm``), h's forward speed on in-memory batches (fp32, int8, bf16), fct-transform
 over the whole store (fp32), over one shard without and with the overlap, and over a small store in every
 precision; then the process's peak RSS (VmHWM). h is the default one (mixer 2048, 5.7M parameters) with random
-weights. ``accuracy`` needs a digits chain trained by fct-fit (old, side_info, new, transformation) under
-``--artifacts``.
+weights. ``device`` measures the same on the GPU (``--device``, default ``cuda``; the store is generated when
+missing): h's forward on in-memory device batches in fp32 and bf16, and fct-transform end to end over the store
+(reading from disk, h on the device, writing) in bf16 and fp32, float32 and float16 output, as a fraction of that
+forward speed and against issue 19's 5M rows/s target. ``accuracy`` needs a digits chain trained by fct-fit (old,
+side_info, new, transformation) under ``--artifacts``.
 """
 
 from __future__ import annotations
@@ -76,20 +80,27 @@ def flop_per_row(h: Transformation) -> int:
                    if isinstance(m, torch.nn.Linear) and not name.startswith("uncertainty_head"))
 
 
-def forward_speed(h: Transformation, precision: str, batch: int, seconds: float) -> tuple[float, float]:
-    """h alone at ``precision`` on one in-memory float32 batch, run repeatedly for ``seconds``: ``(rows/s, process
-    CPU microseconds per row)``."""
-    run = runner(h, precision, torch.device("cpu"))
-    old, side = torch.randn(batch, h.old_dim), torch.randn(batch, h.side_dim)
+def forward_speed(h: Transformation, precision: str, batch: int, seconds: float,
+                  device: str = "cpu") -> tuple[float, float]:
+    """h alone at ``precision`` on one in-memory float32 batch (on ``device``, where h is), run repeatedly for
+    ``seconds``: ``(rows/s, process CPU microseconds per row)``. On a GPU the clock stops after a synchronise."""
+    dev = torch.device(device)
+    run = runner(h, precision, dev)
+    old, side = torch.randn(batch, h.old_dim, device=dev), torch.randn(batch, h.side_dim, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     run(old, side)
+    sync()
     n, t, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t < seconds or n < 2:
         run(old, side)
         n += 1
+        if n % 16 == 0:
+            sync()
+    sync()
     return n * batch / (time.perf_counter() - t), (time.process_time() - cpu) / (n * batch) * 1e6
 
 
-def transform(h: Transformation, store: Path, space: str, tag: str, fresh: bool = True,
+def transform(h: Transformation, store: Path, space: str, tag: str, fresh: bool = True, device: str = "cpu",
               **kw: Any) -> tuple[float, float, Any]:
     """fct-transform into ``space`` (emptied first when ``fresh``): ``(rows/s, CPU us per row, its result)``."""
     if fresh:
@@ -97,7 +108,7 @@ def transform(h: Transformation, store: Path, space: str, tag: str, fresh: bool 
     meta = {"digest": f"sha256:bench-h-{tag}", "old_digest": DIGESTS["old"], "side_info_digest": DIGESTS["side_info"],
             "new_digest": None, "path": "random h", "dataset": "bench"}
     cpu = time.process_time()
-    res = transform_store_with(h, meta, store, space, device="cpu", overwrite=True, **kw)
+    res = transform_store_with(h, meta, store, space, device=device, overwrite=True, **kw)
     return res.rows_per_s, (time.process_time() - cpu) / max(res.rows, 1) * 1e6, res
 
 
@@ -180,6 +191,36 @@ def run(args: argparse.Namespace) -> None:
     print(f"peak RSS of this process (VmHWM): {peak_rss_mb():,.0f} MB")
 
 
+def on_device(args: argparse.Namespace) -> None:
+    """fct-transform on a GPU: h's forward on device batches, then end to end over the store, per precision and
+    stored dtype, each next to the forward measured just before it."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here; run the device phase on a GPU machine")
+    if not (args.store / "manifest.json").is_file():
+        generate(args.store, args.rows, args.shard_rows)
+    store = open_store(args.store)
+    torch.manual_seed(0)
+    h = Transformation().eval().to(args.device)
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
+    b = args.batch_size
+    print(f"{name}, torch {torch.__version__}; store {store.path}: {store.rows:,} rows in {len(store.shards)} shards "
+          f"(float16 on disk); h {sum(p.numel() for p in h.parameters()) / 1e6:.2f}M parameters, batch {b}")
+    print("| precision | output dtype | h forward rows/s (device batches) | fct-transform rows/s (disk to disk) | "
+          "ratio | vs 5M rows/s |")
+    print("|---|---|---|---|---|---|")
+    for precision, dtype in (("bf16", "float16"), ("bf16", "float32"), ("fp32", "float32")):
+        fr, _ = forward_speed(h, precision, b, args.seconds, args.device)
+        er, _, res = transform(h, store.path, "bench-device", f"{precision}-{dtype}", device=args.device,
+                               precision=precision, dtype=dtype, batch_size=b)
+        print(f"| {precision} | {dtype} | {fr:,.0f} | {er:,.0f} | {er / fr:.3f} | {er / 5e6:.2f}x |"
+              + (f" error vs fp32 {res.error}" if res.error else ""))
+    shutil.rmtree(store.path / "bench-device", ignore_errors=True)
+    read, write = io_seconds(store.path, b)
+    print(f"per {store.shards[0].rows:,}-row shard on this disk: reading old + side_info {read:.2f} s "
+          f"({store.shards[0].rows / read:,.0f} rows/s), writing a float32 output {write:.2f} s "
+          f"({store.shards[0].rows / write:,.0f} rows/s); peak RSS {peak_rss_mb():,.0f} MB")
+
+
 def rss(args: argparse.Namespace) -> None:
     """Peak RSS of the fct-transform command itself (a fresh process, nothing else in it) over ``--shards`` shards
     of the store; the figure does not grow with the number of shards."""
@@ -250,7 +291,8 @@ def accuracy(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("phase", choices=("generate", "run", "rss", "accuracy"))
+    p.add_argument("phase", choices=("generate", "run", "rss", "accuracy", "device"))
+    p.add_argument("--device", default="cuda", help="device: where h runs")
     p.add_argument("--store", type=Path, default=Path("/tmp/fct-bench-store"))
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--shard_rows", type=int, default=1_000_000)
@@ -270,6 +312,8 @@ def main() -> None:
         generate(args.store, args.rows, args.shard_rows)
     elif args.phase == "run":
         run(args)
+    elif args.phase == "device":
+        on_device(args)
     elif args.phase == "rss":
         rss(args)
     else:
