@@ -32,6 +32,7 @@ from fct_lightning.retrieval import summarize
 from fct_lightning.retrieval.compat import flips, top1_correct
 from fct_lightning.retrieval.evaluate import evaluate_queries
 from fct_lightning.runs import chain_data_settings, stage_dir
+from fct_lightning.stages.base import serve_input
 from fct_lightning.stages.checkpoints import CheckpointError, check_class_names
 from fct_lightning.stages.loading import load_stage
 
@@ -214,8 +215,9 @@ def run_eval(
     kwargs = chain_data_settings(artifacts, dataset, ["new", "old", *chain.VARIANTS])
     kwargs.update({k: v for k, v in (("root", data_root), ("eval_split", split), ("eval_batch_size", batch_size)) if v})
     dm = DATAMODULES[dataset](**kwargs)
-    for _, _, meta in embedders.values():  # labels are class indices: the class list must be the one trained on
+    for module, _, meta in embedders.values():  # labels are class indices: the class list must be the one trained on
         check_class_names(meta, meta["path"], meta["stage"], getattr(dm, "class_names", None))
+        serve_input(module, dm)  # each image model reads the split as it was trained to (models.inputs)
     if separate and query_split not in dm.splits:
         raise ValueError(f"query_split={query_split!r} is not a split of {dataset}; allowed: {dm.splits}")
 
@@ -306,6 +308,7 @@ def run_backfill(
                      for role, m in used.items() if role in digest and not meta.get(f"{role}_digest")
                      and m.get("digest") and m["digest"] != digest[role]]
         refuse_stale(list(dict.fromkeys(problems)))
+        serve_input(module, dm)
         module.to(dev)
         usable, skipped = usable_policies(policies, bool(module.uncertainty))
         if skipped:

@@ -14,6 +14,7 @@ a *source* dataset (``source[i] -> (image tensor, label)`` with a ``targets`` at
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -31,6 +32,8 @@ from fct_lightning.data.memory import InMemoryAugmentedLoader
 from fct_lightning.data.recipes import Recipe, recipe_for
 from fct_lightning.data.sampling import EpochShuffleSampler, mix_seed, single_item_tail
 from fct_lightning.data.transforms import MultiView, build_transforms
+
+log = logging.getLogger(__name__)
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -205,7 +208,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         pin_memory: DataLoader ``pin_memory``; None = True when CUDA is available.
         persistent_workers: keep workers alive between epochs (only used when ``num_workers > 0``).
         image_size: output image side; None = the dataset default (digits 8, CIFAR 32, folder datasets 224, whose
-            evaluation resizes to ``image_size * 256 / 224`` first; digits and CIFAR resize other sizes).
+            evaluation resizes to ``image_size * 256 / 224`` first; digits and CIFAR resize other sizes), or, when
+            the model being fitted loads pretrained weights, the side its backbone expects (its
+            ``preferred_input``: timm's data config, torchvision's weights transforms).
+        mean: per-channel normalisation mean (of images in ``[0, 1]``); None = the dataset's statistics, or those
+            of the pretrained backbone being fitted (as ``image_size``).
+        std: per-channel normalisation std, as ``mean``.
         in_memory_gpu: serve batches from one in-memory tensor with batched augmentation on the GPU when there is
             one (:class:`~fct_lightning.data.memory.InMemoryAugmentedLoader`): digits, CIFAR and small folder
             datasets (see :class:`~fct_lightning.data.folder.FolderDataModule` for the memory it takes).
@@ -237,6 +245,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         image_size: int | None = None,
         in_memory_gpu: bool = False,
         val_fraction: float = 0.0,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -260,6 +270,16 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         self.image_size = image_size or self.default_image_size
+        self._input_given = {"image_size": image_size is not None, "normalisation": mean is not None}
+        if (mean is None) != (std is None):
+            raise ValueError("give both --data.mean and --data.std (or neither, for the dataset's statistics)")
+        if mean is not None and std is not None:
+            if len(mean) != self.in_channels or len(std) != self.in_channels:
+                raise ValueError(f"--data.mean {list(mean)} / --data.std {list(std)}: {self.name} images have "
+                                 f"{self.in_channels} channel(s); give one value per channel")
+            if not all(v > 0 for v in std):
+                raise ValueError(f"--data.std {list(std)}: every value must be positive")
+            self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.in_memory_gpu = in_memory_gpu
         self.val_fraction = check_val_fraction(val_fraction)
         self._sources: dict[str, Dataset] = {}
@@ -351,7 +371,29 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._fingerprints[split] = fp = files_fingerprint(paths, base)
         return fp
 
+    def follow_model(self, config: dict[str, Any] | None) -> None:
+        """Serve the input a pretrained backbone expects (``config``: ``input_size`` as ``(C, H, W)``, ``mean``,
+        ``std``), except what ``--data.image_size`` / ``--data.mean`` / ``--data.std`` set. Called by
+        :meth:`setup` with the fitted model's ``preferred_input``, before any image is loaded."""
+        if not config:
+            return
+        size, mean, std = config.get("input_size"), config.get("mean"), config.get("std")
+        followed = []
+        if size and not self._input_given["image_size"] and int(size[-1]) != self.image_size:
+            self.image_size = int(size[-1])
+            followed.append(f"image_size {self.image_size}")
+        if (mean and std and len(mean) == self.in_channels and not self._input_given["normalisation"]
+                and (tuple(mean), tuple(std)) != (tuple(self.mean), tuple(self.std))):
+            self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+            followed.append(f"mean {list(self.mean)}, std {list(self.std)}")
+        if followed:
+            log.info("%s: serving the pretrained backbone's input (%s); set --data.image_size / --data.mean / "
+                     "--data.std to choose another", self.name, "; ".join(followed))
+
     def setup(self, stage: str | None = None) -> None:
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if not self._sources:  # before the first image is loaded: a pretrained backbone's input size
+            self.follow_model(getattr(model, "preferred_input", None))
         needed = {"fit": ["train", self.val_split], "validate": [self.val_split]}.get(
             stage or "fit", [self.eval_split])
         for split in needed:

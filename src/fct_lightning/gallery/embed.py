@@ -34,7 +34,9 @@ from fct_lightning.gallery.files import (
     writing,
 )
 from fct_lightning.models.external import is_external, load_external
+from fct_lightning.models.inputs import InputSpec
 from fct_lightning.runs import config_data_settings, eval_data_settings
+from fct_lightning.stages.base import serve_input
 from fct_lightning.stages.checkpoints import (
     CheckpointError,
     checkpoint_meta,
@@ -226,8 +228,12 @@ def embed(
     ids: list[str] | None = None
     if images is not None:
         loader, ids, source = _image_loader(Path(images), dataset, settings, skip_unreadable, dev.type == "cuda")
+        cls = DATAMODULES.get(dataset)
+        if cls is not None and cls.mean:  # each image model reads the batches as it was trained to (models.inputs)
+            serve_input(module, InputSpec(source["image_size"], tuple(cls.mean), tuple(cls.std)))
     else:
         dm = DATAMODULES[dataset](**settings)
+        serve_input(module, dm)
         split = split or dm.eval_split
         loader = dm.eval_dataloader(split)
         source = {"dataset": dataset, "split": split, "root": str(Path(dm.root).resolve()),

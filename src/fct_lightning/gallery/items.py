@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from fct_lightning.data import DATAMODULES
 from fct_lightning.gallery.embed import NATIVE_SIZE, image_view, list_images
+from fct_lightning.models.inputs import InputSpec
 from fct_lightning.store import Shard, Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class FolderItems:
         self.view = {"family": cls.family, "image_size": self.size, "mean": list(cls.mean or ()),
                      "std": list(cls.std or ())}
         self.source = {"images": str(self.folder.resolve()), "image_size": self.size}
+        self.input = InputSpec(self.size, tuple(cls.mean), tuple(cls.std)) if cls.mean else None  # what is served
         self.paths: list[str] = []
 
     def describe(self) -> str:
@@ -136,6 +138,7 @@ class SplitItems:
 
     def __init__(self, dataset: str, settings: dict[str, Any], split: str | None) -> None:
         self.dm, self.settings = DATAMODULES[dataset](**settings), settings
+        self.input = InputSpec.of(self.dm)  # what is served
         self.split = split or self.dm.eval_split
         self.dm.check_split(self.split)
         root = {} if self.dm.family == "digits" else {"root": str(Path(self.dm.root).resolve())}  # built in: no root

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from fct_lightning.gallery.embed import EXTERNAL, external_view, load_image_stage
 from fct_lightning.gallery.items import FolderItems, SplitItems, common_view, shard_loader
 from fct_lightning.gallery.writer import StoreWriter, everywhere
+from fct_lightning.stages.base import serve_input
 from fct_lightning.store import DEFAULT_SHARD_ROWS, DTYPES, SpaceSpec, create_store, open_store
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,10 @@ def load_models(checkpoints: Sequence[str | Path], images: str | Path | None, sp
                 dataset, settings, split)
         models[role] = (module, meta)
     common_view({p: (it.view, it.describe()) for p, it in items.items()})
-    return models, next(iter(items.values()))
+    served = next(iter(items.values()))
+    for module, _ in models.values():  # each image model reads the batches as it was trained to (models.inputs)
+        serve_input(module, getattr(served, "input", None))
+    return models, served
 
 
 def space_specs(models: dict[str, tuple[nn.Module, dict[str, Any]]], items: Items, dtype: str,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from fct_lightning.models.inputs import InputSpec, check_convertible, convert
 from fct_lightning.models.trunks import (
     TIMM_PREFIX,
     Trunk,
@@ -178,6 +179,10 @@ class EmbeddingNet(nn.Module):
         self.in_channels = in_channels
         self.backbone_family, self.backbone_name, self.head_prefixes = trunk.family, trunk.name, trunk.head_prefixes
         self.data_config = trunk.data_config
+        # the input this network was trained on (set when a stage's checkpoint is loaded) and the one it is served
+        # (set by the stage or command that feeds it another datamodule's batches): plain attributes, not state
+        self.input_spec: InputSpec | None = None
+        self.served_input: InputSpec | None = None
         hub = self.weights_source
         if hub and hub[0] == "hub" and trunk.family in ("local", "torchvision"):
             self.data_config = torchvision_data_config(trunk.name, in_channels, hub[1])
@@ -202,8 +207,20 @@ class EmbeddingNet(nn.Module):
         state = hub_state_dict(family, self.backbone_name, value, self.in_channels)
         load_weights(self.trunk, state, f"of {family}'s {self.backbone_name} {value}", what, self.head_prefixes)
 
+    def serve(self, served: InputSpec | None) -> None:
+        """Read batches prepared as ``served`` from now on, converted to this network's own input
+        (:func:`~fct_lightning.models.inputs.convert`); nothing to convert when they are equal, or when either
+        is unknown (a checkpoint written before inputs were recorded)."""
+        if served is None or self.input_spec is None or served == self.input_spec:
+            self.served_input = None
+            return
+        check_convertible(served, self.input_spec, f"the {self.backbone_name} model")
+        self.served_input = served
+
     def forward(self, x: Tensor) -> Tensor:
         """Embed a batch of images: ``[B, C, H, W] -> [B, embedding_dim]``."""
+        if self.served_input is not None and self.input_spec is not None:
+            x = convert(x, self.served_input, self.input_spec)
         z = self.embed(self.trunk(x).flatten(1))
         if self.embed_relu:
             z = F.relu(z)

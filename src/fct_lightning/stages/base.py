@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from fct_lightning.losses import check_finite
+from fct_lightning.models.backbones import EmbeddingNet
+from fct_lightning.models.inputs import InputSpec
 from fct_lightning.stages.checkpoints import CheckpointError, check_class_names, check_holdout
 
 log = logging.getLogger(__name__)
@@ -241,6 +243,12 @@ class RetrievalStage(pl.LightningModule):
                 if meta.get("dataset") == self.dataset:
                     check_holdout(meta, meta.get("path", role), role, fraction)
 
+    def serve_frozen_inputs(self) -> None:
+        """The frozen upstream image models read this run's batches, each converted to the input it was trained on
+        (:mod:`fct_lightning.models.inputs`; nothing to do when they agree, as in a chain of one input)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        serve_input(self, dm, [getattr(self, name, None) for name in self.frozen_prefixes])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fct"] = self.fct_metadata()
         # the frozen upstream models are not saved with the stage, neither in its weights nor in the training
@@ -413,6 +421,26 @@ class ImageModelStage(RetrievalStage):
         for the own backbones, whose input is whatever the datamodule serves."""
         return self.net.data_config
 
+    @property
+    def preferred_input(self) -> dict[str, Any] | None:
+        """The input the datamodule should serve (it follows it unless set): the backbone's :attr:`data_config`
+        when pretrained weights are loaded into it, else None (a network trained from scratch reads the dataset's
+        own size and normalisation)."""
+        return self.net.data_config if self.net.weights_source is not None else None
+
+    def fct_metadata(self) -> dict[str, Any]:
+        """The base's, and the input the datamodule served (``input``: see :mod:`fct_lightning.models.inputs`)."""
+        meta = super().fct_metadata()
+        spec = InputSpec.of(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        if spec is not None:
+            meta["input"] = spec.as_meta()
+        return meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The base's checks; then the network knows the input it was trained on."""
+        super().on_load_checkpoint(checkpoint)
+        self.net.input_spec = InputSpec.from_meta(checkpoint.get("fct", {}).get("input"))
+
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
 
@@ -456,6 +484,16 @@ class ImageModelStage(RetrievalStage):
             log.warning("%s: the backbone instance is saved as its class path %s without its arguments; pass "
                         "backbone={'class_path': ..., 'init_args': {...}} to keep them", self.stage, path)
             hparams["backbone"] = {"class_path": path, "init_args": {}}
+
+
+def serve_input(owner: torch.nn.Module, datamodule: Any, modules: list[Any] | None = None) -> None:
+    """Every image network in ``modules`` (default: all of ``owner``'s) reads ``datamodule``'s batches from now on,
+    converted to its own recorded input (:meth:`~fct_lightning.models.backbones.EmbeddingNet.serve`)."""
+    served = InputSpec.of(datamodule)
+    for module in (modules if modules is not None else [owner]):
+        for net in module.modules() if isinstance(module, torch.nn.Module) else ():
+            if isinstance(net, EmbeddingNet):
+                net.serve(served)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -80,6 +80,7 @@ class BCTModel(EmbeddingModel):
             self.old_classifier = freeze(old.classifier)
             self._old_classes = old.classes
         self.check_frozen_inputs(stage)
+        self.serve_frozen_inputs()
 
     def fct_metadata(self) -> dict[str, Any]:
         meta = {**super().fct_metadata(), "old_digest": self.old_meta.get("digest")}

@@ -279,6 +279,7 @@ class TransformationModel(RetrievalStage):
         would leave h training on images through the frozen models, i.e. on the fly.
         """
         self.check_frozen_inputs(stage)
+        self.serve_frozen_inputs()
         if self.stored is not None:
             self._setup_stored(stage)
             return

@@ -33,6 +33,7 @@ from fct_lightning.retrieval import summarize
 from fct_lightning.retrieval.compat import ac, am, flips, top1_correct
 from fct_lightning.retrieval.evaluate import evaluate_queries
 from fct_lightning.runs import chain_data_settings, stage_dir
+from fct_lightning.stages.base import serve_input
 from fct_lightning.stages.checkpoints import check_class_names, file_digest
 from fct_lightning.stages.loading import load_stage
 from fct_lightning.versions.plan import VERSION_STAGES, Plan
@@ -188,6 +189,8 @@ def evaluate_versions(plan: Plan, dataset: str, artifacts: str | Path, version_c
     dm = DATAMODULES[dataset](**kwargs)
     for name, meta in metas.items():  # labels are class indices: the class list must be the one trained on
         check_class_names(meta, meta["path"], name, getattr(dm, "class_names", None))
+    for module in [*versions, *hs.values(), *([side] if side is not None else [])]:
+        serve_input(module, dm)  # each image model reads the split as it was trained to (models.inputs)
     feats, side_feats, labels = embed_versions(dm.eval_dataloader(dm.eval_split), versions, side, dev)
     found = matrices(feats, side_feats, labels, hs, distance)
     names = plan.names
