@@ -104,6 +104,13 @@ def image_view(dataset: str, settings: dict[str, Any]) -> tuple[type, int, Calla
     return cls, size, build_transforms(cls.family, False, 1, size, cls.mean or None, cls.std or None)
 
 
+def view_input(dataset: str, size: int) -> InputSpec | None:
+    """The input :func:`image_view` serves a model of ``dataset`` at ``size`` (None for a dataset without one, such
+    as an external model's), for :func:`~fct_lightning.stages.base.serve_input`."""
+    cls = DATAMODULES.get(dataset)
+    return InputSpec(size, tuple(cls.mean), tuple(cls.std)) if cls is not None and cls.mean else None
+
+
 def list_images(folder: Path) -> tuple[list[str], list[str]]:
     """The image files below ``folder``, sorted, and the files skipped there (logged); an error when there are none."""
     from fct_lightning.data.folder import IMG_EXTENSIONS, find_images
@@ -228,9 +235,7 @@ def embed(
     ids: list[str] | None = None
     if images is not None:
         loader, ids, source = _image_loader(Path(images), dataset, settings, skip_unreadable, dev.type == "cuda")
-        cls = DATAMODULES.get(dataset)
-        if cls is not None and cls.mean:  # each image model reads the batches as it was trained to (models.inputs)
-            serve_input(module, InputSpec(source["image_size"], tuple(cls.mean), tuple(cls.std)))
+        serve_input(module, view_input(dataset, source["image_size"]))  # read as trained to (models.inputs)
     else:
         dm = DATAMODULES[dataset](**settings)
         serve_input(module, dm)

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fct_lightning.data import DATAMODULES
-from fct_lightning.gallery.embed import NATIVE_SIZE, image_view, list_images
+from fct_lightning.gallery.embed import NATIVE_SIZE, image_view, list_images, view_input
 from fct_lightning.models.inputs import InputSpec
 from fct_lightning.store import Shard, Store
 
@@ -46,7 +46,7 @@ class FolderItems:
         self.view = {"family": cls.family, "image_size": self.size, "mean": list(cls.mean or ()),
                      "std": list(cls.std or ())}
         self.source = {"images": str(self.folder.resolve()), "image_size": self.size}
-        self.input = InputSpec(self.size, tuple(cls.mean), tuple(cls.std)) if cls.mean else None  # what is served
+        self.input = view_input(dataset, self.size)  # what is served
         self.paths: list[str] = []
 
     def describe(self) -> str:
