@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fct_lightning.data.digits import DigitsDataModule
+from fct_lightning.models import inputs
 from fct_lightning.models.backbones import EmbeddingNet
 from fct_lightning.models.inputs import InputSpec, convert
 from fct_lightning.stages.base import serve_input
@@ -32,6 +33,17 @@ def test_convert_undoes_one_normalisation_resizes_and_applies_the_other():
     served = (raw - 0.3) / 0.4
     want = (F.interpolate(raw, size=(16, 16), mode="bilinear", align_corners=False, antialias=True) - 0.5) / 0.25
     torch.testing.assert_close(convert(served, SMALL, LARGE), want)
+
+
+def test_convert_makes_its_statistics_once_per_spec_and_device():
+    """Each batch of an evaluation converted with the same specs reuses the statistics' tensors (no per-batch copy)."""
+    inputs._channel_stats.cache_clear()
+    served = (_raw() - 0.3) / 0.4
+    first = convert(served, SMALL, LARGE)
+    made = inputs._channel_stats.cache_info().misses
+    torch.testing.assert_close(convert(served, SMALL, LARGE), first)
+    info = inputs._channel_stats.cache_info()
+    assert info.misses == made and info.hits >= 4
 
 
 def test_a_network_converts_only_what_differs_from_its_own_input():

@@ -12,6 +12,7 @@ inputs convert nothing, so chains of one input are computed exactly as before.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +61,17 @@ def check_convertible(served: InputSpec, own: InputSpec, what: str) -> None:
                          "channel ones; use a model trained on this dataset's channels.")
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_stats(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``[1, C, 1, 1]`` constant of per-channel statistics, made once per (values, dtype, device): converting
+    every batch of an evaluation would otherwise copy the same few floats to the device each time. Only read."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
 def convert(x: Tensor, served: InputSpec, own: InputSpec) -> Tensor:
     """A batch ``[B, C, H, W]`` prepared as ``served``, as the model of input ``own`` expects it."""
     def stats(spec: InputSpec) -> tuple[Tensor, Tensor]:
-        return (torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
-                torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
+        return (_channel_stats(spec.mean, x.dtype, x.device), _channel_stats(spec.std, x.dtype, x.device))
 
     mean, std = stats(served)
     x = x * std + mean
