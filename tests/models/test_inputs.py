@@ -46,6 +46,15 @@ def test_convert_makes_its_statistics_once_per_spec_and_device():
     assert info.misses == made and info.hits >= 4
 
 
+def test_statistics_first_made_in_inference_mode_serve_autograd_later():
+    inputs._channel_stats.cache_clear()
+    with torch.inference_mode():
+        convert((_raw() - 0.3) / 0.4, SMALL, LARGE)
+    x = ((_raw() - 0.3) / 0.4).requires_grad_(True)
+    convert(x, SMALL, LARGE).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_a_network_converts_only_what_differs_from_its_own_input():
     torch.manual_seed(0)
     net = EmbeddingNet("convnet", 8, in_channels=1, width=4).eval()

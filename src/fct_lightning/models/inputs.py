@@ -64,8 +64,11 @@ def check_convertible(served: InputSpec, own: InputSpec, what: str) -> None:
 @functools.lru_cache(maxsize=64)
 def _channel_stats(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A ``[1, C, 1, 1]`` constant of per-channel statistics, made once per (values, dtype, device): converting
-    every batch of an evaluation would otherwise copy the same few floats to the device each time. Only read."""
-    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+    every batch of an evaluation would otherwise copy the same few floats to the device each time. Only read.
+    Made outside inference mode, so that a constant first made under fct-eval's ``inference_mode`` can still take
+    part in a computation autograd records later."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def convert(x: Tensor, served: InputSpec, own: InputSpec) -> Tensor:
