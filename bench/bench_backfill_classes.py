@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fct_lightning.backfill import POLICIES, BackfillContext, BackfillPolicy, backfill_curves, transform_features
+from fct_lightning.backfill import BackfillContext, backfill_curves, transform_features
 from fct_lightning.evaluation import run_eval
 from fct_lightning.retrieval.compat import top1_correct
 from fct_lightning.retrieval.evaluate import evaluate_queries
@@ -42,13 +42,6 @@ def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman's rank correlation (ties broken by position)."""
     ra, rb = (t.double().argsort().argsort().double() for t in (a, b))
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
-def fixed_policy(name: str, order: Tensor) -> str:
-    """Register a one-off policy that returns ``order`` (an oracle computed here) under ``name``."""
-    POLICIES[name] = type(f"Fixed_{name}", (BackfillPolicy,), {"name": name, "oracle": True,
-                                                                "order": lambda self, ctx, seed: order})
-    return name
 
 
 def top1(query: Tensor, gallery: Tensor, labels: Tensor) -> Tensor:
@@ -91,13 +84,12 @@ def analyse(emb: dict[str, Tensor], classifier: tuple[Tensor, Tensor | None], po
                  for c in classes}
     col = {k: torch.tensor([per_class[c][k] for c in classes]) for k in ("u", "top1 fct", "top1 new", "h error")}
     ctx = BackfillContext(t, n, y, u)
-    orders = ["random", "uncertainty", "confident", "distance",
-              fixed_policy("gain", torch.sort(ce_h - ce_new, descending=True, stable=True).indices),
-              fixed_policy("easy", torch.sort(ce_new, stable=True).indices)]
+    policies = ["random", "uncertainty", "confident", "distance"]
+    fixed = {"gain": (torch.sort(ce_h - ce_new, descending=True, stable=True).indices, True),
+             "easy": (torch.sort(ce_new, stable=True).indices, True)}
     if reducible is not None:
-        orders.append(fixed_policy("reducible", torch.sort(reducible, descending=True, stable=True).indices))
-        POLICIES["reducible"].oracle = False
-    curves = backfill_curves(ctx, orders, points=points, seeds=(0, 1, 2))
+        fixed["reducible"] = (torch.sort(reducible, descending=True, stable=True).indices, False)
+    curves = backfill_curves(ctx, policies, points=points, seeds=(0, 1, 2), orders=fixed)
     return {
         "per_class": per_class,
         "spearman_over_classes": {"u vs new/new top-1": spearman(col["u"], col["top1 new"]),
@@ -108,7 +100,7 @@ def analyse(emb: dict[str, Tensor], classifier: tuple[Tensor, Tensor | None], po
                                 "u vs CE(h) - CE(new)": spearman(u, ce_h - ce_new),
                                 **({} if reducible is None else
                                    {"reducible head vs CE(h) - CE(new)": spearman(reducible, ce_h - ce_new)})},
-        "areas": {o: {m: curves[o]["auc_mean"][m] for m in ("top1", "map")} for o in orders},
+        "areas": {o: {m: curves[o]["auc_mean"][m] for m in ("top1", "map")} for o in [*policies, *fixed]},
     }
 
 

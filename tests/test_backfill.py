@@ -393,3 +393,18 @@ def test_curves_say_what_each_policy_backfills_first(synthetic: BackfillContext)
     want = np.mean([order_diagnostics(synthetic, get_policy("random").order(synthetic, s))["misplaced"]
                     for s in (0, 1)])
     assert out["random"]["first"]["misplaced"] == pytest.approx(want)
+
+
+def test_fixed_orders_are_evaluated_beside_the_policies(synthetic: BackfillContext) -> None:
+    """An order handed in is evaluated like a deterministic policy: the uncertainty order handed in gives that
+    policy's curves, with the oracle flag the caller gives; a name that is also a policy's is refused."""
+    own = get_policy("uncertainty").order(synthetic, 0)
+    out = backfill_curves(synthetic, ["uncertainty"], points=5,
+                          orders={"handed": (own, False), "reversed": (own.flip(0), True)})
+    assert out["handed"]["curves"] == out["uncertainty"]["curves"]
+    assert out["handed"]["seeds"] == 1 and out["handed"]["oracle"] is False and out["reversed"]["oracle"] is True
+    assert out["reversed"]["auc_mean"]["top1"] < out["handed"]["auc_mean"]["top1"]
+    with pytest.raises(ValueError, match="names of policies"):
+        backfill_curves(synthetic, ["uncertainty"], points=5, orders={"uncertainty": (own, False)})
+    with pytest.raises(ValueError, match="handed"):
+        backfill_curves(synthetic, ["random"], points=5, orders={"handed": (own[:-1], False)})

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -363,7 +363,8 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
                     query_new: Tensor | None = None, query_labels: Tensor | None = None,
                     seeds: Sequence[int] = (0, 1, 2), points: int = 22, exclude_self: bool | None = None,
                     distance: str = "l2", backend: str = "auto", chunk_size: int | None = None,
-                    reference_correct: Tensor | None = None) -> dict[str, Any]:
+                    reference_correct: Tensor | None = None,
+                    orders: Mapping[str, tuple[Tensor, bool]] | None = None) -> dict[str, Any]:
     """Backfilling curves and AUCs of several policies (the ``"backfill"`` entry of fct-eval's results).
 
     Args:
@@ -380,6 +381,9 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
         chunk_size: Passed to ``evaluate_mixtures``.
         reference_correct: Bool ``[Q]``: whether the reference system's top-1 (``old/old``'s) is right for each
             query (the same queries); each policy then also gets ``"flips"`` per point, averaged over seeds.
+        orders: Fixed orders to evaluate beside the policies, ``{name: (permutation LongTensor[N], oracle)}``: an
+            order computed elsewhere (e.g. from a score a study fitted), ``oracle`` saying whether it read what a
+            deployed system lacks; each gets an entry like a deterministic policy's.
 
     Returns:
         ``{policy: {"fractions", "curves": {metric: [...]}, "auc_mean": {metric}, "auc_trapz": {metric},
@@ -394,33 +398,39 @@ def backfill_curves(ctx: BackfillContext, policies: Sequence[str] = ("random", "
     if isinstance(policies, str) or not policies:
         raise ValueError(f"policies={policies!r} must be a non-empty list of names from {sorted(POLICIES)}.")
     instances = [get_policy(p) for p in policies]  # fail on unknown names before any work
+    fixed = dict(orders or {})
+    if clash := sorted(set(fixed) & set(policies)):
+        raise ValueError(f"orders {clash} have the names of policies in policies={list(policies)}; rename them.")
     own = query_new is None
     q, ql = (ctx.gallery_new, ctx.labels) if own else (query_new, query_labels)
     exclude_self = own if exclude_self is None else exclude_self
-    orders: list[Tensor] = []  # every (policy, seed) order, evaluated together in one pass
-    spans = []
+    runs_orders: list[Tensor] = []  # every (policy, seed) order and every fixed one, evaluated in one pass
+    entries = []  # (name, oracle, start, end) into runs_orders
     for name, policy in zip(policies, instances, strict=True):
-        start = len(orders)
+        start = len(runs_orders)
         for seed in (seeds if policy.stochastic else seeds[:1]):
-            orders.append(check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order"))
-        spans.append((start, len(orders)))
+            runs_orders.append(check_order(policy.order(ctx, int(seed)), ctx.n, f"policy {name!r} order"))
+        entries.append((name, bool(policy.oracle), start, len(runs_orders)))
+    for name, (order, oracle) in fixed.items():
+        runs_orders.append(check_order(order, ctx.n, f"order {name!r}"))
+        entries.append((name, bool(oracle), len(runs_orders) - 1, len(runs_orders)))
     if reference_correct is not None and tuple(reference_correct.shape) != (len(ql),):
         raise ValueError(f"reference_correct has shape {tuple(reference_correct.shape)}; expected [{len(ql)}] (one "
                          "per query of the curves)")
     wrong, error = misplaced(ctx, distance), transform_error(ctx)  # per item, once for every order
-    first = [order_diagnostics(ctx, o, wrong=wrong, error=error) for o in orders]
-    all_runs = _curves(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, orders, points,
+    first = [order_diagnostics(ctx, o, wrong=wrong, error=error) for o in runs_orders]
+    all_runs = _curves(q, ql, ctx.gallery_transformed, ctx.gallery_new, ctx.labels, runs_orders, points,
                        reference_correct=reference_correct, exclude_self=exclude_self, distance=distance,
                        backend=backend, chunk_size=chunk_size)
     out: dict[str, Any] = {}
-    for name, policy, (start, end) in zip(policies, instances, spans, strict=True):
+    for name, oracle, start, end in entries:
         runs = all_runs[start:end]
         fractions = runs[0]["fractions"]
         curves = {m: [float(v) for v in np.mean([r["curves"][m] for r in runs], axis=0)] for m in METRICS}
         out[name] = {"fractions": fractions, "curves": curves,
                      "auc_mean": {m: auc_mean(curves[m]) for m in METRICS},
                      "auc_trapz": {m: auc_trapz(fractions, curves[m]) for m in METRICS},
-                     "seeds": len(runs), "oracle": bool(policy.oracle),
+                     "seeds": len(runs), "oracle": oracle,
                      "first": {k: float(np.mean([d[k] for d in first[start:end]])) for k in first[start]}}
         if reference_correct is not None:
             out[name]["flips"] = {k: [float(v) for v in np.mean([r["flips"][k] for r in runs], axis=0)]
