@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench_backfill_orders import fit_head, spearman  # the sibling script (bench/ is the script's path)
 from fct_lightning.backfill import BackfillContext, backfill_curves, transform_features
 from fct_lightning.evaluation import run_eval
 from fct_lightning.retrieval.compat import top1_correct
@@ -36,12 +37,6 @@ from fct_lightning.retrieval.evaluate import evaluate_queries
 from fct_lightning.runs import stage_dir
 from fct_lightning.stages.base import serve_input
 from fct_lightning.stages.loading import load_stage
-
-
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman's rank correlation (ties broken by position)."""
-    ra, rb = (t.double().argsort().argsort().double() for t in (a, b))
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def top1(query: Tensor, gallery: Tensor, labels: Tensor) -> Tensor:
@@ -53,20 +48,6 @@ def cross_entropy(x: Tensor, labels: Tensor, classifier: tuple[Tensor, Tensor | 
     """Per item, the new classifier's cross-entropy on ``x``."""
     weight, bias = classifier
     return F.cross_entropy(x @ weight.T + (0 if bias is None else bias), labels, reduction="none")
-
-
-def fit_head(x: Tensor, target: Tensor, epochs: int = 20, seed: int = 0) -> torch.nn.Module:
-    """An MLP ``x -> target`` on standardised inputs (AdamW, batches of 512, MSE)."""
-    torch.manual_seed(seed)
-    head = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.ReLU(), torch.nn.Linear(512, 1))
-    opt = torch.optim.AdamW(head.parameters(), 1e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        for b in torch.randperm(len(x)).split(512):
-            loss = F.mse_loss(head(x[b]).squeeze(1), target[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return head.eval()
 
 
 def analyse(emb: dict[str, Tensor], classifier: tuple[Tensor, Tensor | None], points: int,
@@ -145,10 +126,7 @@ def main() -> None:
             parts = ["old"] + (["side"] if "side" in digest else [])
             x_train = torch.cat([tf[digest[r]].float().cpu() for r in parts], 1)
             x_test = torch.cat([feats[digest[r]].float().cpu() for r in parts], 1)
-            mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-            head = fit_head((x_train - mu) / sd, target)
-            with torch.no_grad():
-                reducible = head((x_test - mu) / sd).squeeze(1)
+            reducible = fit_head(x_train, target, epochs=20, seed=0)(x_test)
         out[folder] = res = analyse({k: v.cpu() for k, v in emb.items()}, classifier, args.points, reducible)
         print(f"== {folder}")
         for c, row in res["per_class"].items():

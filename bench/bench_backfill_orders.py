@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,19 +52,27 @@ def new_model_loss(store: Store, classifier: torch.Tensor, labels: torch.Tensor)
     return F.cross_entropy(_space(store, "new") @ classifier.T, labels, reduction="none")
 
 
-def fit_loss_head(x: torch.Tensor, target: torch.Tensor, epochs: int, seed: int) -> torch.nn.Module:
-    """An MLP ``x -> log(1 + target)`` (the loss is heavy-tailed), AdamW, batches of 512."""
+def fit_head(x: torch.Tensor, target: torch.Tensor, epochs: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An MLP ``x -> target`` on inputs standardised with ``x``'s statistics (AdamW, batches of 512, MSE); returns
+    the predictor of raw inputs ``[N, d] -> [N]`` (also used by bench_backfill_classes.py)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x = (x - mu) / sd
     torch.manual_seed(seed)
     head = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.ReLU(), torch.nn.Linear(512, 1))
     opt = torch.optim.AdamW(head.parameters(), 1e-3, weight_decay=1e-4)
-    y = torch.log1p(target)
     for _ in range(epochs):
         for b in torch.randperm(len(x)).split(512):
-            loss = F.mse_loss(head(x[b]).squeeze(1), y[b])
+            loss = F.mse_loss(head(x[b]).squeeze(1), target[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return head.eval()
+    head.eval()
+
+    @torch.no_grad()
+    def predict(z: torch.Tensor) -> torch.Tensor:
+        return head((z - mu) / sd).squeeze(1)
+
+    return predict
 
 
 def main() -> None:
@@ -85,11 +94,8 @@ def main() -> None:
     inputs = ["old", "side_info"] if "+side" in args.space else ["old"]
     x_train = torch.cat([_space(train, s) for s in inputs], 1)
     x_test = torch.cat([_space(test, s) for s in inputs], 1)
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     start = time.perf_counter()
-    head = fit_loss_head((x_train - mu) / sd, loss_train, args.epochs, args.seed)
-    with torch.no_grad():
-        predicted = head((x_test - mu) / sd).squeeze(1)
+    predicted = fit_head(x_train, torch.log1p(loss_train), args.epochs, args.seed)(x_test)  # the loss is heavy-tailed
     seconds = time.perf_counter() - start
     gallery, new = _space(test, args.space), _space(test, "new")
     out = backfill_curves(BackfillContext(gallery, new, y_test, predicted), ("random", "uncertainty", "confident"),
